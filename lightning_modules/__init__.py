@@ -1,0 +1,1 @@
+"""The Lightning layer: one LightningModule per objective, plus the train/eval pipeline."""

@@ -1,0 +1,117 @@
+"""What every objective shares: optimizer and scheduler from config, parameter constraints after
+each optimizer step, a stop on non-finite losses, and per-stage metrics with a best-so-far value."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+
+STAGES = ("train", "val", "test")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stops before the bad step is applied."""
+
+
+class SequenceObjective(pl.LightningModule):
+    """Base LightningModule wrapping any network with the ``(predictions, states) = net(inputs)`` contract.
+
+    Subclasses set ``metric_name`` (logged as ``{stage}/{metric_name}``), ``best_mode`` ("min" or
+    "max", for ``val/{metric_name}_best``) and implement :meth:`loss` and :meth:`make_metric`.
+
+    Args:
+        net: the network (e.g. :class:`src.networks.RecurrentNetwork`).
+        optimizer: ``optimizer(params=...)`` builds the optimizer (Hydra ``_partial_: true``).
+        scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or None.
+        monitor: metric that ReduceLROnPlateau-style schedulers watch, e.g. "val/mse".
+        run_config: the run's resolved config as plain Python types, saved in checkpoints so that
+            eval.py can rebuild the run (plain types load under torch's ``weights_only``).
+    """
+
+    metric_name = "loss"
+    best_mode = "min"
+
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, monitor: str = "val/loss",
+                 run_config: dict | None = None) -> None:
+        super().__init__()
+        # Only plain values go into hparams; the logger gets them from the pipeline at the end.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
+        self.metrics = nn.ModuleDict({f"{stage}_metric": self.make_metric() for stage in STAGES})
+        self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
+        self.best_value: float | None = None
+
+    def make_metric(self) -> Metric:
+        raise NotImplementedError
+
+    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (B, T, I) -> predictions (B, O) or (B, T, O), per the network's readout."""
+        return self.net(inputs)[0]
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        inputs, targets = batch
+        predictions = self(inputs)
+        loss = self.loss(predictions, targets)
+        if stage == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)")
+        metric = self.metrics[f"{stage}_metric"]
+        metric(predictions.detach(), targets)
+        batch_size = targets.shape[0]
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
+        else:
+            self.losses[f"{stage}_loss"](loss, weight=batch_size)
+            self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
+            self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation must not count as the best epoch.
+        self.best_value = None
+
+    def on_validation_epoch_end(self) -> None:
+        value = float(self.metrics["val_metric"].compute())
+        if not self.trainer.sanity_checking:
+            better = min if self.best_mode == "min" else max
+            self.best_value = value if self.best_value is None else better(self.best_value, value)
+        if self.best_value is not None:
+            self.log(f"val/{self.metric_name}_best", self.best_value, prog_bar=True, sync_dist=True)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Constraints (e.g. IndRNN's |u| <= u_bound) are re-imposed after every update, as in the paper.
+        if hasattr(self.net, "apply_constraints"):
+            self.net.apply_constraints()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_value"] = self.best_value
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_value = checkpoint.get("best_value")

@@ -1,0 +1,62 @@
+"""results.json and the TensorBoard HParams entry of a run."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+HPARAM_GROUPS = ("model", "task", "optimizer", "scheduler")
+
+
+def write_results(output_dir: Path, results: dict) -> Path:
+    """Write ``results.json`` atomically: a crash mid-write never leaves a truncated file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / "results.json"
+    handle, temporary = tempfile.mkstemp(dir=output_dir, prefix=".results-", suffix=".json")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(results, stream, indent=2, sort_keys=True, default=str)
+    os.replace(temporary, target)
+    return target
+
+
+def flatten_hparams(cfg: DictConfig) -> dict:
+    """The run's model/task/optimizer/scheduler settings as flat {"model/hidden_size": 128, ...}."""
+    flat: dict = {"seed": cfg.get("seed")}
+
+    def visit(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key not in ("_partial_",):
+                    visit(f"{prefix}/{key}", value)
+        else:
+            flat[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    for group in HPARAM_GROUPS:
+        if cfg.get(group) is not None:
+            visit(group, OmegaConf.to_container(cfg[group], resolve=True))
+    return flat
+
+
+def log_hparams(loggers: list, cfg: DictConfig, results: dict) -> None:
+    """Record the hyper-parameters with the final metrics for TensorBoard's HParams tab (and CSV)."""
+    params = flatten_hparams(cfg)
+    metric_names = [k for k, v in results.items() if k.startswith(("val/", "test/")) and isinstance(v, float)]
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "_get_file_writer"):  # TensorBoard's SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+
+            # The metric columns read the scalars already logged under these tags; rewriting them
+            # here would add a second point at another step.
+            exp, ssi, sei = hparams(params, {name: results[name] for name in metric_names})
+            # Lightning closes the writer after testing; _get_file_writer reopens it in the same folder.
+            file_writer = experiment._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+            experiment.close()
+        else:
+            logger.log_hyperparams(params)
+            logger.save()

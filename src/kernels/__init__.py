@@ -1,0 +1,55 @@
+"""Fused recurrence kernels, selected automatically by device, with the reference loop as fallback.
+
+``indrnn_recurrence(z, u, h0, activation, backend="auto")`` computes h_t = act(z_t + u * h_{t-1})
+for all t. Backends:
+
+* ``"reference"``: the autograd loop in :mod:`src.kernels.reference` (any device, any dtype).
+* ``"cpu"``: :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` (numba loops, or vectorised
+  PyTorch loops where numba is missing), both with a hand-written backward.
+* ``"auto"``: the fused CPU kernel for CPU tensors, the reference loop elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
+from src.kernels.reference import ACTIVATIONS, indrnn_recurrence_reference
+
+BACKENDS = ("auto", "cpu", "cpu_torch", "reference")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to the fastest backend for ``device``; reject unknown or impossible choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown recurrence backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "cpu" if device.type == "cpu" else "reference"
+    if backend in ("cpu", "cpu_torch") and device.type != "cpu":
+        raise ValueError(f"backend {backend!r} runs on CPU tensors only, got device {device}; use backend='auto'")
+    return backend
+
+
+def indrnn_recurrence(
+    z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str = "relu", backend: str = "auto"
+) -> torch.Tensor:
+    """All hidden states of h_t = act(z_t + u * h_{t-1}).
+
+    Args:
+        z: input projections W x_t + b, shape (T, B, H).
+        u: recurrent weights, shape (H,).
+        h0: initial state, shape (B, H).
+        activation: one of ``ACTIVATIONS``.
+        backend: one of ``BACKENDS``.
+
+    Returns:
+        Hidden states, shape (T, B, H).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    chosen = resolve_backend(backend, z.device)
+    if chosen == "reference":
+        return indrnn_recurrence_reference(z, u, h0, activation)
+    return IndRNNRecurrenceCPU.apply(z, u, h0, activation, chosen == "cpu")
+
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available"]

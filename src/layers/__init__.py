@@ -1,0 +1,9 @@
+"""Recurrent layers, each following torch.nn.RNN's contract: ``forward(input, hx=None) -> (output, h_n)``.
+
+Elman (``torch.nn.RNN``), LSTM and GRU are torch's own fused modules; the layers here add the
+architectures torch lacks.
+"""
+from src.layers.indrnn import IndRNN
+from src.layers.irnn import IRNN
+
+__all__ = ["IndRNN", "IRNN"]

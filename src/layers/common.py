@@ -1,0 +1,30 @@
+"""Small helpers shared by the recurrent layers: argument checks and layout conversion."""
+from __future__ import annotations
+
+import torch
+
+
+def check_positive_int(name: str, value) -> int:
+    """Return ``value`` as an int, or raise a one-line ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def to_time_major(input: torch.Tensor, batch_first: bool, input_size: int, layer: str) -> tuple[torch.Tensor, bool]:
+    """Return ``input`` as (T, B, I) and whether it was unbatched (T, I)."""
+    if input.dim() not in (2, 3) or input.shape[-1] != input_size:
+        raise ValueError(
+            f"{layer} expects input of shape (T, B, {input_size}), (B, T, {input_size}) with batch_first, "
+            f"or (T, {input_size}) unbatched; got {tuple(input.shape)}"
+        )
+    if input.dim() == 2:
+        return input.unsqueeze(1), True
+    return (input.transpose(0, 1) if batch_first else input), False
+
+
+def from_time_major(output: torch.Tensor, batch_first: bool, unbatched: bool) -> torch.Tensor:
+    """Inverse of :func:`to_time_major` for a (T, B, H) output."""
+    if unbatched:
+        return output.squeeze(1)
+    return output.transpose(0, 1) if batch_first else output

@@ -1,0 +1,179 @@
+"""train.py and eval.py driven through Hydra as a user would: every model, a real training run,
+results.json, TensorBoard, checkpoints, eval, multirun, DDP and every bad-input error."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules.adding import BASELINE_MSE
+from lightning_modules.pipeline import UserError, train
+from lightning_modules.regression import SequenceRegressionModule
+from tests.conftest import QUICK, compose_train, run_script
+
+MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn"]
+# Long enough to learn (T=50, 2000 sequences), short enough for a test (~10 s on 2 cores).
+REAL_TRAINING = ["task.seq_len=50", "task.datamodule.train_size=2000", "task.datamodule.val_size=200",
+                 "task.datamodule.test_size=500", "task.stop_at=0.03", "task.max_epochs=40",
+                 "trainer=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run_every_model(train_cfg, tmp_path, model):
+    train(train_cfg([f"model={model}", "trainer.fast_dev_run=true"]))
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "finished" and results["model"] == model and results["task"] == "adding"
+    assert results["params"] > 0 and "test/mse" in results
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    best = train(compose_train(run_dir, REAL_TRAINING))
+    return run_dir, best
+
+
+def test_indrnn_learns_the_adding_problem(trained_run):
+    run_dir, best = trained_run
+    results = read_results(run_dir)
+    assert results["status"] == "finished"
+    assert results["test/mse"] < BASELINE_MSE / 2, results
+    assert best == pytest.approx(results["val/mse_best"])
+    assert results["seconds"] < 60 and results["params"] == 17281
+    assert {"overrides", "steps", "best_checkpoint"} <= results.keys()
+
+
+def test_checkpoints_load_with_weights_only_and_respect_the_u_bound(trained_run):
+    run_dir, _ = trained_run
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        config = checkpoint["hyper_parameters"]["run_config"]
+        bound = 2.0 ** (1 / config["task"]["seq_len"])
+        recurrent = [v for k, v in checkpoint["state_dict"].items() if k.endswith("weight_hh")]
+        assert len(recurrent) == 2 and all(u.abs().max() <= bound + 1e-6 for u in recurrent)
+
+
+def test_tensorboard_has_curves_learning_rate_and_hparams(trained_run):
+    run_dir, _ = trained_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mse", "val/loss", "val/mse", "val/mse_best", "test/mse", "lr-Adam"} <= scalars
+    plugin = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= plugin.keys()
+    experiment = plugin["_hparams_/experiment"].decode("utf-8", "ignore")
+    assert "test/mse" in experiment and "model/hidden_size" in experiment
+
+
+def test_eval_reproduces_the_test_metrics(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    completed = run_script("eval.py", [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "trainer=cpu",
+                                       f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "test metrics: test/loss=" in completed.stdout
+    (evaluation,) = tmp_path.glob("eval/*/*/results.json")
+    evaluated = json.loads(evaluation.read_text())
+    assert evaluated["test/mse"] == pytest.approx(read_results(run_dir)["test/mse"], rel=1e-5)
+
+
+def test_resume_from_last_checkpoint(trained_run, train_cfg, tmp_path):
+    run_dir, _ = trained_run
+    previous = read_results(run_dir)
+    resumed = REAL_TRAINING + [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                               f"task.max_epochs={previous['epochs'] + 2}", "task.stop_at=null"]
+    train(compose_train(tmp_path / "resumed", resumed))
+    results = read_results(tmp_path / "resumed")
+    assert results["steps"] == previous["steps"] + 2 * 2000 // 50
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path):
+    completed = run_script("train.py", ["-m", "model=indrnn,lstm", *QUICK, f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in tmp_path.glob("multirun/*/*/*/results.json"))
+    assert jobs == ["0_adding_indrnn", "1_adding_lstm"]
+    for path in tmp_path.glob("multirun/*/*/*/results.json"):
+        results = json.loads(path.read_text())
+        assert results["status"] == "finished" and (path.parent / "checkpoints" / "best.ckpt").exists()
+        assert any(o.startswith("model=") for o in results["overrides"])
+
+
+def test_single_run_directory_and_summary(tmp_path):
+    completed = run_script("train.py", ["model=gru", *QUICK, "task.max_epochs=1", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run_dir,) = tmp_path.glob("*/*_adding_gru")
+    assert (run_dir / "train.log").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    assert f"run directory: {run_dir}" in completed.stdout and "final metrics: test/loss=" in completed.stdout
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_ddp_cpu_two_processes(tmp_path, multirun):
+    args = ["trainer=ddp_cpu", *[q for q in QUICK if not q.startswith("trainer=")], f"paths.log_dir={tmp_path}"]
+    if multirun:
+        args = ["-m", "model=indrnn,gru", *args]
+    completed = run_script("train.py", args)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = list(tmp_path.rglob("results.json"))
+    assert len(found) == (2 if multirun else 1)
+    for path in found:
+        results = json.loads(path.read_text())
+        assert results["status"] == "finished" and "test/mse" in results and "val/mse_best" in results
+
+
+# ---------------------------------------------------------------- bad input: one clear line each
+
+def test_unknown_model_lists_the_valid_names(tmp_path):
+    completed = run_script("train.py", ["model=transformer", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode != 0
+    assert "model/transformer" in completed.stderr and all(m in completed.stderr for m in MODELS)
+
+
+def test_impossible_value_is_one_line_without_traceback(tmp_path):
+    completed = run_script("train.py", ["model.hidden_size=0", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "error: model: hidden_size must be a positive integer, got 0")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=-1", "model: hidden_size must be a positive integer, got -1"),
+    ("model.num_layers=0", "model: num_layers must be a positive integer, got 0"),
+    ("task.seq_len=1", "task: adding problem: seq_len must be an integer >= 2"),
+    ("task.readout=all", "task adding: one target per sequence, so task.readout must be 'last' or 'mean'"),
+    ("model.layer.nonlinearity=sigmoid", "model: unknown IndRNN nonlinearity 'sigmoid'"),
+    ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
+])
+def test_impossible_values_fail_before_training(train_cfg, tmp_path, override, message):
+    with pytest.raises(UserError) as error:
+        train(train_cfg([override]))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_exploding_learning_rate_stops_with_the_step(train_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"training loss is (nan|inf) at step \d+ .*lower optimizer.lr"):
+        train(train_cfg(["optimizer.lr=1e30", "task.max_epochs=5"]))
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "diverged" and "at step" in results["error"]
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(train_cfg, tmp_path, monkeypatch):
+    original = SequenceRegressionModule.loss
+
+    def loss_turning_nan(self, predictions, targets):
+        loss = original(self, predictions, targets)
+        return loss * float("nan") if self.training and self.global_step >= 6 else loss
+
+    monkeypatch.setattr(SequenceRegressionModule, "loss", loss_turning_nan)
+    with pytest.raises(UserError, match="training loss is nan at step 6"):
+        train(train_cfg(["task.max_epochs=5"]))  # 4 steps per epoch: epoch 0 ends with a checkpoint
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "diverged" and results["steps"] == 6
+    checkpoint = torch.load(results["last_checkpoint"], weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
