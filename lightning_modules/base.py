@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from src.layers.common import apply_constraints
+
 STAGES = ("train", "val", "test")
 
 
@@ -27,6 +29,9 @@ class SequenceObjective(pl.LightningModule):
         optimizer: ``optimizer(params=...)`` builds the optimizer (Hydra ``_partial_: true``).
         scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or None.
         monitor: metric that ReduceLROnPlateau-style schedulers watch, e.g. "val/mse".
+        scheduler_interval: step the scheduler every "epoch" or every optimizer "step".
+        decay_1d_params: apply the optimizer's weight decay to 1-D parameters too. Off by default:
+            IndRNN's u, biases and batch-norm weights are excluded, as in the IndRNN papers.
         run_config: the run's resolved config as plain Python types, saved in checkpoints so that
             eval.py can rebuild the run (plain types load under torch's ``weights_only``).
     """
@@ -36,8 +41,11 @@ class SequenceObjective(pl.LightningModule):
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, monitor: str = "val/loss",
+                 scheduler_interval: str = "epoch", decay_1d_params: bool = False,
                  run_config: dict | None = None) -> None:
         super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         # Only plain values go into hparams; the logger gets them from the pipeline at the end.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
@@ -99,16 +107,24 @@ class SequenceObjective(pl.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Constraints (e.g. IndRNN's |u| <= u_bound) are re-imposed after every update, as in the paper.
-        if hasattr(self.net, "apply_constraints"):
-            self.net.apply_constraints()
+        apply_constraints(self.net)
+
+    def parameter_groups(self) -> list[dict]:
+        """Matrices get the optimizer's weight decay; 1-D parameters (u, biases, BN) none, unless asked."""
+        matrices = [p for p in self.parameters() if p.requires_grad and p.dim() > 1]
+        vectors = [p for p in self.parameters() if p.requires_grad and p.dim() <= 1]
+        if self.hparams.decay_1d_params:
+            return [{"params": matrices + vectors}]
+        return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor,
+                                 "interval": self.hparams.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best_value"] = self.best_value

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from src.kernels import indrnn_recurrence, numba_available, resolve_backend
+from src.kernels import indrnn_recurrence, numba_available, resolve_backend, triton_available
 
 FUSED = ["cpu", "cpu_torch"]
 
@@ -46,9 +46,14 @@ def test_non_contiguous_inputs():
 
 def test_auto_selects_the_fused_cpu_kernel_and_rejects_bad_choices():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
-    assert resolve_backend("auto", torch.device("cuda")) == "reference"
+    expected_cuda = "triton" if triton_available() else "reference"
+    assert resolve_backend("auto", torch.device("cuda")) == expected_cuda
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "reference"  # no float64 Triton kernel
     with pytest.raises(ValueError, match="CPU tensors only"):
         resolve_backend("cpu", torch.device("cuda"))
+    if not triton_available():
+        with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+            resolve_backend("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown recurrence backend"):
         resolve_backend("fast", torch.device("cpu"))
 

@@ -50,14 +50,15 @@ def test_initial_state_is_used_and_states_chain(name):
 def test_indrnn_equals_hand_written_loop(activation):
     torch.manual_seed(0)
     layer = IndRNN(I, H, nonlinearity=activation, u_bound=1.5, recurrent_init="uniform01")
+    W, b, u = layer.projection.weight, layer.projection.bias, layer.recurrence.weight_hh
     with torch.no_grad():
-        layer.bias.uniform_(-0.5, 0.5)
+        b.uniform_(-0.5, 0.5)
     x, h0 = torch.randn(T, B, I), torch.randn(1, B, H)
     act = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda a: a}[activation]
     h = h0[0]
     expected = []
     for t in range(T):
-        h = act(x[t] @ layer.weight_ih.T + layer.bias + layer.weight_hh * h)
+        h = act(x[t] @ W.T + b + u * h)
         expected.append(h)
     output, h_n = layer(x, h0)
     torch.testing.assert_close(output, torch.stack(expected))
@@ -76,11 +77,11 @@ def test_indrnn_bound_from_magnitude_and_initialisations():
     bound = 2.0 ** (1 / 100)
     assert IndRNN(I, H, magnitude=2.0, seq_len=100).u_bound == pytest.approx(bound)
     big = 4096
-    u = IndRNN(1, big, magnitude=2.0, seq_len=100).weight_hh
+    u = IndRNN(1, big, magnitude=2.0, seq_len=100).recurrence.weight_hh
     assert 0 <= u.min() and u.max() <= bound
-    u = IndRNN(1, big, magnitude=2.0, seq_len=100, recurrent_init="long_memory").weight_hh
+    u = IndRNN(1, big, magnitude=2.0, seq_len=100, recurrent_init="long_memory").recurrence.weight_hh
     assert u.min() >= 1 / bound and u.max() <= bound
-    u = IndRNN(1, big, u_bound=0.5, recurrent_init="uniform01").weight_hh
+    u = IndRNN(1, big, u_bound=0.5, recurrent_init="uniform01").recurrence.weight_hh
     assert u.max() <= 0.5  # U(0,1) draws are clamped into the bound
 
 
@@ -97,7 +98,7 @@ def test_indrnn_constraint_holds_after_optimizer_steps():
         optimizer.step()
         network.apply_constraints()
         for layer in network.layers:
-            assert layer.weight_hh.abs().max() <= layer.u_bound + 1e-7
+            assert layer.recurrence.weight_hh.abs().max() <= layer.u_bound + 1e-7
 
 
 def test_irnn_initialisation():

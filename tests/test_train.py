@@ -44,7 +44,7 @@ def test_indrnn_learns_the_adding_problem(trained_run):
     assert results["status"] == "finished"
     assert results["test/mse"] < BASELINE_MSE / 2, results
     assert best == pytest.approx(results["val/mse_best"])
-    assert results["seconds"] < 60 and results["params"] == 17281
+    assert results["params"] == 17281
     assert {"overrides", "steps", "best_checkpoint"} <= results.keys()
 
 

@@ -5,27 +5,40 @@ for all t. Backends:
 
 * ``"reference"``: the autograd loop in :mod:`src.kernels.reference` (any device, any dtype).
 * ``"cpu"``: :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` (numba loops, or vectorised
-  PyTorch loops where numba is missing), both with a hand-written backward.
-* ``"auto"``: the fused CPU kernel for CPU tensors, the reference loop elsewhere.
+  PyTorch loops where numba is missing), both with a hand-written backward; ``"cpu_torch"`` forces
+  the PyTorch loops.
+* ``"triton"``: :class:`src.kernels.indrnn_triton.IndRNNRecurrenceTriton` on CUDA tensors
+  (float32, bfloat16, float16 with a float32 state).
+* ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
+  installed and the dtype is supported, else the reference loop.
 """
 from __future__ import annotations
 
 import torch
 
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
+from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
+from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
 from src.kernels.reference import ACTIVATIONS, indrnn_recurrence_reference
 
-BACKENDS = ("auto", "cpu", "cpu_torch", "reference")
+BACKENDS = ("auto", "cpu", "cpu_torch", "triton", "reference")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to the fastest backend for ``device``; reject unknown or impossible choices."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Map "auto" to the fastest backend for ``device`` and ``dtype``; reject impossible choices."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown recurrence backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "cpu" if device.type == "cpu" else "reference"
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and triton_available() and dtype in TRITON_DTYPES:
+            return "triton"
+        return "reference"
     if backend in ("cpu", "cpu_torch") and device.type != "cpu":
         raise ValueError(f"backend {backend!r} runs on CPU tensors only, got device {device}; use backend='auto'")
+    if backend == "triton" and not (device.type == "cuda" and triton_available()):
+        raise ValueError(f"backend 'triton' needs CUDA tensors and the triton package (device {device}); "
+                         "use backend='auto'")
     return backend
 
 
@@ -46,10 +59,13 @@ def indrnn_recurrence(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
-    chosen = resolve_backend(backend, z.device)
+    chosen = resolve_backend(backend, z.device, z.dtype)
     if chosen == "reference":
         return indrnn_recurrence_reference(z, u, h0, activation)
+    if chosen == "triton":
+        return IndRNNRecurrenceTriton.apply(z, u, h0, activation)
     return IndRNNRecurrenceCPU.apply(z, u, h0, activation, chosen == "cpu")
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available",
+           "triton_available"]

@@ -28,3 +28,16 @@ def from_time_major(output: torch.Tensor, batch_first: bool, unbatched: bool) ->
     if unbatched:
         return output.squeeze(1)
     return output.transpose(0, 1) if batch_first else output
+
+
+def apply_constraints(module: torch.nn.Module) -> None:
+    """Re-impose every parameter constraint in ``module``'s tree; call after each optimizer step.
+
+    A module with a constraint on its own parameters (e.g. IndRNN's |u| <= u_bound) defines
+    ``constrain_parameters_()``; this walks the tree and calls each one once.
+    """
+    with torch.no_grad():
+        for child in module.modules():
+            constrain = getattr(child, "constrain_parameters_", None)
+            if constrain is not None:
+                constrain()

@@ -1,0 +1,217 @@
+"""Fused IndRNN recurrence on CUDA with Triton: an autograd Function with a hand-written backward.
+
+h_t = act(z_t + u * h_{t-1}) for t = 0..T-1 (h_{-1} = h0), with the shapes and conventions of
+:func:`src.kernels.reference.indrnn_recurrence_reference`: z (T, B, H), u (H,), h0 (B, H) -> (T, B, H).
+
+Kernel layout: the (B, H) state is flattened into B*H independent columns (column c is batch
+c // H, unit c % H). One Triton program owns BLOCK adjacent columns, keeps their state in
+registers and loops over time inside the kernel, so each pass is a single launch whatever T is,
+and every step reads/writes BLOCK contiguous elements (coalesced). The backward pass is the same
+loop run from t = T-1 down to 0 (equations as in :mod:`src.kernels.indrnn_cpu`):
+    delta_t = (g_t + u * delta_{t+1}) * f'(a_t)      (delta_T = 0)
+    dL/dz_t = delta_t,  dL/du = sum_{t,b} delta_t * h_{t-1},  dL/dh0 = u * delta_0
+with f' read from the saved outputs: relu [h_t > 0], tanh 1 - h_t^2, identity 1.
+dL/du is written as a per-column float32 partial of shape (B, H) and summed over B with torch,
+which is deterministic (atomics would make the sum order, hence the bits, vary between runs).
+
+Precision: inputs may be float32, bfloat16 or float16 (z, u and h0 need not share a dtype). They are
+loaded and the state is carried in float32; outputs are stored in z's dtype. For bfloat16/float16
+the saved outputs are rounded, so the backward pass evaluates f' and h_{t-1} from rounded values,
+an error of the order of the dtype's resolution. Gradients come back in the dtypes of z, u, h0.
+
+Without triton, or without CUDA, this module still imports; ``triton_available()`` says whether
+the kernels can run. Under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported) the Function also accepts CPU tensors, which is how the kernels are tested without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from src.kernels.reference import ACTIVATIONS
+
+try:  # triton is optional: CPU-only installs never load this backend.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # relu 0, tanh 1, identity 2
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    """True when triton imports and a CUDA device is present, i.e. the kernels can run on GPU."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(a):
+        # Built from exp so that it works on every backend and in the interpreter; exp(-2|a|) <= 1
+        # never overflows. Absolute error ~1e-7 near 0, well inside float32 tolerances.
+        e = tl.exp(-2.0 * tl.abs(a))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(a < 0, -t, t)
+
+    @triton.jit
+    def _delta(upstream, h, ACTIVATION: tl.constexpr):
+        # upstream * f'(a) with f' from the output h; relu uses where() so that 0 * inf is not NaN.
+        if ACTIVATION == 0:
+            d = tl.where(h > 0, upstream, 0.0)
+        elif ACTIVATION == 1:
+            d = upstream * (1.0 - h * h)
+        else:
+            d = upstream
+        return d
+
+    @triton.jit
+    def _forward_kernel(z_ptr, u_ptr, h0_ptr, out_ptr, T, BH, H,
+                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < BH
+        u = tl.load(u_ptr + cols % H, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # Pointers advance by BH per step (64-bit pointer arithmetic), so T*B*H may exceed 2^31.
+        z_ptrs = z_ptr + cols
+        out_ptrs = out_ptr + cols
+        for _ in range(T):
+            a = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) + u * h
+            if ACTIVATION == 0:
+                h = tl.maximum(a, 0.0)
+            elif ACTIVATION == 1:
+                h = _tanh(a)
+            else:
+                h = a
+            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask)
+            z_ptrs += BH
+            out_ptrs += BH
+
+    @triton.jit
+    def _backward_kernel(grad_ptr, out_ptr, u_ptr, h0_ptr, grad_z_ptr, grad_u_ptr, grad_h0_ptr,
+                         T, BH, H, last_row, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < BH
+        u = tl.load(u_ptr + cols % H, mask=mask, other=0.0).to(tl.float32)
+        g_ptrs = grad_ptr + last_row + cols  # last_row = (T-1)*B*H, computed in Python (may be int64)
+        h_ptrs = out_ptr + last_row + cols
+        dz_ptrs = grad_z_ptr + last_row + cols
+        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)  # h_t, for f'(a_t)
+        carry = tl.zeros([BLOCK], dtype=tl.float32)  # u * delta_{t+1}
+        grad_u = tl.zeros([BLOCK], dtype=tl.float32)
+        # Steps t = T-1 .. 1 read h_{t-1} from the outputs; step 0 (below) reads it from h0.
+        # Each loaded h_{t-1} is reused as h_t by the next step: one output load per step.
+        for _ in range(T - 1):
+            h_ptrs -= BH
+            h_prev = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            delta = _delta(g + carry, h, ACTIVATION)
+            tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
+            grad_u += delta * h_prev
+            carry = u * delta
+            h = h_prev
+            g_ptrs -= BH
+            dz_ptrs -= BH
+        h_prev = tl.load(h0_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        delta = _delta(g + carry, h, ACTIVATION)
+        tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_u_ptr + cols, grad_u + delta * h_prev, mask=mask)
+        tl.store(grad_h0_ptr + cols, (u * delta).to(grad_h0_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(columns: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for ``columns`` = B*H independent recurrences.
+
+    Each step is a dependent chain of one load, one FMA and one store per column, so the kernel is
+    bound by memory latency; throughput comes from many resident programs. With 4 columns per thread
+    (one 16-byte float32 vector access), BLOCK = 128 * num_warps. Few columns (typical B*H of a few
+    thousand): BLOCK 128 on 1 warp, to spread over as many SMs as possible. Many columns: BLOCK 512
+    on 4 warps, since an SM holds at most 32 programs and 1-warp programs would leave it half full.
+    """
+    return (512, 4) if columns >= 65536 else (128, 1)
+
+
+def _device_guard(tensor: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensors' device (CPU: interpreter).
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, code: int) -> torch.Tensor:
+    """Outputs (T, B, H) in z's dtype, for contiguous z (T, B, H), u (H,), h0 (B, H)."""
+    steps, batch, hidden = z.shape
+    out = torch.empty_like(z)
+    columns = batch * hidden
+    if steps == 0 or columns == 0:
+        return out
+    block, warps = _launch_config(columns)
+    with _device_guard(z):
+        _forward_kernel[(triton.cdiv(columns, block),)](
+            z, u, h0, out, steps, columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
+    return out
+
+
+def _launch_backward(grad_out, out, u, h0, code: int):
+    """(grad_z (T, B, H), grad_u (H,), grad_h0 (B, H)) in the dtypes of out (= z), u and h0."""
+    steps, batch, hidden = out.shape
+    grad_z = torch.empty_like(out)
+    grad_u_partial = torch.zeros(batch, hidden, dtype=torch.float32, device=out.device)
+    grad_h0 = torch.zeros_like(h0)  # stays 0 when T == 0
+    columns = batch * hidden
+    if steps > 0 and columns > 0:
+        block, warps = _launch_config(columns)
+        with _device_guard(out):
+            _backward_kernel[(triton.cdiv(columns, block),)](
+                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, steps, columns, hidden,
+                (steps - 1) * columns, ACTIVATION=code, BLOCK=block, num_warps=warps)
+    return grad_z, grad_u_partial.sum(0).to(u.dtype), grad_h0
+
+
+def _check_inputs(z, u, h0, activation: str) -> None:
+    if triton is None:
+        raise RuntimeError("the Triton IndRNN kernel needs the 'triton' package; use backend='auto'")
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    if z.dim() != 3 or u.shape != z.shape[2:] or h0.shape != z.shape[1:]:
+        raise ValueError(f"expected z (T, B, H), u (H,), h0 (B, H); got {tuple(z.shape)}, "
+                         f"{tuple(u.shape)}, {tuple(h0.shape)}")
+    for name, tensor in (("z", z), ("u", u), ("h0", h0)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"Triton IndRNN kernel: {name} has dtype {tensor.dtype}; "
+                            f"supported: {SUPPORTED_DTYPES}")
+        if tensor.device != z.device:
+            raise ValueError(f"Triton IndRNN kernel: {name} is on {tensor.device}, z on {z.device}")
+    if not z.is_cuda and not _interpreting():
+        raise ValueError(f"the Triton IndRNN kernel runs on CUDA tensors, got device {z.device}")
+
+
+class IndRNNRecurrenceTriton(torch.autograd.Function):
+    """Fused h_t = act(z_t + u * h_{t-1}) on CUDA; see the module docstring for the backward pass.
+
+    ``IndRNNRecurrenceTriton.apply(z, u, h0, activation)`` with z (T, B, H), u (H,), h0 (B, H) and
+    activation in ``ACTIVATIONS`` returns all hidden states, shape (T, B, H), in z's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z, u, h0, activation: str):
+        _check_inputs(z, u, h0, activation)
+        code = ACTIVATION_CODES[activation]
+        z, u, h0 = z.detach().contiguous(), u.detach().contiguous(), h0.detach().contiguous()
+        out = _launch_forward(z, u, h0, code)
+        ctx.save_for_backward(out, u, h0)
+        ctx.activation_code = code
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        out, u, h0 = ctx.saved_tensors
+        grad_z, grad_u, grad_h0 = _launch_backward(grad_out.contiguous(), out, u, h0, ctx.activation_code)
+        return grad_z, grad_u, grad_h0, None
