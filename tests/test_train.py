@@ -12,7 +12,7 @@ from lightning_modules.pipeline import UserError, train
 from lightning_modules.regression import SequenceRegressionModule
 from tests.conftest import QUICK, compose_train, run_script
 
-MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn"]
+MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn", "res_indrnn", "dense_indrnn"]
 # Long enough to learn (T=50, 2000 sequences), short enough for a test (~10 s on 2 cores).
 REAL_TRAINING = ["task.seq_len=50", "task.datamodule.train_size=2000", "task.datamodule.val_size=200",
                  "task.datamodule.test_size=500", "task.stop_at=0.03", "task.max_epochs=40",
@@ -29,6 +29,19 @@ def test_fast_dev_run_every_model(train_cfg, tmp_path, model):
     results = read_results(tmp_path / "run")
     assert results["status"] == "finished" and results["model"] == model and results["task"] == "adding"
     assert results["params"] > 0 and "test/mse" in results
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.layer.batch_norm=after", "model.dropout=0.1", "model.layer.input_init=kaiming_a8"],
+    ["model.layer.batch_norm=before", "model.layer.batch_norm_stats=per_step", "model.layer.bidirectional=true"],
+    ["model.layer.projection=conv1d", "model.layer.nonlinearity=tanh", "optimizer.weight_decay=1e-4"],
+    ["callbacks=official_indrnn", "trainer.gradient_clip_val=10", "trainer.gradient_clip_algorithm=value"],
+    ["model=res_indrnn", "model.num_blocks=1", "model.hidden_size=16"],
+    ["model=dense_indrnn", "model.growth_rate=4", "model.block_config=[2,1]"],
+], ids=["bn-after", "bn-per-step-bidirectional", "conv1d-tanh", "official-schedule", "residual", "dense"])
+def test_indrnn_options_train_through_hydra(train_cfg, tmp_path, overrides):
+    train(train_cfg(overrides + ["task.max_epochs=2"]))
+    assert read_results(tmp_path / "run")["status"] == "finished"
 
 
 @pytest.fixture(scope="module")

@@ -41,50 +41,52 @@ def numba_available() -> bool:
 
 if numba is not None:
 
-    # The activation branch sits outside the loop over units, and constants take the array's dtype,
-    # so that LLVM vectorises the innermost loop (a float64 literal would force float32 -> float64).
+    # Loops run time-outer over the whole (B, H) block, so every pass streams through memory in
+    # order and the carried state (B*H values) stays in cache; the activation branch sits outside
+    # the loop over units and constants take the array's dtype (a float64 literal would force
+    # float32 -> float64), so that LLVM vectorises the innermost loop.
     @numba.njit(cache=True, nogil=True)
     def _numba_forward(z, u, h0, activation, out):  # pragma: no cover - compiled
         steps, batch, hidden = z.shape
         zero = z.dtype.type(0)
-        for b in range(batch):
-            previous = h0[b]
-            for t in range(steps):
-                z_t, h_t = z[t, b], out[t, b]
+        for t in range(steps):
+            previous = out[t - 1] if t > 0 else h0
+            for b in range(batch):
+                z_t, h_t, h_prev = z[t, b], out[t, b], previous[b]
                 for j in range(hidden):
-                    h_t[j] = z_t[j] + u[j] * previous[j]
+                    h_t[j] = z_t[j] + u[j] * h_prev[j]
                 if activation == 0:
                     for j in range(hidden):
                         h_t[j] = max(h_t[j], zero)
                 elif activation == 1:
                     for j in range(hidden):
                         h_t[j] = np.tanh(h_t[j])
-                previous = h_t
 
     @numba.njit(cache=True, nogil=True)
     def _numba_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):  # pragma: no cover
         steps, batch, hidden = out.shape
         zero, one = out.dtype.type(0), out.dtype.type(1)
-        carry = np.empty(hidden, dtype=out.dtype)
-        grad_u[:] = zero
-        for b in range(batch):
-            carry[:] = zero
-            for t in range(steps - 1, -1, -1):
-                g_t, h_t, d_t = grad_out[t, b], out[t, b], grad_z[t, b]
-                previous = out[t - 1, b] if t > 0 else h0[b]
+        carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
+        partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # sum over t of delta_t * h_{t-1}
+        for t in range(steps - 1, -1, -1):
+            previous = out[t - 1] if t > 0 else h0
+            for b in range(batch):
+                g_t, h_t, d_t, c_b = grad_out[t, b], out[t, b], grad_z[t, b], carry[b]
                 if activation == 0:
                     for j in range(hidden):
-                        d_t[j] = (g_t[j] + carry[j]) if h_t[j] > zero else zero
+                        d_t[j] = (g_t[j] + c_b[j]) if h_t[j] > zero else zero
                 elif activation == 1:
                     for j in range(hidden):
-                        d_t[j] = (g_t[j] + carry[j]) * (one - h_t[j] * h_t[j])
+                        d_t[j] = (g_t[j] + c_b[j]) * (one - h_t[j] * h_t[j])
                 else:
                     for j in range(hidden):
-                        d_t[j] = g_t[j] + carry[j]
+                        d_t[j] = g_t[j] + c_b[j]
+                h_prev, p_b = previous[b], partial_u[b]
                 for j in range(hidden):
-                    grad_u[j] += d_t[j] * previous[j]
-                    carry[j] = d_t[j] * u[j]
-            grad_h0[b] = carry
+                    p_b[j] += d_t[j] * h_prev[j]
+                    c_b[j] = d_t[j] * u[j]
+        grad_h0[:] = carry
+        grad_u[:] = partial_u.sum(axis=0)
 
 
 def _torch_forward(z, u, h0, activation, out):
