@@ -128,9 +128,11 @@ def train(cfg: DictConfig) -> float | None:
             log.error(message)
             return math.nan
         raise UserError(message) from err
-    results.update(_fit_metrics(trainer, objective), steps=trainer.global_step, epochs=trainer.current_epoch)
     best_checkpoint = _existing(_checkpoint_callback(trainer), "best_model_path")
-    results["best_checkpoint"] = best_checkpoint
+    results.update(_fit_metrics(trainer), status="fitted", steps=trainer.global_step, epochs=trainer.current_epoch,
+                   best_checkpoint=best_checkpoint, seconds=round(time.time() - start, 2))
+    if trainer.is_global_zero:  # a crash while testing must not lose the fit's results
+        write_results(output_dir, results)
     if cfg.get("test", True):
         # Without a best checkpoint (e.g. fast_dev_run) the current weights are tested.
         tested = trainer.test(objective, datamodule=datamodule, ckpt_path=best_checkpoint, verbose=False)
@@ -144,10 +146,9 @@ def train(cfg: DictConfig) -> float | None:
     return None if best is None else float(best)
 
 
-def _fit_metrics(trainer: pl.Trainer, objective) -> dict:
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
-               if key.startswith("val/") and torch.as_tensor(value).numel() == 1}
-    return metrics
+def _fit_metrics(trainer: pl.Trainer) -> dict:
+    return {key: float(value) for key, value in trainer.callback_metrics.items()
+            if key.startswith("val/") and torch.as_tensor(value).numel() == 1}
 
 
 def _checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
