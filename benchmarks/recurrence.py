@@ -8,8 +8,9 @@ Each run times ONE layer (``batch_first=True``) on a batch-first input x of shap
 does not require grad; the layer's parameters do. For every shape and implementation it reports:
 
 * ``fwd_bwd_ms``: a training step of the layer: forward, then ``output.backward(g)`` with a fixed
-  random gradient g, a contiguous (B, T, H) tensor as a downstream layer would pass (parameter gradients are reset to None before each pass,
-  as ``optimizer.zero_grad()`` does, so they are allocated anew every time).
+  random gradient g, a contiguous (B, T, H) tensor as a downstream layer would pass (parameter
+  gradients are reset to None before each pass, as ``optimizer.zero_grad()`` does, so they are
+  allocated anew every time).
 * ``fwd_ms``: inference cost, the forward pass under ``torch.no_grad()`` (no graph is recorded,
   nothing is saved for backward).
 * ``peak_mem_mb``: peak memory of the fwd+bwd pass in MiB (2**20 bytes), counted *above* what was
@@ -30,10 +31,12 @@ does not require grad; the layer's parameters do. For every shape and implementa
 Times are medians over ``--repeats`` timed passes after ``--warmup`` untimed ones (the warm-up also
 triggers numba compilation / loading from its disk cache). Slow implementations stop early: once a
 measurement has at least 3 timed passes (or ``--repeats`` if fewer) and has spent half of
-``--budget-s`` (default 10 s per implementation and shape) in timed passes, its median is taken.
+``--budget-s`` (default 10 s per implementation and shape) in timed passes, its median is taken;
+likewise the warm-up stops after the first pass that fills that half budget.
 On CUDA, ``torch.cuda.synchronize()`` brackets every timed pass. Threads are torch's default for
-the machine; nothing else is tuned (no flush-to-zero, no pinning). The speed-up columns of the table divide the
-``fwd_bwd_ms`` of lstm (resp. indrnn_reference) by that of the row's implementation.
+the machine; nothing else is tuned (no flush-to-zero, no pinning). The speed-up columns of the
+table divide the ``fwd_bwd_ms`` of lstm (resp. indrnn_reference) by that of the row's
+implementation.
 
 Implementations live in :data:`IMPLS`, a registry ``name -> factory(input_size, hidden_size,
 device) -> nn.Module``; a new layer is one line there (the module must follow torch.nn.RNN's
@@ -123,8 +126,14 @@ def _synchronize(device: torch.device) -> None:
 
 def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, budget_s: float) -> float:
     """Median wall time of ``fn`` in ms over up to ``repeats`` passes (early stop, see module doc)."""
-    for _ in range(warmup):
+    spent = 0.0
+    for _ in range(warmup):  # slow passes: one warm-up is enough once they fill the budget
+        if spent >= budget_s:
+            break
+        start = time.perf_counter()
         fn()
+        _synchronize(device)
+        spent += time.perf_counter() - start
     least = min(3, repeats)
     times: list[float] = []
     while len(times) < repeats:
