@@ -7,7 +7,12 @@ backward pass each run as one loop over time with no autograd graph inside:
 * with numba installed (a default dependency), both passes are JIT-compiled loops over
   (batch, time, unit), compiled once per dtype and cached on disk (``cache=True``);
 * without it (or for dtypes numba does not handle) the same loops run as vectorised PyTorch
-  operations per time step, which is still ~10-30x faster than the autograd loop.
+  operations per time step.
+
+Buffers of the numba path (outputs, gradients, contiguous copies) are allocated by numpy and
+wrapped with ``torch.from_numpy``: numpy asks the kernel for transparent huge pages on large
+arrays, and first-touch page faults on fresh 4 KiB pages otherwise cost as much as the recurrence
+itself (measured: 2.4 ms vs 16 ms for the forward pass at T=784, B=64, H=128 on a 2-core VM).
 
 Backward pass, for h_t = f(a_t), a_t = z_t + u * h_{t-1}, with g_t the incoming gradient of h_t:
     delta_t = (g_t + u * delta_{t+1}) * f'(a_t)      (delta_T = 0)
@@ -114,6 +119,11 @@ def _torch_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):
     grad_h0.copy_(carry)
 
 
+def _contiguous_array(tensor: torch.Tensor):
+    """A C-contiguous numpy view of ``tensor``, copied only if it is not contiguous already."""
+    return np.ascontiguousarray(tensor.detach().numpy())
+
+
 def _use_numba(tensor: torch.Tensor, allow_numba: bool) -> bool:
     return allow_numba and numba is not None and tensor.dtype in NUMBA_DTYPES
 
@@ -124,12 +134,14 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, u, h0, activation: str, allow_numba: bool = True):
         code = ACTIVATION_CODES[activation]
-        z, u, h0 = z.contiguous(), u.contiguous(), h0.contiguous()
-        out = torch.empty_like(z)
         numba_path = _use_numba(z, allow_numba)
         if numba_path:
-            _numba_forward(z.detach().numpy(), u.detach().numpy(), h0.detach().numpy(), code, out.numpy())
+            z_array, u_array, h0_array = (_contiguous_array(t) for t in (z, u, h0))
+            out = torch.from_numpy(np.empty_like(z_array))
+            _numba_forward(z_array, u_array, h0_array, code, out.numpy())
         else:
+            z, u, h0 = z.contiguous(), u.contiguous(), h0.contiguous()
+            out = torch.empty_like(z)
             with torch.no_grad():
                 _torch_forward(z, u, h0, code, out)
         ctx.save_for_backward(out, u, h0)
@@ -140,15 +152,14 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         out, u, h0 = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_z = torch.empty_like(out)
-        grad_u = torch.empty_like(u)
-        grad_h0 = torch.empty_like(h0)
         if ctx.numba_path:
-            arrays = (grad_out, out, u, h0)
-            _numba_backward(*(a.detach().numpy() for a in arrays), ctx.activation_code,
-                            grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
+            out_array, u_array, h0_array = out.numpy(), _contiguous_array(u), _contiguous_array(h0)
+            grad_z, grad_u, grad_h0 = (torch.from_numpy(np.empty_like(a)) for a in (out_array, u_array, h0_array))
+            _numba_backward(_contiguous_array(grad_out), out_array, u_array, h0_array,
+                            ctx.activation_code, grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
         else:
+            grad_out = grad_out.contiguous()
+            grad_z, grad_u, grad_h0 = torch.empty_like(out), torch.empty_like(u), torch.empty_like(h0)
             with torch.no_grad():
                 _torch_backward(grad_out, out, u, h0, ctx.activation_code, grad_z, grad_u, grad_h0)
         return grad_z, grad_u, grad_h0, None, None
