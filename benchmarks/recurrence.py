@@ -24,9 +24,10 @@ does not require grad; the layer's parameters do. For every shape and implementa
     ``torch.profiler.profile(profile_memory=True)``, which records every allocation and free of
     torch's CPU allocator (+bytes / -bytes, with a timestamp); the peak of their running sum is
     the most memory the pass held at once, i.e. what the activations kept for backward really
-    cost. Memory allocated outside torch's allocator is not seen: numba's scratch arrays (one
-    vector of size H in the IndRNN kernel) and whatever oneDNN (torch's CPU LSTM) keeps
-    internally; its workspace saved for backward is a torch tensor and is counted.
+    cost. The fused IndRNN kernel allocates its buffers with numpy, which torch does not see: the
+    peak that tracemalloc records during the pass (numpy's buffers and Python objects) is added,
+    an upper bound on the true peak. Memory neither sees is left out, e.g. whatever oneDNN (torch's
+    CPU LSTM) keeps internally; its workspace saved for backward is a torch tensor and is counted.
 
 Times are medians over ``--repeats`` timed passes after ``--warmup`` untimed ones (the warm-up also
 triggers numba compilation / loading from its disk cache). Slow implementations stop early: once a
@@ -54,6 +55,7 @@ import os
 import re
 import statistics
 import sys
+import tracemalloc
 import tempfile
 import time
 from pathlib import Path
@@ -166,11 +168,21 @@ def _without_profiler_banner() -> Iterator[None]:
 
 
 def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak of the running sum of the CPU allocations and frees that ``fn`` makes (torch.profiler)."""
+    """Peak bytes held by ``fn``: torch's allocations (torch.profiler) plus tracemalloc's peak.
+
+    The fused CPU kernel allocates its buffers with numpy (for huge pages), which torch's profiler
+    does not see; numpy reports them to tracemalloc (with the Python objects ``fn`` creates). The
+    two peaks are added: an upper bound on the true peak, exact when one allocator is idle.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with _without_profiler_banner(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        tracemalloc.start()
+        try:
+            fn()
+            _, untracked_by_torch = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
     events = [(event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
               if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda event: event[0])  # stable: simultaneous events keep their recorded order
@@ -178,7 +190,7 @@ def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
     for _, nbytes in events:
         running += nbytes
         peak = max(peak, running)
-    return peak
+    return peak + untracked_by_torch
 
 
 def _cuda_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
