@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from datamodules.download import DownloadError
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.results import log_hparams, write_results
 
@@ -117,6 +118,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     try:
         trainer.fit(objective, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except DownloadError as err:  # missing or corrupt data: one line naming the files and the folder
+        raise UserError(str(err)) from err
     except NonFiniteLossError as err:
         checkpoint = _checkpoint_callback(trainer)
         results.update(status="diverged", error=str(err), seconds=round(time.time() - start, 2),
@@ -186,7 +189,10 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule, objective = build(run_cfg)
     loggers = _instantiate_dict(run_cfg.get("logger"), "logger")
     trainer = _instantiate(run_cfg.trainer, "trainer", logger=loggers or False, callbacks=[])
-    tested = trainer.test(objective, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
+    try:
+        tested = trainer.test(objective, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False)
+    except DownloadError as err:
+        raise UserError(str(err)) from err
     metrics = {key: float(value) for key, value in tested[0].items()}
     results = {"status": "finished", "checkpoint": str(ckpt_path), "task": stored.get("task", {}).get("name"),
                **metrics, "params": sum(p.numel() for p in objective.parameters()),
