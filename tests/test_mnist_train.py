@@ -60,3 +60,19 @@ def test_offline_without_data_fails_with_one_line(tmp_path):
     last = completed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot download the MNIST files train-images-idx3-ubyte.gz")
     assert str(tmp_path / "mnist") in last and "http://127.0.0.1:9/mnist" in last
+
+
+def test_ddp_cpu_downloads_once_and_trains(tmp_path):
+    served, requests = tmp_path / "mirror", []
+    served.mkdir()
+    md5 = write_tiny_mnist(served, train=200, test=60)
+    with serve_directory(served, requests) as url:
+        completed = run_script("train.py", [
+            "task=pmnist", "trainer=ddp_cpu", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path}",
+            f"task.datamodule.mirrors=[{url}]", md5_override(md5), "task.max_epochs=1", "model.hidden_size=16",
+            "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(requests) == sorted(f"/{name}" for name in md5), "each file is fetched once, by one rank"
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(md5)  # no .part left
+    (results,) = tmp_path.glob("*/*_pmnist_indrnn/results.json")
+    assert json.loads(results.read_text())["status"] == "finished"
