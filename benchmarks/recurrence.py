@@ -69,7 +69,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from src.kernels import numba_available, resolve_backend  # noqa: E402
-from src.layers import IndRNN  # noqa: E402
+from src.layers import ClockworkRNN, IndRNN  # noqa: E402
 
 # |u| <= 1: a stable recurrence whatever T (timing does not depend on the value).
 INDRNN_U_BOUND = 1.0
@@ -84,6 +84,9 @@ IMPLS: dict[str, Factory] = {
     "gru": lambda i, h, device: nn.GRU(i, h, batch_first=True, device=device),
     "rnn_tanh": lambda i, h, device: nn.RNN(i, h, nonlinearity="tanh", batch_first=True, device=device),
     "rnn_relu": lambda i, h, device: nn.RNN(i, h, nonlinearity="relu", batch_first=True, device=device),
+    # Clockwork RNN, 8 modules (periods 1..128); fewer where H is not a multiple of 8 (tiny test shapes).
+    "cwrnn": lambda i, h, device: ClockworkRNN(
+        i, h, num_modules=next(g for g in (8, 4, 2, 1) if h % g == 0), batch_first=True, device=device),
 }
 
 # The speed-up columns of the table are relative to these (when they are part of the run).
