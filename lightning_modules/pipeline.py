@@ -48,9 +48,12 @@ def check_compatible(cfg: DictConfig) -> None:
                         f"'last' or 'mean', not 'all'")
     if task.get("per_step_targets", False) and task.readout != "all":
         raise UserError(f"task {_choice('task')}: a target at every step needs task.readout=all")
-    if task.get("causal", False) and cfg.model.get("layer", {}).get("bidirectional", False):
-        raise UserError(f"task {_choice('task')} predicts each step from the past only; "
-                        f"a bidirectional model sees the future: set model.layer.bidirectional=false")
+    if task.get("causal", False):
+        for key, flag in (("model.bidirectional", cfg.model.get("bidirectional", False)),
+                          ("model.layer.bidirectional", cfg.model.get("layer", {}).get("bidirectional", False))):
+            if flag:
+                raise UserError(f"task {_choice('task')} predicts each step from the past only; "
+                                f"a bidirectional model sees the future: set {key}=false")
 
 
 def build(cfg: DictConfig):

@@ -191,3 +191,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(train_cfg, tmp_path, mon
     checkpoint = torch.load(results["last_checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+@pytest.mark.parametrize("flag", ["model.bidirectional=true", "model.layer.bidirectional=true"])
+def test_bidirectional_model_on_a_causal_task_is_rejected(train_cfg, flag):
+    with pytest.raises(UserError, match=f"a bidirectional model sees the future: set {flag.split('=')[0]}=false"):
+        train(train_cfg(["task.causal=true", flag]))

@@ -1,11 +1,13 @@
 """The plain stack, and what every network shares: time-shared dropout, readout and head."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 from torch import nn
 
+from src.layers.bidirectional import Bidirectional
 from src.layers.common import apply_constraints, check_positive_int
 
 READOUTS = ("last", "mean", "all")
@@ -84,6 +86,8 @@ class RecurrentNetwork(SequenceNetwork):
         readout: "last", "mean" or "all" (see :class:`SequenceNetwork`).
         last_layer_kwargs: extra arguments for the last layer only, e.g.
             ``{"recurrent_init": "long_memory"}`` (the IndRNN papers' last-layer initialisation).
+        bidirectional: wrap every layer in :class:`src.layers.bidirectional.Bidirectional` (a second
+            copy reads the sequence backwards; each layer then emits 2H features).
 
     Shapes: inputs (B, T, I); states: one initial state per layer, or None. Returns predictions
     and the final state of each layer, in each layer's own format (e.g. (h, c) for LSTM).
@@ -91,10 +95,12 @@ class RecurrentNetwork(SequenceNetwork):
 
     def __init__(self, layer: Callable[..., nn.Module], input_size: int, output_size: int, hidden_size: int = 128,
                  num_layers: int = 1, dropout: float = 0.0, projection_size: int | None = None,
-                 readout: str = "last", last_layer_kwargs: dict | None = None) -> None:
+                 readout: str = "last", last_layer_kwargs: dict | None = None, bidirectional: bool = False) -> None:
         super().__init__(input_size, output_size, readout)
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_layers", num_layers)
+        if bidirectional:
+            layer = functools.partial(Bidirectional, layer)
         self.projection = None
         if projection_size is not None:
             self.projection = nn.Linear(input_size, check_positive_int("projection_size", projection_size))
