@@ -12,7 +12,8 @@ from lightning_modules.pipeline import UserError, train
 from lightning_modules.regression import SequenceRegressionModule
 from tests.conftest import QUICK, compose_train, run_script
 
-MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn", "res_indrnn", "dense_indrnn", "cwrnn"]
+MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn", "res_indrnn", "dense_indrnn", "cwrnn", "leaky_rnn", "skip_rnn",
+          "jordan", "narx", "tdnn"]
 # Long enough to learn (T=50, 2000 sequences), short enough for a test (~10 s on 2 cores).
 REAL_TRAINING = ["task.seq_len=50", "task.datamodule.train_size=2000", "task.datamodule.val_size=200",
                  "task.datamodule.test_size=500", "task.stop_at=0.03", "task.max_epochs=40",

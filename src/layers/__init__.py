@@ -9,5 +9,11 @@ from src.layers.clockwork import ClockworkRNN
 from src.layers.common import apply_constraints
 from src.layers.indrnn import IndRNN, IndRNNRecurrence
 from src.layers.irnn import IRNN
+from src.layers.jordan import JordanRNN
+from src.layers.leaky import LeakyRNN
+from src.layers.narx import NARX
+from src.layers.skip import SkipRNN
+from src.layers.tdnn import TDNN
 
-__all__ = ["Bidirectional", "ClockworkRNN", "IRNN", "IndRNN", "IndRNNRecurrence", "TimeBatchNorm", "apply_constraints"]
+__all__ = ["NARX", "TDNN", "Bidirectional", "ClockworkRNN", "IRNN", "IndRNN", "IndRNNRecurrence", "JordanRNN",
+           "LeakyRNN", "SkipRNN", "TimeBatchNorm", "apply_constraints"]

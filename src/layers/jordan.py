@@ -1,0 +1,110 @@
+"""Jordan network (Jordan 1986): the previous *output*, not the hidden state, is fed back.
+
+    h_t = f(W x_t + V y_{t-1} + b)
+    y_t = g(U h_t + c)
+
+The layer returns the outputs y_t, which are also its recurrent state: with the default
+``output_size`` = ``hidden_size`` it stacks in :class:`src.networks.RecurrentNetwork` like any
+other layer (the network expects ``hidden_size`` features per step).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.layers.common import check_positive_int, from_time_major, to_time_major
+
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
+
+
+def activate(x: torch.Tensor, nonlinearity: str) -> torch.Tensor:
+    """Apply "tanh", "relu", "sigmoid" or "identity"."""
+    if nonlinearity == "tanh":
+        return torch.tanh(x)
+    if nonlinearity == "relu":
+        return torch.relu(x)
+    if nonlinearity == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+class JordanRNN(nn.Module):
+    r"""Jordan network layer, following torch.nn.RNN's contract (one layer, one direction).
+
+    Args:
+        input_size: features per input step, I.
+        hidden_size: hidden units h_t, H.
+        output_size: width O of the output y_t, which is fed back; default (None) H. Keep the
+            default inside :class:`src.networks.RecurrentNetwork`, which expects H features per step.
+        nonlinearity: f for the hidden units: "tanh", "relu", "sigmoid" or "identity".
+        output_nonlinearity: g for the outputs (default "tanh", a bounded feedback).
+        bias: learn the biases b and c.
+        batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        device, dtype: where and in which dtype to create the parameters.
+
+    Parameters: ``weight_ih`` W (H, I), ``weight_fb`` V (H, O), ``bias_h`` b (H,), ``weight_out`` U
+    (O, H), ``bias_out`` c (O,); W, V, b as torch.nn.RNN (U(-1/sqrt(H), 1/sqrt(H))), U and c like
+    torch.nn.Linear(H, O).
+
+    Shapes:
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
+        hx: (1, B, O), the output y_{-1} fed back at the first step (zeros when None); (1, O) unbatched.
+        output: (T, B, O) (or (B, T, O)), the outputs y_t; h_n: (1, B, O), the last output y_{T-1}
+            (the whole recurrent state: pass it back as hx to continue a sequence exactly).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int | None = None,
+                 nonlinearity: str = "tanh", output_nonlinearity: str = "tanh", bias: bool = True,
+                 batch_first: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.output_size = hidden_size if output_size is None else check_positive_int("output_size", output_size)
+        for name, value in (("nonlinearity", nonlinearity), ("output_nonlinearity", output_nonlinearity)):
+            if value not in NONLINEARITIES:
+                raise ValueError(f"unknown JordanRNN {name} {value!r}; choose one of {NONLINEARITIES}")
+        self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
+        self.weight_fb = nn.Parameter(torch.empty(hidden_size, self.output_size, **factory))
+        self.bias_h = nn.Parameter(torch.empty(hidden_size, **factory)) if bias else None
+        self.weight_out = nn.Parameter(torch.empty(self.output_size, hidden_size, **factory))
+        self.bias_out = nn.Parameter(torch.empty(self.output_size, **factory)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for param in (self.weight_ih, self.weight_fb, self.bias_h, self.weight_out, self.bias_out):
+            if param is not None:
+                nn.init.uniform_(param, -bound, bound)
+
+    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, unbatched = to_time_major(input, self.batch_first, self.input_size, "JordanRNN")
+        batch = x.shape[1]
+        if hx is None:
+            y = x.new_zeros(batch, self.output_size)
+        else:
+            expected = (1, self.output_size) if unbatched else (1, batch, self.output_size)
+            if tuple(hx.shape) != expected:
+                raise ValueError(f"JordanRNN hx (the previous output y) must have shape {expected}, "
+                                 f"got {tuple(hx.shape)}")
+            y = hx.reshape(batch, self.output_size)
+        z = F.linear(x, self.weight_ih, self.bias_h)  # W x_t + b for all steps at once
+        weight_fb_t = self.weight_fb.t()
+        outputs = []
+        for t in range(x.shape[0]):
+            h = activate(torch.addmm(z[t], y, weight_fb_t), self.nonlinearity)
+            y = activate(F.linear(h, self.weight_out, self.bias_out), self.output_nonlinearity)
+            outputs.append(y)
+        output = torch.stack(outputs)
+        h_n = output[-1].unsqueeze(0)
+        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, output_size={self.output_size}, "
+                f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
+                f"batch_first={self.batch_first}")

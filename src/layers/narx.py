@@ -1,0 +1,124 @@
+"""NARX recurrent layer: nonlinear autoregressive model with exogenous inputs (Lin et al. 1996).
+
+    y_t = g(U f(sum_{k=0..q} W_k x_{t-k} + sum_{k=1..p} V_k y_{t-k} + b) + c)
+
+A one-hidden-layer MLP reads the last q + 1 inputs (tapped delay line on the input, ``input_delays``
+= q) and its own last p outputs (``output_delays`` = p); the outputs y_t are the layer's output and
+its recurrent state. Inputs and outputs before the first step are zeros unless given in hx.
+The input taps of all steps are projected with one matmul before the loop over time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.layers.common import check_positive_int, from_time_major, to_time_major
+from src.layers.jordan import NONLINEARITIES, activate
+
+
+class NARX(nn.Module):
+    r"""NARX layer, following torch.nn.RNN's contract except for the state, a tuple (see Shapes).
+
+    Args:
+        input_size: features per input step, I.
+        hidden_size: width H of the output y_t, which is fed back (the features passed to the next
+            layer in :class:`src.networks.RecurrentNetwork`).
+        input_delays: q >= 0: the MLP sees x_t, x_{t-1}, ..., x_{t-q}.
+        output_delays: p >= 1: the MLP sees y_{t-1}, ..., y_{t-p}.
+        mlp_hidden: width M of the MLP's hidden layer; default (None) H.
+        nonlinearity: f for the MLP's hidden layer: "tanh", "relu", "sigmoid" or "identity".
+        output_nonlinearity: g for the outputs (default "tanh", a bounded feedback).
+        bias: learn the biases b and c.
+        batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        device, dtype: where and in which dtype to create the parameters.
+
+    Parameters: ``weight_x`` (M, (q+1) I), column block k for x_{t-k}; ``weight_y`` (M, p H), block k - 1
+    for y_{t-k}; ``bias_mlp`` b (M,); ``weight_out`` U (H, M); ``bias_out`` c (H,). Initialised like
+    torch.nn.Linear (U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
+
+    Shapes:
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
+        hx: None (all zeros) or a tuple ``(y_past, x_past)``: y_past (p, B, H) the outputs
+            y_{-p}, ..., y_{-1} and x_past (q, B, I) the inputs x_{-q}, ..., x_{-1}, oldest first
+            ((p, H) and (q, I) unbatched).
+        output: (T, B, H) (or (B, T, H)), the outputs y_t.
+        h_n: the same tuple for the next chunk: the last p outputs and the last q inputs (zeros
+            where the sequence was shorter), so that passing h_n back as hx continues a sequence
+            exactly. h_n[0][-1] is the last output.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, input_delays: int = 2, output_delays: int = 2,
+                 mlp_hidden: int | None = None, nonlinearity: str = "tanh", output_nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        if isinstance(input_delays, bool) or not isinstance(input_delays, int) or input_delays < 0:
+            raise ValueError(f"input_delays must be a non-negative integer, got {input_delays!r}")
+        self.input_delays = input_delays
+        self.output_delays = check_positive_int("output_delays", output_delays)
+        self.mlp_hidden = hidden_size if mlp_hidden is None else check_positive_int("mlp_hidden", mlp_hidden)
+        for name, value in (("nonlinearity", nonlinearity), ("output_nonlinearity", output_nonlinearity)):
+            if value not in NONLINEARITIES:
+                raise ValueError(f"unknown NARX {name} {value!r}; choose one of {NONLINEARITIES}")
+        self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
+        factory = {"device": device, "dtype": dtype}
+        m = self.mlp_hidden
+        self.weight_x = nn.Parameter(torch.empty(m, (input_delays + 1) * input_size, **factory))
+        self.weight_y = nn.Parameter(torch.empty(m, output_delays * hidden_size, **factory))
+        self.bias_mlp = nn.Parameter(torch.empty(m, **factory)) if bias else None
+        self.weight_out = nn.Parameter(torch.empty(hidden_size, m, **factory))
+        self.bias_out = nn.Parameter(torch.empty(hidden_size, **factory)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        fan_in_mlp = self.weight_x.shape[1] + self.weight_y.shape[1]
+        for params, fan_in in (((self.weight_x, self.weight_y, self.bias_mlp), fan_in_mlp),
+                               ((self.weight_out, self.bias_out), self.mlp_hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            for param in params:
+                if param is not None:
+                    nn.init.uniform_(param, -bound, bound)
+
+    def _initial_state(self, x: torch.Tensor, hx, unbatched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, p, q = x.shape[1], self.output_delays, self.input_delays
+        if hx is None:
+            return x.new_zeros(p, batch, self.hidden_size), x.new_zeros(q, batch, self.input_size)
+        lead = () if unbatched else (batch,)
+        expected = ((p, *lead, self.hidden_size), (q, *lead, self.input_size))
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or tuple(map(tuple, (t.shape for t in hx))) != expected:
+            got = tuple(tuple(t.shape) for t in hx) if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise ValueError(f"NARX hx must be a tuple (y_past, x_past) of shapes {expected}, got {got}")
+        return hx[0].reshape(p, batch, self.hidden_size), hx[1].reshape(q, batch, self.input_size)
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x, unbatched = to_time_major(input, self.batch_first, self.input_size, "NARX")
+        steps, q, p = x.shape[0], self.input_delays, self.output_delays
+        y_past, x_past = self._initial_state(x, hx, unbatched)
+        padded = torch.cat([x_past, x])  # (q + T, B, I): x_{-q}, ..., x_{T-1}
+        taps = torch.cat([padded[q - k: q - k + steps] for k in range(q + 1)], dim=-1)  # (T, B, (q+1) I)
+        z = F.linear(taps, self.weight_x, self.bias_mlp)  # input part of the MLP for all steps at once
+        history = list(y_past.unbind(0))  # oldest first
+        weight_y_t = self.weight_y.t()
+        outputs = []
+        for t in range(steps):
+            feedback = torch.cat(history[-1:-p - 1:-1], dim=-1)  # y_{t-1}, ..., y_{t-p}
+            hidden = activate(torch.addmm(z[t], feedback, weight_y_t), self.nonlinearity)
+            y = activate(F.linear(hidden, self.weight_out, self.bias_out), self.output_nonlinearity)
+            outputs.append(y)
+            history.append(y)
+        output = torch.stack(outputs)
+        state = (torch.stack(history[-p:]), padded[steps:])
+        if unbatched:
+            state = (state[0].squeeze(1), state[1].squeeze(1))
+        return from_time_major(output, self.batch_first, unbatched), state
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, input_delays={self.input_delays}, "
+                f"output_delays={self.output_delays}, mlp_hidden={self.mlp_hidden}, "
+                f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
+                f"batch_first={self.batch_first}")
