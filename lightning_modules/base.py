@@ -2,6 +2,7 @@
 each optimizer step, a stop on non-finite losses, and per-stage metrics with a best-so-far value."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -97,6 +98,13 @@ class SequenceObjective(pl.LightningModule):
         self.best_value = None
 
     def on_validation_epoch_end(self) -> None:
+        loss = float(self.losses["val_loss"].compute()) if self.losses["val_loss"].update_count else 0.0
+        if not math.isfinite(loss):
+            # Non-finite gradients can poison the weights while the training loss still looked
+            # finite; raising here stops the run before this validation's checkpoint is saved.
+            raise NonFiniteLossError(
+                f"validation loss is {loss} at step {self.global_step} (epoch {self.current_epoch}): the weights "
+                "became non-finite; lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)")
         value = float(self.metrics["val_metric"].compute())
         if not self.trainer.sanity_checking:
             better = min if self.best_mode == "min" else max

@@ -9,7 +9,7 @@ from tests.conftest import CONF, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-TASKS = ["adding", "smnist", "pmnist", "mnist_rows"]
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -17,7 +17,8 @@ def test_experiment_composes_and_builds(tmp_path, experiment):
     cfg = compose_train(tmp_path, [f"experiment={experiment}"])
     network = instantiate(cfg.model)
     inputs = torch.randn(2, 5, cfg.task.input_size)
-    assert network(inputs)[0].shape == (2, cfg.task.output_size)
+    per_step = cfg.task.readout == "all"
+    assert network(inputs)[0].shape == ((2, 5, cfg.task.output_size) if per_step else (2, cfg.task.output_size))
     optimizer = instantiate(cfg.optimizer)(params=network.parameters())
     if cfg.get("scheduler"):
         instantiate(cfg.scheduler)(optimizer=optimizer)
@@ -28,7 +29,9 @@ def test_experiment_composes_and_builds(tmp_path, experiment):
 def test_every_model_builds_for_every_task(tmp_path, model, task):
     cfg = compose_train(tmp_path, [f"model={model}", f"task={task}"])
     network = instantiate(cfg.model)
-    assert network(torch.randn(2, 3, cfg.task.input_size))[0].shape == (2, cfg.task.output_size)
+    per_step = cfg.task.readout == "all"  # sequence -> sequence tasks predict every step
+    expected = (2, 3, cfg.task.output_size) if per_step else (2, cfg.task.output_size)
+    assert network(torch.randn(2, 3, cfg.task.input_size))[0].shape == expected
 
 
 def test_experiment_list_is_not_empty():

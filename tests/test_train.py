@@ -177,6 +177,23 @@ def test_exploding_learning_rate_stops_with_the_step(train_cfg, tmp_path):
     assert results["status"] == "diverged" and "at step" in results["error"]
 
 
+def test_non_finite_validation_loss_stops_as_diverged(train_cfg, tmp_path, monkeypatch):
+    # Non-finite gradients can poison the weights while the training loss still looks finite.
+    original = SequenceRegressionModule.loss
+
+    def nan_in_validation(self, predictions, targets):
+        loss = original(self, predictions, targets)
+        return loss * float("nan") if not self.training and self.global_step >= 8 else loss
+
+    monkeypatch.setattr(SequenceRegressionModule, "loss", nan_in_validation)
+    with pytest.raises(UserError, match=r"validation loss is nan at step 8 .*lower optimizer.lr"):
+        train(train_cfg(["task.max_epochs=5"]))
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "diverged"
+    checkpoint = torch.load(results["last_checkpoint"], weights_only=True)
+    assert checkpoint["global_step"] == 4  # the checkpoint of the diverged validation was never written
+
+
 def test_non_finite_loss_keeps_the_last_good_checkpoint(train_cfg, tmp_path, monkeypatch):
     original = SequenceRegressionModule.loss
 
