@@ -215,3 +215,13 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(train_cfg, tmp_path, mon
 def test_bidirectional_model_on_a_causal_task_is_rejected(train_cfg, flag):
     with pytest.raises(UserError, match=f"a bidirectional model sees the future: set {flag.split('=')[0]}=false"):
         train(train_cfg(["task.causal=true", flag]))
+
+
+@pytest.mark.parametrize("task", ["copy_memory", "parity"])
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_runs_on_the_sequence_to_sequence_tasks(tmp_path, model, task):
+    overrides = [f"model={model}", f"task={task}", "task.seq_len=12", "trainer=cpu", "trainer.fast_dev_run=true",
+                 "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
+    train(compose_train(tmp_path / "run", overrides))
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "finished" and "test/acc" in results
