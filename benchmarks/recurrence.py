@@ -110,7 +110,8 @@ SHAPE_PATTERN = re.compile(r"T(\d+)_B(\d+)_I(\d+)_H(\d+)")
 DEFAULT_SHAPES = {
     "cpu": ["T784_B64_I1_H128",     # sequential MNIST
             "T1000_B50_I2_H128",    # adding problem, T=1000
-            "T100_B128_I512_H512"],  # a wide layer on short sequences
+            "T100_B128_I512_H512",   # a wide layer on short sequences
+            "T784_B64_I1_H512"],     # sequential MNIST with a wide layer (Clockwork vs nn.RNN)
 }
 DEFAULT_SHAPES["cuda"] = DEFAULT_SHAPES["cpu"] + ["T1024_B128_I512_H512"]
 
