@@ -7,9 +7,10 @@ predicting the mean (1.0) gives MSE = Var(U1 + U2) = 1/6 ~ 0.167, the do-nothing
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from datamodules.splits import SplitDataModule
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 BASELINE_MSE = 1.0 / 6.0
@@ -50,7 +51,7 @@ class AddingProblemDataset(Dataset):
         return torch.from_numpy(inputs), torch.from_numpy(target)
 
 
-class AddingProblemDataModule(pl.LightningDataModule):
+class AddingProblemDataModule(SplitDataModule):
     """Train/val/test splits of the adding problem; nothing to download.
 
     Args:
@@ -61,24 +62,10 @@ class AddingProblemDataModule(pl.LightningDataModule):
         seed: the data seed; the same seed gives the same sets everywhere.
     """
 
+    task = "adding problem"
+
     def __init__(self, seq_len: int = 100, train_size: int = 20_000, val_size: int = 1_000, test_size: int = 5_000,
                  batch_size: int = 50, num_workers: int = 0, seed: int = 1234) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"adding problem: batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        super().__init__(batch_size, num_workers)
         self.splits = {name: AddingProblemDataset(seq_len, size, seed, name)
                        for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -15,11 +15,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.download import DownloadError, download_file, md5sum
+from datamodules.splits import SplitDataModule
 from datamodules.idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(SplitDataModule):
     """Train/val/test splits of MNIST as pixel or row sequences; downloads the files on first use.
 
     Validation is a seeded ``val_fraction`` of the 60k training images (the official IndRNN code
@@ -142,11 +142,14 @@ class MNISTDataModule(pl.LightningDataModule):
         download: fetch missing files; False: fail if they are not already in ``data_dir/mnist``.
     """
 
+    task = "MNIST"
+    collate_fn = staticmethod(collate_batched)  # the dataset returns whole batches
+
     def __init__(self, data_dir: str, layout: str = "pixels", permute: bool = False, permutation_seed: int = 0,
                  normalization: str = "official", val_fraction: float = 0.05, split_seed: int = 0,
                  batch_size: int = 32, num_workers: int = 0, mirrors: list[str] | None = None,
                  md5: dict[str, str] | None = None, download: bool = True) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if data_dir is None or str(data_dir) == "":
             raise ValueError("MNIST: data_dir must be a folder path; the files go to <data_dir>/mnist")
         if layout not in LAYOUTS:
@@ -164,10 +167,6 @@ class MNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"MNIST: val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
         if not _is_int(split_seed):
             raise ValueError(f"MNIST: split_seed must be an integer, got {split_seed!r}")
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"MNIST: batch_size must be a positive integer, got {batch_size!r}")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"MNIST: num_workers must be a non-negative integer, got {num_workers!r}")
         if not isinstance(download, bool):
             raise ValueError(f"MNIST: download must be true or false, got {download!r}")
         # Hydra hands over ListConfig/DictConfig: accept any sequence / mapping, but not a bare string.
@@ -181,7 +180,7 @@ class MNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"MNIST: md5 has unknown file names {unknown}; valid names are {list(ALL_FILES)}")
         self.data_dir, self.layout, self.permute, self.permutation_seed = data_dir, layout, permute, permutation_seed
         self.normalization, self.val_fraction, self.split_seed = normalization, float(val_fraction), split_seed
-        self.batch_size, self.num_workers, self.download = batch_size, num_workers, download
+        self.download = download
         self.mirrors = [str(m) for m in mirrors]
         self.md5 = {**MD5, **overrides}
         # Generated here, once, from the seed alone: every copy of the module (workers, ranks,
@@ -289,21 +288,10 @@ class MNISTDataModule(pl.LightningDataModule):
 
     # Loaders --------------------------------------------------------------------------------------
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.splits:
-            self.setup("test" if split == "test" else "fit")
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_batched)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def split(self, name: str) -> Dataset:
+        if name not in self.splits:  # loaders asked for before setup (e.g. by hand): load on demand
+            self.setup("test" if name == "test" else "fit")
+        return self.splits[name]
 
     # Checkpoints ----------------------------------------------------------------------------------
 

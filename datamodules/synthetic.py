@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from datamodules.splits import SplitDataModule
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -162,33 +163,7 @@ class GenerationDataset(Dataset):
         return self.inputs.clone(), self.targets.clone()
 
 
-class _SplitsDataModule(pl.LightningDataModule):
-    """Train/val/test loaders over ``self.splits``; nothing to download."""
-
-    task = "synthetic task"
-
-    def __init__(self, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        _check_int(f"{self.task}: batch_size", batch_size, 1)
-        _check_int(f"{self.task}: num_workers", num_workers, 0)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.splits: dict[str, Dataset] = {}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-class CopyMemoryDataModule(_SplitsDataModule):
+class CopyMemoryDataModule(SplitDataModule):
     """Copy memory with delay T (see :class:`CopyMemoryDataset` for the layout).
 
     Args:
@@ -209,7 +184,7 @@ class CopyMemoryDataModule(_SplitsDataModule):
         self.baseline = memoryless_baseline(seq_len)
 
 
-class ParityDataModule(_SplitsDataModule):
+class ParityDataModule(SplitDataModule):
     """Running parity of random bits, labelled at every step (see :class:`ParityDataset`).
 
     Args: as :class:`CopyMemoryDataModule`, with seq_len T (>= 1) the number of bits.
@@ -224,7 +199,7 @@ class ParityDataModule(_SplitsDataModule):
                        for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
 
 
-class GenerationDataModule(_SplitsDataModule):
+class GenerationDataModule(SplitDataModule):
     """Sequence generation: every sample of every split is the same (zeros, waveform) pair.
 
     Args:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
+from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
 
 try:  # numpy allocates large CPU buffers on huge pages; without it torch allocates them.
     import numpy as np
@@ -422,13 +422,7 @@ class ClockworkRNN(nn.Module):
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "ClockworkRNN")
         batch = x.shape[1]
-        if hx is None:
-            h0 = x.new_zeros(batch, self.hidden_size)
-        else:
-            expected = (1, self.hidden_size) if unbatched else (1, batch, self.hidden_size)
-            if hx.shape != expected:
-                raise ValueError(f"ClockworkRNN hx must have shape {expected}, got {tuple(hx.shape)}")
-            h0 = hx.reshape(batch, self.hidden_size)
+        h0 = initial_state(hx, batch, self.hidden_size, unbatched, "ClockworkRNN", like=x)
         output = clockwork_rnn(x, self.weight_ih, self.bias, self.weight_hh, h0, self.periods, self.nonlinearity,
                                self.time_origin, self.backend, self.mask)
         h_n = output[-1].unsqueeze(0)

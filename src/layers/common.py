@@ -30,6 +30,20 @@ def from_time_major(output: torch.Tensor, batch_first: bool, unbatched: bool) ->
     return output.transpose(0, 1) if batch_first else output
 
 
+def initial_state(hx: torch.Tensor | None, batch: int, size: int, unbatched: bool, layer: str,
+                  like: torch.Tensor, what: str = "hx") -> torch.Tensor:
+    """A one-layer state ``hx`` (1, B, size), or (1, size) for unbatched input, as (B, size).
+
+    None gives zeros (dtype and device of ``like``); any other shape is a one-line ValueError.
+    """
+    if hx is None:
+        return like.new_zeros(batch, size)
+    expected = (1, size) if unbatched else (1, batch, size)
+    if tuple(hx.shape) != expected:
+        raise ValueError(f"{layer} {what} must have shape {expected}, got {tuple(hx.shape)}")
+    return hx.reshape(batch, size)
+
+
 def apply_constraints(module: torch.nn.Module) -> None:
     """Re-impose every parameter constraint in ``module``'s tree; call after each optimizer step.
 

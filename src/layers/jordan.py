@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
+from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
 
@@ -85,14 +85,8 @@ class JordanRNN(nn.Module):
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "JordanRNN")
         batch = x.shape[1]
-        if hx is None:
-            y = x.new_zeros(batch, self.output_size)
-        else:
-            expected = (1, self.output_size) if unbatched else (1, batch, self.output_size)
-            if tuple(hx.shape) != expected:
-                raise ValueError(f"JordanRNN hx (the previous output y) must have shape {expected}, "
-                                 f"got {tuple(hx.shape)}")
-            y = hx.reshape(batch, self.output_size)
+        y = initial_state(hx, batch, self.output_size, unbatched, "JordanRNN", like=x,
+                          what="hx (the previous output y)")
         z = F.linear(x, self.weight_ih, self.bias_h)  # W x_t + b for all steps at once
         weight_fb_t = self.weight_fb.t()
         outputs = []

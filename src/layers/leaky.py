@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
+from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 ALPHA_MODES = ("fixed", "learned")
@@ -133,13 +133,7 @@ class LeakyRNN(nn.Module):
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LeakyRNN")
         batch = x.shape[1]
-        if hx is None:
-            h = x.new_zeros(batch, self.hidden_size)
-        else:
-            expected = (1, self.hidden_size) if unbatched else (1, batch, self.hidden_size)
-            if tuple(hx.shape) != expected:
-                raise ValueError(f"LeakyRNN hx must have shape {expected}, got {tuple(hx.shape)}")
-            h = hx.reshape(batch, self.hidden_size)
+        h = initial_state(hx, batch, self.hidden_size, unbatched, "LeakyRNN", like=x)
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         alpha = self.alpha
         keep, weight_hh_t = 1.0 - alpha, self.weight_hh.t()

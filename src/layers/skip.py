@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
+from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -83,13 +83,7 @@ class SkipRNN(nn.Module):
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "SkipRNN")
         batch = x.shape[1]
-        if hx is None:
-            h0 = x.new_zeros(batch, self.hidden_size)
-        else:
-            expected = (1, self.hidden_size) if unbatched else (1, batch, self.hidden_size)
-            if tuple(hx.shape) != expected:
-                raise ValueError(f"SkipRNN hx must have shape {expected}, got {tuple(hx.shape)}")
-            h0 = hx.reshape(batch, self.hidden_size)
+        h0 = initial_state(hx, batch, self.hidden_size, unbatched, "SkipRNN", like=x)
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         weights = [w.t() for w in self.weight_hh]
         outputs: list[torch.Tensor] = []
