@@ -32,14 +32,13 @@ buffer per step in the backward pass, 13x (H=128) to 31x (H=512) the time of ``t
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
+from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
 
 try:  # numpy allocates large CPU buffers on huge pages; without it torch allocates them.
     import numpy as np
@@ -409,9 +408,7 @@ class ClockworkRNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for param in self.parameters():
-            nn.init.uniform_(param, -bound, bound)
+        init_uniform_(self.parameters(), self.hidden_size)
         self.constrain_parameters_()
 
     @torch.no_grad()

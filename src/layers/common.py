@@ -1,6 +1,8 @@
 """Small helpers shared by the recurrent layers: argument checks and layout conversion."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,6 +30,15 @@ def from_time_major(output: torch.Tensor, batch_first: bool, unbatched: bool) ->
     if unbatched:
         return output.squeeze(1)
     return output.transpose(0, 1) if batch_first else output
+
+
+@torch.no_grad()
+def init_uniform_(parameters, fan: int) -> None:
+    """torch.nn.RNN's initialisation: every given parameter (None entries skipped) ~ U(-1/sqrt(fan), 1/sqrt(fan))."""
+    bound = 1.0 / math.sqrt(fan)
+    for parameter in parameters:
+        if parameter is not None:
+            torch.nn.init.uniform_(parameter, -bound, bound)
 
 
 def initial_state(hx: torch.Tensor | None, batch: int, size: int, unbatched: bool, layer: str,

@@ -9,13 +9,12 @@ other layer (the network expects ``hidden_size`` features per step).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
+from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
 
@@ -77,10 +76,7 @@ class JordanRNN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for param in (self.weight_ih, self.weight_fb, self.bias_h, self.weight_out, self.bias_out):
-            if param is not None:
-                nn.init.uniform_(param, -bound, bound)
+        init_uniform_((self.weight_ih, self.weight_fb, self.bias_h, self.weight_out, self.bias_out), self.hidden_size)
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "JordanRNN")

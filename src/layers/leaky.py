@@ -11,14 +11,13 @@ alpha = sigmoid(alpha_logit) so that they stay in (0, 1).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
+from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 ALPHA_MODES = ("fixed", "learned")
@@ -109,10 +108,7 @@ class LeakyRNN(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Weights as torch.nn.RNN; alpha drawn again from ``alpha_range`` (or set from ``alpha_groups``)."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for param in (self.weight_ih, self.weight_hh, self.bias):
-            if param is not None:
-                nn.init.uniform_(param, -bound, bound)
+        init_uniform_((self.weight_ih, self.weight_hh, self.bias), self.hidden_size)
         if self.alpha_mode == "learned":
             self.alpha_logit.copy_(torch.logit(self._initial_alpha(self.alpha_logit)))
             self.constrain_parameters_()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, initial_state, to_time_major
+from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -74,10 +74,7 @@ class SkipRNN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for param in (self.weight_ih, self.weight_hh, self.bias):
-            if param is not None:
-                nn.init.uniform_(param, -bound, bound)
+        init_uniform_((self.weight_ih, self.weight_hh, self.bias), self.hidden_size)
         self.weight_hh.div_(math.sqrt(len(self.delays)))
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
