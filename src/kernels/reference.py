@@ -6,18 +6,9 @@ than the fused CPU kernel at T=784) but obviously correct.
 """
 import torch
 
+from src.activations import activate
+
 ACTIVATIONS = ("relu", "tanh", "identity")
-
-
-def activate(pre_activation: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply the named elementwise activation ("relu", "tanh" or "identity")."""
-    if activation == "relu":
-        return torch.relu(pre_activation)
-    if activation == "tanh":
-        return torch.tanh(pre_activation)
-    if activation == "identity":
-        return pre_activation
-    raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
 
 
 def indrnn_recurrence_reference(

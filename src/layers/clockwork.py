@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
+from src.activations import activate, activate_
+from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
 
 try:  # numpy allocates large CPU buffers on huge pages; without it torch allocates them.
     import numpy as np
@@ -127,21 +128,6 @@ def clockwork_schedule(periods: tuple[int, ...], module_size: int, steps: int, t
     return tuple(pattern_of_step), tuple(patterns)
 
 
-def _activate_(x: torch.Tensor, nonlinearity: str) -> None:
-    if nonlinearity == "tanh":
-        x.tanh_()
-    elif nonlinearity == "relu":
-        x.clamp_(min=0)
-
-
-def _activate(x: torch.Tensor, nonlinearity: str) -> torch.Tensor:
-    if nonlinearity == "tanh":
-        return torch.tanh(x)
-    if nonlinearity == "relu":
-        return torch.relu(x)
-    return x
-
-
 def _check_recurrence_args(x, weight_ih, bias, weight_hh, h0, periods, nonlinearity, time_origin) -> int:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"unknown Clockwork nonlinearity {nonlinearity!r}; choose one of {NONLINEARITIES}")
@@ -186,7 +172,7 @@ def clockwork_reference(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Te
     state, outputs = h0, []
     for t in range(x.shape[0]):
         active = (t + time_origin) % unit_period == 0
-        state = torch.where(active, _activate(z[t] + state @ weight.t(), nonlinearity), state)
+        state = torch.where(active, activate(z[t] + state @ weight.t(), nonlinearity), state)
         outputs.append(state)
     return torch.stack(outputs)
 
@@ -248,7 +234,7 @@ class ClockworkFunction(torch.autograd.Function):
                 # Rows lo:hi read only columns lo: (the others are zero blocks).
                 block = current[:, lo:hi]
                 block.addmm_(previous[:, lo:], weight_t)
-                _activate_(block, nonlinearity)
+                activate_(block, nonlinearity)
             for lo, hi in kept:
                 current[:, lo:hi].copy_(previous[:, lo:hi])
         ctx.save_for_backward(x, weight_ih, weight, states)
@@ -422,8 +408,7 @@ class ClockworkRNN(nn.Module):
         h0 = initial_state(hx, batch, self.hidden_size, unbatched, "ClockworkRNN", like=x)
         output = clockwork_rnn(x, self.weight_ih, self.bias, self.weight_hh, h0, self.periods, self.nonlinearity,
                                self.time_origin, self.backend, self.mask)
-        h_n = output[-1].unsqueeze(0)
-        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+        return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_modules={self.num_modules}, periods={self.periods}, "

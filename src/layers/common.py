@@ -55,6 +55,13 @@ def initial_state(hx: torch.Tensor | None, batch: int, size: int, unbatched: boo
     return hx.reshape(batch, size)
 
 
+def sequence_and_final_state(output: torch.Tensor, batch_first: bool, unbatched: bool):
+    """From a one-layer time-major output (T, B, H): (the output in the caller's layout, h_n (1, B, H)),
+    h_n being the last step; (T, H) and (1, H) for unbatched input."""
+    h_n = output[-1].unsqueeze(0)
+    return from_time_major(output, batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+
+
 def apply_constraints(module: torch.nn.Module) -> None:
     """Re-impose every parameter constraint in ``module``'s tree; call after each optimizer step.
 

@@ -14,20 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
+from src.activations import activate
+from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
-
-
-def activate(x: torch.Tensor, nonlinearity: str) -> torch.Tensor:
-    """Apply "tanh", "relu", "sigmoid" or "identity"."""
-    if nonlinearity == "tanh":
-        return torch.tanh(x)
-    if nonlinearity == "relu":
-        return torch.relu(x)
-    if nonlinearity == "sigmoid":
-        return torch.sigmoid(x)
-    return x
 
 
 class JordanRNN(nn.Module):
@@ -91,8 +81,7 @@ class JordanRNN(nn.Module):
             y = activate(F.linear(h, self.weight_out, self.bias_out), self.output_nonlinearity)
             outputs.append(y)
         output = torch.stack(outputs)
-        h_n = output[-1].unsqueeze(0)
-        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+        return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, output_size={self.output_size}, "

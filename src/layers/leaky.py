@@ -17,15 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
+from src.activations import activate
+from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 ALPHA_MODES = ("fixed", "learned")
 LOGIT_BOUND = 12.0  # learned alpha_logit is clamped to [-12, 12]: alpha in [6e-6, 1 - 6e-6]
-
-
-def _activate(x: torch.Tensor, nonlinearity: str) -> torch.Tensor:
-    return torch.tanh(x) if nonlinearity == "tanh" else torch.relu(x)
 
 
 class LeakyRNN(nn.Module):
@@ -135,11 +132,10 @@ class LeakyRNN(nn.Module):
         keep, weight_hh_t = 1.0 - alpha, self.weight_hh.t()
         outputs = []
         for t in range(x.shape[0]):
-            h = alpha * h + keep * _activate(torch.addmm(z[t], h, weight_hh_t), self.nonlinearity)
+            h = alpha * h + keep * activate(torch.addmm(z[t], h, weight_hh_t), self.nonlinearity)
             outputs.append(h)
         output = torch.stack(outputs)
-        h_n = output[-1].unsqueeze(0)
-        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+        return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:
         alpha = f"alpha_groups={list(self.alpha_groups)}" if self.alpha_groups else f"alpha_range={self.alpha_range}"

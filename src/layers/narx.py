@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.layers.common import check_positive_int, from_time_major, to_time_major
-from src.layers.jordan import NONLINEARITIES, activate
+from src.activations import activate
+from src.layers.jordan import NONLINEARITIES
 
 
 class NARX(nn.Module):

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, init_uniform_, initial_state, to_time_major
+from src.activations import activate
+from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -92,10 +93,9 @@ class SkipRNN(nn.Module):
                     total = torch.addmm(total, outputs[source], weight)
                 elif source == -1:
                     total = torch.addmm(total, h0, weight)
-            outputs.append(torch.tanh(total) if self.nonlinearity == "tanh" else torch.relu(total))
+            outputs.append(activate(total, self.nonlinearity))
         output = torch.stack(outputs)
-        h_n = output[-1].unsqueeze(0)
-        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+        return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, delays={list(self.delays)}, "

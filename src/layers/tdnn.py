@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
-from src.layers.jordan import NONLINEARITIES, activate
+from src.layers.common import check_positive_int, sequence_and_final_state, to_time_major
+from src.activations import activate
+from src.layers.jordan import NONLINEARITIES
 
 
 class TDNN(nn.Module):
@@ -82,8 +83,7 @@ class TDNN(nn.Module):
         taps = torch.cat([padded[j * d: j * d + steps] for j in range(p)], dim=-1)  # block j: x_{t-(p-1-j)d}
         weight = self.weight.permute(0, 2, 1).reshape(self.hidden_size, p * self.input_size)
         output = activate(F.linear(taps, weight, self.bias), self.nonlinearity)  # (T, B, H)
-        h_n = output[-1].unsqueeze(0)
-        return from_time_major(output, self.batch_first, unbatched), (h_n.squeeze(1) if unbatched else h_n)
+        return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, window={self.window}, dilation={self.dilation}, "
