@@ -22,6 +22,10 @@ from lightning_modules.results import log_hparams, write_results
 log = logging.getLogger(__name__)
 
 
+# `${add:${task.seq_len},20}` in configs: Hydra/OmegaConf have no arithmetic of their own.
+OmegaConf.register_new_resolver("add", lambda *terms: sum(terms), replace=True)
+
+
 class UserError(Exception):
     """A problem with the user's config or data, reported as one line without a traceback."""
 
@@ -43,6 +47,11 @@ def _instantiate(node, group: str, **kwargs):
 def check_compatible(cfg: DictConfig) -> None:
     """Reject model/task combinations that cannot work, before anything is built."""
     task = cfg.task
+    if task.get("encoder_decoder"):
+        if task.readout not in ("last", "mean"):
+            raise UserError(f"task {_choice('task')}: task.readout is the encoder's summary of the source, "
+                            f"so it must be 'last' or 'mean', not {task.readout!r}")
+        return
     if task.readout == "all" and not task.get("per_step_targets", False):
         raise UserError(f"task {_choice('task')}: one target per sequence, so task.readout must be "
                         f"'last' or 'mean', not 'all'")
@@ -60,13 +69,34 @@ def build(cfg: DictConfig):
     """Instantiate (datamodule, objective) from a composed config."""
     check_compatible(cfg)
     datamodule = _instantiate(cfg.task.datamodule, "task")
-    network = _instantiate(cfg.model, "model")
+    network = build_network(cfg)
     optimizer = _instantiate(cfg.optimizer, "optimizer")
     scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     plain_config = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "hydra"}
     objective = _instantiate(cfg.task.objective, "task.objective", net=network, optimizer=optimizer,
                              scheduler=scheduler, run_config=plain_config)
     return datamodule, objective
+
+
+def build_network(cfg: DictConfig):
+    """The model config as one network, or, for tasks with ``task.encoder_decoder``, as two.
+
+    An encoder-decoder task gets two separate networks of the chosen model: an encoder reading token
+    embeddings and summarising them (``task.readout``) into a context vector, and a decoder
+    predicting every output step from [previous token's embedding, context]. The decoder is always
+    built unidirectional: teacher forcing would let a backward-in-time layer read the answer.
+    """
+    seq2seq = cfg.task.get("encoder_decoder")
+    if not seq2seq:
+        return _instantiate(cfg.model, "model")
+    embedding_size, context_size = seq2seq.embedding_size, seq2seq.context_size
+    encoder = _instantiate(cfg.model, "model", input_size=embedding_size, output_size=context_size)
+    causal = {"bidirectional": False} if "bidirectional" in cfg.model else {}
+    if "bidirectional" in cfg.model.get("layer", {}):
+        causal["layer"] = {"bidirectional": False}
+    decoder = _instantiate(cfg.model, "model", input_size=embedding_size + context_size,
+                           output_size=cfg.task.output_size, readout="all", **causal)
+    return _instantiate(seq2seq, "task.encoder_decoder", encoder=encoder, decoder=decoder)
 
 
 def _instantiate_dict(node, group: str) -> list:
