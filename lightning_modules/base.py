@@ -68,10 +68,8 @@ class SequenceObjective(pl.LightningModule):
         inputs, targets = batch
         predictions = self(inputs)
         loss = self.loss(predictions, targets)
-        if stage == "train" and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)")
+        if stage == "train":
+            self.check_training_loss(loss)
         metric = self.metrics[f"{stage}_metric"]
         metric(predictions.detach(), targets)
         batch_size = targets.shape[0]
@@ -83,6 +81,13 @@ class SequenceObjective(pl.LightningModule):
             self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
             self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def check_training_loss(self, loss: torch.Tensor) -> None:
+        """Stop with NonFiniteLossError before a NaN or infinite loss reaches the weights."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -1,0 +1,101 @@
+"""Encoder-decoder objective: asynchronous sequence -> sequence (e.g. reversing or sorting a sequence).
+
+Training is teacher-forced; validation and test decode greedily and score whole sequences.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torchmetrics import Metric
+
+from lightning_modules.base import STAGES, SequenceObjective
+from lightning_modules.labelling import PerStepAccuracy
+
+
+class SequenceAccuracy(Metric):
+    """Fraction of sequences predicted exactly.
+
+    preds (B, L) and target (B, L) int64 token ids; target is padded with ``pad_id`` after its end
+    token. A sequence is right when every non-pad target position matches, the end token included,
+    so a prediction that stops early or runs on past the end counts as wrong.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, pad_id: int = 0) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.shape != target.shape:
+            raise ValueError(f"sequence accuracy: preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
+        right = ((preds == target) | (target == self.pad_id)).all(dim=1)
+        self.correct += right.sum()
+        self.total += target.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class EncoderDecoderModule(SequenceObjective):
+    """Cross-entropy with teacher forcing; greedy decoding to score sequences at validation and test.
+
+    Logs ``train/loss``, ``{train,val,test}/acc`` (teacher-forced per-token accuracy),
+    ``{val,test}/loss``, ``{val,test}/seq_acc`` (greedy decoding, exact match) and ``val/seq_acc_best``.
+    Batches are ``(source (B, S), target (B, L))`` int64 token ids, target padded after its end token
+    (see :mod:`datamodules.transduction`); the network is a :class:`src.networks.EncoderDecoder`.
+
+    Args:
+        (as :class:`lightning_modules.base.SequenceObjective`; padding is ignored by loss and metrics)
+    """
+
+    metric_name = "seq_acc"
+    best_mode = "max"
+
+    def __init__(self, net, *args, **kwargs) -> None:
+        for attribute in ("encode", "generate", "pad_id"):
+            if not hasattr(net, attribute):
+                raise ValueError(f"the encoder-decoder objective needs a src.networks.EncoderDecoder network, "
+                                 f"got {type(net).__name__}")
+        super().__init__(net, *args, **kwargs)
+        self.token_metrics = torch.nn.ModuleDict({
+            f"{stage}_acc": PerStepAccuracy(num_classes=net.vocab_size, average="micro", ignore_index=net.pad_id)
+            for stage in STAGES})
+
+    def make_metric(self) -> Metric:
+        return SequenceAccuracy(pad_id=self.net.pad_id)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: source (B, S), target (B, L) -> logits (B, L, V)."""
+        return self.net(source, target)[0]
+
+    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1),
+                               ignore_index=self.net.pad_id)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        source, target = batch
+        logits = self(source, target)
+        loss = self.loss(logits, target)
+        batch_size = target.shape[0]
+        if stage == "train":
+            self.check_training_loss(loss)
+        token_accuracy = self.token_metrics[f"{stage}_acc"]
+        token_accuracy(logits.detach(), target)
+        self.log(f"{stage}/acc", token_accuracy, on_step=stage == "train", on_epoch=stage != "train",
+                 batch_size=batch_size)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            return loss
+        # Greedy decoding is what a user of the model gets; it is scored outside training only,
+        # where its extra cost (a pass per output step) does not slow the optimisation.
+        decoded = self.net.generate(source, max_length=target.shape[1])
+        sequence_accuracy = self.metrics[f"{stage}_metric"]
+        sequence_accuracy(decoded, target)
+        self.losses[f"{stage}_loss"](loss, weight=batch_size)
+        self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/seq_acc", sequence_accuracy, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        return loss

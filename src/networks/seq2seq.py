@@ -1,0 +1,103 @@
+"""Encoder-decoder for asynchronous sequence -> sequence tasks (Cho et al. 2014; Sutskever et al. 2014)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from src.layers.common import check_positive_int
+
+
+class EncoderDecoder(nn.Module):
+    """An encoder reads the whole source; a separate decoder then writes the target token by token.
+
+    The encoder's readout is a context vector c (B, C). At output step j the decoder reads the
+    embedding of the previous token y_{j-1} (BOS at j = 0) concatenated with c, and predicts y_j.
+    Feeding c at every step (Cho et al.'s variant), rather than handing the encoder's state to the
+    decoder, works for every layer in this project whatever its state format (LSTM's (h, c),
+    NARX's delay lines, TDNN's none) and lets encoder and decoder use different widths.
+
+    Training uses teacher forcing (:meth:`forward` is given the true previous tokens); testing uses
+    greedy decoding (:meth:`generate` feeds back its own argmax).
+
+    Args:
+        encoder: a :class:`src.networks.SequenceNetwork` mapping (B, S, embedding_size) to
+            (B, context_size), i.e. readout "last" or "mean".
+        decoder: a causal :class:`src.networks.SequenceNetwork` mapping
+            (B, L, embedding_size + context_size) to logits (B, L, vocab_size), i.e. readout "all".
+        vocab_size: V, token ids 0 .. V-1, shared by sources and targets.
+        embedding_size: E, width of the source and target token embeddings.
+        context_size: C, width of the encoder's output.
+        pad_id, bos_id, eos_id: the padding, start and end tokens (see :mod:`datamodules.transduction`).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, vocab_size: int, embedding_size: int = 32,
+                 context_size: int = 128, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2) -> None:
+        super().__init__()
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("context_size", context_size)
+        if getattr(encoder, "readout", "last") == "all":
+            raise ValueError("encoder-decoder: the encoder must summarise the source (readout 'last' or 'mean'), "
+                             "not readout 'all'")
+        if getattr(decoder, "readout", "all") != "all":
+            raise ValueError(f"encoder-decoder: the decoder must predict every step (readout 'all'), "
+                             f"got {decoder.readout!r}")
+        for name, token in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"encoder-decoder: {name}={token} is not a token id in [0, {vocab_size})")
+        self.encoder, self.decoder = encoder, decoder
+        self.vocab_size, self.context_size = vocab_size, context_size
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.source_embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
+        self.target_embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
+
+    def encode(self, source: torch.Tensor) -> torch.Tensor:
+        """source (B, S) int64 token ids -> context (B, C)."""
+        context = self.encoder(self.source_embedding(source))[0]
+        if context.shape != (source.shape[0], self.context_size):
+            raise ValueError(f"encoder-decoder: the encoder returned {tuple(context.shape)}, expected "
+                             f"(batch, context_size={self.context_size})")
+        return context
+
+    def decode(self, context: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+        """context (B, C), previous_tokens (B, L) int64 (BOS first) -> logits (B, L, V) of the next tokens."""
+        embedded = self.target_embedding(previous_tokens)
+        steps = context.unsqueeze(1).expand(-1, previous_tokens.shape[1], -1)
+        return self.decoder(torch.cat([embedded, steps], dim=-1))[0]
+
+    def shift_right(self, target: torch.Tensor) -> torch.Tensor:
+        """target (B, L) -> the decoder's teacher-forced inputs (B, L): BOS, then target[:, :-1]."""
+        start = target.new_full((target.shape[0], 1), self.bos_id)
+        return torch.cat([start, target[:, :-1]], dim=1)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: source (B, S), target (B, L) int64 -> (logits (B, L, V), context (B, C)).
+
+        logits[:, j] predicts target[:, j] from the source and the true target[:, :j].
+        """
+        context = self.encode(source)
+        return self.decode(context, self.shift_right(target)), context
+
+    @torch.no_grad()
+    def generate(self, source: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Greedy decoding: source (B, S) -> tokens (B, max_length) int64.
+
+        Each sequence stops at its first EOS (included); later positions are PAD. The decoder is
+        re-run over the whole prefix at every step, O(max_length^2) steps in all: layers carry
+        state in different forms (Clockwork's phase, TDNN's window), and re-running is exact for
+        every one of them, at a cost that is negligible for the short targets this is used on.
+        """
+        check_positive_int("max_length", max_length)
+        context = self.encode(source)
+        batch = source.shape[0]
+        tokens = source.new_full((batch, max_length + 1), self.pad_id)
+        tokens[:, 0] = self.bos_id
+        finished = torch.zeros(batch, dtype=torch.bool, device=source.device)
+        for step in range(max_length):
+            logits = self.decode(context, tokens[:, :step + 1])[:, -1]
+            next_token = logits.argmax(dim=-1).masked_fill(finished, self.pad_id)
+            tokens[:, step + 1] = next_token
+            finished |= next_token == self.eos_id
+            if bool(finished.all()):
+                break
+        return tokens[:, 1:]

@@ -1,0 +1,165 @@
+"""Encoder-decoder (asynchronous sequence -> sequence): the reverse/sort data, teacher forcing that never
+reads ahead, greedy decoding, sequence accuracy, and reversal learnt through train.py and re-scored by eval.py."""
+import json
+
+import pytest
+import torch
+
+from datamodules.transduction import BOS, EOS, FIRST_SYMBOL, PAD, TransductionDataModule, TransductionDataset
+from lightning_modules.pipeline import UserError, build_network, train
+from lightning_modules.seq2seq import EncoderDecoderModule, SequenceAccuracy
+from src.layers.bidirectional import Bidirectional
+from src.networks import EncoderDecoder, RecurrentNetwork
+from tests.conftest import compose_train, run_script
+from tests.test_train import MODELS
+
+QUICK_SEQ2SEQ = ["task.seq_len=4", "task.datamodule.train_size=16", "task.datamodule.val_size=8",
+                 "task.datamodule.test_size=8", "task.datamodule.batch_size=8", "task.encoder_decoder.context_size=16", "task.encoder_decoder.embedding_size=8", "trainer=cpu",
+                 "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
+
+
+@pytest.mark.parametrize("transform", ["reverse", "sort"])
+def test_transduction_layout(transform):
+    dataset = TransductionDataset(min_len=2, max_len=7, num_symbols=5, transform=transform, size=200, seed=3)
+    lengths = set()
+    for index in range(len(dataset)):
+        source, target = dataset[index]
+        assert source.shape == (7,) and target.shape == (8,)
+        assert source.dtype == target.dtype == torch.int64
+        symbols = source[source != PAD]
+        length = len(symbols)
+        lengths.add(length)
+        assert (source[:7 - length] == PAD).all(), "sources are left-padded"
+        assert ((symbols >= FIRST_SYMBOL) & (symbols < FIRST_SYMBOL + 5)).all()
+        expected = symbols.flip(0) if transform == "reverse" else symbols.sort().values
+        assert torch.equal(target[:length], expected)
+        assert target[length] == EOS and (target[length + 1:] == PAD).all()
+    assert lengths == set(range(2, 8))
+
+
+def test_transduction_is_deterministic_and_split_dependent():
+    first, second = TransductionDataModule(seed=5, max_len=6), TransductionDataModule(seed=5, max_len=6)
+    for index in range(10):
+        assert all(torch.equal(a, b) for a, b in zip(first.splits["val"][index], second.splits["val"][index]))
+    assert not torch.equal(first.splits["train"][0][0], first.splits["val"][0][0])
+    assert first.vocab_size == 8 + 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"transform": "shuffle"}, "unknown transform 'shuffle'"),
+    ({"min_len": 5, "max_len": 3}, "min_len \\(5\\) must not exceed max_len \\(3\\)"),
+    ({"num_symbols": 1}, "num_symbols must be an integer >= 2"),
+    ({"max_len": 0}, "max_len must be a positive integer"),
+])
+def test_transduction_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransductionDataModule(**kwargs)
+
+
+def test_sequence_accuracy_needs_the_end_token_in_place():
+    metric = SequenceAccuracy(pad_id=PAD)
+    target = torch.tensor([[5, 4, EOS, PAD], [5, 4, EOS, PAD], [5, 4, EOS, PAD], [3, EOS, PAD, PAD]])
+    preds = torch.tensor([[5, 4, EOS, PAD],    # exact
+                          [5, 4, 6, EOS],      # runs on past the end
+                          [5, EOS, PAD, PAD],  # stops early
+                          [3, EOS, 7, 7]])     # anything after the end is not scored
+    metric.update(preds, target)
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+def small(model: str) -> list[str]:
+    """Overrides choosing ``model`` at a test-sized width."""
+    return [f"model={model}", "model.growth_rate=4" if model == "dense_indrnn" else "model.hidden_size=16"]
+
+
+def make_network(model_overrides=(), tmp_path=None, model="gru", task="reverse"):
+    cfg = compose_train(tmp_path / "run", [f"task={task}", *small(model), *QUICK_SEQ2SEQ, *model_overrides])
+    return build_network(cfg)
+
+
+@pytest.mark.parametrize("model", ["gru", "indrnn", "cwrnn", "tdnn", "narx"])
+def test_teacher_forcing_never_reads_ahead(tmp_path, model):
+    torch.manual_seed(0)
+    net = make_network(tmp_path=tmp_path, model=model).eval()
+    source = torch.randint(FIRST_SYMBOL, 11, (3, 4))
+    target = torch.randint(FIRST_SYMBOL, 11, (3, 5))
+    logits, context = net(source, target)
+    assert logits.shape == (3, 5, 11) and context.shape == (3, 16)
+    changed = target.clone()
+    changed[:, 2] = (changed[:, 2] - FIRST_SYMBOL + 1) % 8 + FIRST_SYMBOL
+    logits_changed, _ = net(source, changed)
+    # logits[:, j] predicts target[:, j] from target[:, :j]: a change at j=2 shows from step 3 on only.
+    torch.testing.assert_close(logits_changed[:, :3], logits[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(logits_changed[:, 3], logits[:, 3])
+
+
+@pytest.mark.parametrize("model", ["gru", "indrnn", "cwrnn", "tdnn", "jordan"])
+def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
+    torch.manual_seed(1)
+    net = make_network(tmp_path=tmp_path, model=model).eval()
+    # A large EOS bias makes some sequences end early, to check the padding after the end.
+    with torch.no_grad():
+        net.decoder.head.bias[EOS] += 0.3
+    source = torch.randint(FIRST_SYMBOL, 11, (16, 4))
+    tokens = net.generate(source, max_length=6)
+    assert tokens.shape == (16, 6)
+    logits, _ = net(source, tokens)
+    for row, predicted in zip(tokens, logits.argmax(dim=-1)):
+        ends = (row == EOS).nonzero()
+        stop = int(ends[0]) + 1 if len(ends) else len(row)
+        assert torch.equal(row[:stop], predicted[:stop]), "each token is the argmax given the tokens before it"
+        assert (row[stop:] == PAD).all(), "nothing but padding after the end token"
+
+
+def test_bidirectional_model_gives_a_bidirectional_encoder_and_a_causal_decoder(tmp_path):
+    for flag in ("model.bidirectional=true", "model.layer.bidirectional=true"):
+        model = "gru" if flag == "model.bidirectional=true" else "indrnn"
+        net = make_network([flag], tmp_path=tmp_path, model=model)
+        encoder_layers = [type(m) for m in net.encoder.modules()]
+        assert Bidirectional in encoder_layers or any(getattr(m, "bidirectional", False) for m in net.encoder.layers)
+        assert not any(getattr(m, "bidirectional", False) for m in net.decoder.layers)
+        assert Bidirectional not in [type(m) for m in net.decoder.modules()]
+
+
+def test_bad_encoder_decoder_settings_are_rejected(tmp_path):
+    gru = lambda readout: RecurrentNetwork(torch.nn.GRU, input_size=8, output_size=11, hidden_size=8, readout=readout)
+    with pytest.raises(ValueError, match="the encoder must summarise the source"):
+        EncoderDecoder(gru("all"), gru("all"), vocab_size=11, embedding_size=8)
+    with pytest.raises(ValueError, match="the decoder must predict every step"):
+        EncoderDecoder(gru("last"), gru("last"), vocab_size=11, embedding_size=8)
+    with pytest.raises(ValueError, match="eos_id=20 is not a token id"):
+        EncoderDecoder(gru("last"), gru("all"), vocab_size=11, eos_id=20)
+    with pytest.raises(ValueError, match="needs a src.networks.EncoderDecoder network"):
+        EncoderDecoderModule(net=gru("last"), optimizer=torch.optim.Adam)
+    with pytest.raises(UserError, match="task.readout is the encoder's summary of the source"):
+        train(compose_train(tmp_path / "run", ["task=reverse", "task.readout=all", *QUICK_SEQ2SEQ]))
+    with pytest.raises(UserError, match="task: reverse: num_symbols must be an integer >= 2, got 1"):
+        train(compose_train(tmp_path / "run", ["task=reverse", "task.datamodule.num_symbols=1", *QUICK_SEQ2SEQ]))
+
+
+@pytest.mark.parametrize("task", ["reverse", "sort"])
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_runs_as_encoder_decoder(tmp_path, model, task):
+    train(compose_train(tmp_path / "run", [f"task={task}", *small(model), "trainer.fast_dev_run=true",
+                                           "logger=csv", *QUICK_SEQ2SEQ]))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert 0.0 <= results["test/seq_acc"] <= 1.0 and 0.0 <= results["test/acc"] <= 1.0
+
+
+def test_gru_encoder_decoder_learns_reversal_and_eval_rescores_it(tmp_path):
+    """Short sequences (1-5 symbols of 8), a few hundred steps: greedy decoding gets most of them exactly."""
+    overrides = ["task=reverse", "model=gru", "task.seq_len=5", "task.datamodule.train_size=4096",
+                 "task.datamodule.val_size=512", "task.datamodule.test_size=512", "task.max_epochs=12",
+                 "optimizer.lr=0.003",
+                 "trainer=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
+    best = train(compose_train(tmp_path / "run", overrides))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # Chance is 8^-L per sequence (under 3% averaged over L = 1..5).
+    assert results["test/seq_acc"] > 0.9, results
+    assert best == pytest.approx(results["val/seq_acc_best"])
+    completed = run_script("eval.py", [f"ckpt_path={results['best_checkpoint']}", "trainer=cpu",
+                                       f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (evaluation,) = tmp_path.glob("eval/*/*/results.json")
+    assert json.loads(evaluation.read_text())["test/seq_acc"] == pytest.approx(results["test/seq_acc"])
