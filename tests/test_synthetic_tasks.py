@@ -182,3 +182,12 @@ def test_per_step_task_rejects_last_readout(tmp_path):
         cfg = compose_train(tmp_path / "run", [f"task={task}", "task.readout=last"])
         with pytest.raises(UserError, match="readout=all"):
             check_compatible(cfg)
+
+
+@pytest.mark.parametrize("model", ["indrnn", "res_indrnn", "dense_indrnn"])
+def test_copy_memory_indrnn_bound_counts_every_step_the_network_sees(tmp_path, model):
+    from lightning_modules.pipeline import build_network
+    cfg = compose_train(tmp_path / "run", ["task=copy_memory", "task.seq_len=80", f"model={model}"])
+    bounds = [m.u_bound for m in build_network(cfg).modules() if hasattr(m, "u_bound")]
+    expected = cfg.model.layer.magnitude ** (1 / 100)  # MAG^(1/T) over T + 20 = 100 steps, not the delay 80
+    assert bounds and bounds == pytest.approx([expected] * len(bounds))
