@@ -11,12 +11,19 @@ for all t. Backends:
   (float32, bfloat16, float16 with a float32 state).
 * ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
   installed and the dtype is supported, else the reference loop.
+
+``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
+``"cpu"`` backend with few inputs (I <= 8, relu or identity) projection and recurrence run as one
+kernel (:mod:`src.kernels.indrnn_linear_cpu`), else as ``F.linear`` followed by the recurrence.
 """
 from __future__ import annotations
 
 import torch
 
+from torch.nn import functional as F
+
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
+from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
 from src.kernels.reference import ACTIVATIONS, indrnn_recurrence_reference
@@ -67,5 +74,28 @@ def indrnn_recurrence(
     return IndRNNRecurrenceCPU.apply(z, u, h0, activation, chosen == "cpu")
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available",
+def indrnn_linear_recurrence(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, h0: torch.Tensor,
+    activation: str = "relu", backend: str = "auto"
+) -> torch.Tensor:
+    """All hidden states of h_t = act(W x_t + b + u * h_{t-1}): projection and recurrence.
+
+    Args:
+        x: inputs, shape (T, B, I).
+        weight: W, shape (H, I); bias: b, shape (H,), or None.
+        u, h0, activation, backend: as :func:`indrnn_recurrence`.
+
+    Returns:
+        Hidden states, shape (T, B, H). Equal to ``indrnn_recurrence(F.linear(x, weight, bias), ...)``;
+        one fused kernel computes it where that is faster (see the module docstring).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    chosen = resolve_backend(backend, x.device, x.dtype)
+    if chosen == "cpu" and fused_projection_applies(x, activation):
+        return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation)
+    return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen)
+
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available",
            "triton_available"]

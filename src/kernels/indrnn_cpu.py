@@ -68,8 +68,24 @@ if numba is not None:
                     for j in range(hidden):
                         h_t[j] = np.tanh(h_t[j])
 
+    @numba.njit(inline="always")
+    def delta_of(grad, carry, state, activation, zero, one):  # pragma: no cover - compiled
+        """delta_t = (g_t + u * delta_{t+1}) * act'(a_t), with act' read from h_t = act(a_t).
+
+        relu's derivative is a select, not a multiply by [h > 0], so that an infinite or NaN
+        gradient of an inactive unit gives 0, as torch's relu backward does."""
+        if activation == 0:
+            return (grad + carry) if state > zero else zero
+        if activation == 1:
+            return (grad + carry) * (one - state * state)
+        return grad + carry
+
+    # One pass over units per (step, row) that does everything, rather than one pass per quantity:
+    # the work per element is a few FLOPs, so extra passes cost as much as the arithmetic (9.2 ms
+    # -> 6.4 ms at T=784, B=64, H=128). The activation test is loop-invariant and hoisted by LLVM.
     @numba.njit(cache=True, nogil=True)
-    def _numba_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):  # pragma: no cover
+    def _numba_backward(grad_out, grad_batch_major, out, u, h0, activation, grad_z, grad_u,
+                        grad_h0):  # pragma: no cover - compiled
         steps, batch, hidden = out.shape
         zero, one = out.dtype.type(0), out.dtype.type(1)
         carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
@@ -77,20 +93,14 @@ if numba is not None:
         for t in range(steps - 1, -1, -1):
             previous = out[t - 1] if t > 0 else h0
             for b in range(batch):
-                g_t, h_t, d_t, c_b = grad_out[t, b], out[t, b], grad_z[t, b], carry[b]
-                if activation == 0:
-                    for j in range(hidden):
-                        d_t[j] = (g_t[j] + c_b[j]) if h_t[j] > zero else zero
-                elif activation == 1:
-                    for j in range(hidden):
-                        d_t[j] = (g_t[j] + c_b[j]) * (one - h_t[j] * h_t[j])
-                else:
-                    for j in range(hidden):
-                        d_t[j] = g_t[j] + c_b[j]
+                g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
+                h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
                 h_prev, p_b = previous[b], partial_u[b]
                 for j in range(hidden):
-                    p_b[j] += d_t[j] * h_prev[j]
-                    c_b[j] = d_t[j] * u[j]
+                    delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one)
+                    d_t[j] = delta
+                    p_b[j] += delta * h_prev[j]
+                    c_b[j] = delta * u[j]
         grad_h0[:] = carry
         grad_u[:] = partial_u.sum(axis=0)
 
@@ -123,6 +133,18 @@ def _torch_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):
 def _contiguous_array(tensor: torch.Tensor):
     """A C-contiguous numpy view of ``tensor``, copied only if it is not contiguous already."""
     return np.ascontiguousarray(tensor.detach().numpy())
+
+
+def gradient_rows(grad: torch.Tensor):
+    """``grad`` (T, B, H) as a C-contiguous numpy array and whether it is stored batch-major.
+
+    A batch-first network hands back gradients laid out as (B, T, H); the kernels read them in that
+    order rather than copying T*B*H values into (T, B, H) first. Returns (array (T, B, H) or
+    (B, T, H), batch_major).
+    """
+    if not grad.is_contiguous() and grad.transpose(0, 1).is_contiguous():
+        return grad.detach().transpose(0, 1).numpy(), True
+    return _contiguous_array(grad), False
 
 
 def _use_numba(tensor: torch.Tensor, allow_numba: bool) -> bool:
@@ -164,7 +186,7 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
         if ctx.numba_path:
             out_array, u_array, h0_array = out.numpy(), _contiguous_array(u), _contiguous_array(h0)
             grad_z, grad_u, grad_h0 = (torch.from_numpy(np.empty_like(a)) for a in (out_array, u_array, h0_array))
-            _numba_backward(_contiguous_array(grad_out), out_array, u_array, h0_array,
+            _numba_backward(*gradient_rows(grad_out), out_array, u_array, h0_array,
                             ctx.activation_code, grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
         else:
             grad_out = grad_out.contiguous()
