@@ -19,7 +19,6 @@ kernel (:mod:`src.kernels.indrnn_linear_cpu`), else as ``F.linear`` followed by 
 from __future__ import annotations
 
 import torch
-
 from torch.nn import functional as F
 
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
@@ -49,6 +48,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return backend
 
 
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
 def indrnn_recurrence(
     z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str = "relu", backend: str = "auto"
 ) -> torch.Tensor:
@@ -64,8 +68,7 @@ def indrnn_recurrence(
     Returns:
         Hidden states, shape (T, B, H).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    _check_activation(activation)
     chosen = resolve_backend(backend, z.device, z.dtype)
     if chosen == "reference":
         return indrnn_recurrence_reference(z, u, h0, activation)
@@ -89,13 +92,12 @@ def indrnn_linear_recurrence(
         Hidden states, shape (T, B, H). Equal to ``indrnn_recurrence(F.linear(x, weight, bias), ...)``;
         one fused kernel computes it where that is faster (see the module docstring).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    _check_activation(activation)
     chosen = resolve_backend(backend, x.device, x.dtype)
     if chosen == "cpu" and fused_projection_applies(x, activation):
         return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation)
     return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen)
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference", "numba_available",
-           "triton_available"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference",
+           "numba_available", "triton_available"]

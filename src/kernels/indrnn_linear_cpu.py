@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from src.kernels.indrnn_cpu import ACTIVATION_CODES, NUMBA_DTYPES, gradient_rows, numba, numba_available
+from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, contiguous_array, gradient_rows, numba,
+                                     numba_available)
 
 if numba is not None:
     from src.kernels.indrnn_cpu import delta_of
@@ -96,11 +97,6 @@ def fused_projection_applies(x: torch.Tensor, activation: str) -> bool:
             and x.shape[-1] <= FUSED_MAX_INPUTS and activation in FUSED_ACTIVATIONS)
 
 
-def _array(tensor: torch.Tensor):
-    """A C-contiguous numpy array of ``tensor``'s values (a view where the layout allows)."""
-    return np.ascontiguousarray(tensor.detach().numpy())
-
-
 class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
     """h_t = act(W x_t + b + u * h_{t-1}) with a hand-written backward (see the module docstring).
 
@@ -110,8 +106,8 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, u, h0, activation: str):
-        x_array, weight_t, u_array, h0_array = _array(x), _array(weight.t()), _array(u), _array(h0)
-        bias_array = _array(bias) if bias is not None else np.zeros_like(u_array)
+        x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
+        bias_array = contiguous_array(bias) if bias is not None else np.zeros_like(u_array)
         steps, batch = x.shape[:2]
         # numpy's allocator asks for huge pages: first-touch faults would otherwise cost as much as the loop.
         out = torch.from_numpy(np.empty((steps, batch, u_array.shape[0]), dtype=u_array.dtype))
@@ -123,7 +119,7 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, u, h0, out = ctx.saved_tensors
-        x_array, weight_t, u_array, h0_array = _array(x), _array(weight.t()), _array(u), _array(h0)
+        x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
         grad_x, grad_weight_t = np.empty_like(x_array), np.empty_like(weight_t)
         grad_bias, grad_u, grad_h0 = np.empty_like(u_array), np.empty_like(u_array), np.empty_like(h0_array)
         _linear_backward(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array, ctx.activation_code,
