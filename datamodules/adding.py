@@ -67,5 +67,5 @@ class AddingProblemDataModule(SplitDataModule):
     def __init__(self, seq_len: int = 100, train_size: int = 20_000, val_size: int = 1_000, test_size: int = 5_000,
                  batch_size: int = 50, num_workers: int = 0, seed: int = 1234) -> None:
         super().__init__(batch_size, num_workers)
-        self.splits = {name: AddingProblemDataset(seq_len, size, seed, name)
-                       for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
+        self.splits = self.sized_splits(lambda size, name: AddingProblemDataset(seq_len, size, seed, name),
+                                       train_size, val_size, test_size)

@@ -1,6 +1,8 @@
 """What every DataModule shares: train/val/test DataLoaders over a dict of split datasets."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
@@ -28,6 +30,13 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.task}: num_workers must be a non-negative integer, got {num_workers!r}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
+
+    @staticmethod
+    def sized_splits(make: Callable[[int, str], Dataset], train_size: int, val_size: int,
+                     test_size: int) -> dict[str, Dataset]:
+        """The three splits: ``{"train": make(train_size, "train"), "val": ..., "test": ...}``."""
+        sizes = {"train": train_size, "val": val_size, "test": test_size}
+        return {name: make(size, name) for name, size in sizes.items()}
 
     def split(self, name: str) -> Dataset:
         """The dataset of split ``name`` (override to build splits lazily)."""

@@ -179,8 +179,8 @@ class CopyMemoryDataModule(SplitDataModule):
     def __init__(self, seq_len: int = 100, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
         super().__init__(batch_size, num_workers)
-        self.splits = {name: CopyMemoryDataset(seq_len, size, seed, name)
-                       for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
+        self.splits = self.sized_splits(lambda size, name: CopyMemoryDataset(seq_len, size, seed, name),
+                                       train_size, val_size, test_size)
         self.baseline = memoryless_baseline(seq_len)
 
 
@@ -195,8 +195,8 @@ class ParityDataModule(SplitDataModule):
     def __init__(self, seq_len: int = 50, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
         super().__init__(batch_size, num_workers)
-        self.splits = {name: ParityDataset(seq_len, size, seed, name)
-                       for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
+        self.splits = self.sized_splits(lambda size, name: ParityDataset(seq_len, size, seed, name),
+                                       train_size, val_size, test_size)
 
 
 class GenerationDataModule(SplitDataModule):
@@ -217,5 +217,5 @@ class GenerationDataModule(SplitDataModule):
                  batch_size: int = 1, num_workers: int = 0, seed: int = 1234) -> None:
         super().__init__(batch_size, num_workers)
         self.waveform = generation_waveform(seq_len, num_sinusoids, seed, min_period, max_period)
-        self.splits = {name: GenerationDataset(self.waveform, size, name)
-                       for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
+        self.splits = self.sized_splits(lambda size, name: GenerationDataset(self.waveform, size, name),
+                                       train_size, val_size, test_size)

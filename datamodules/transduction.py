@@ -86,6 +86,7 @@ class TransductionDataModule(SplitDataModule):
                  num_workers: int = 0, seed: int = 1234) -> None:
         self.task = str(transform)
         super().__init__(batch_size, num_workers)
-        self.splits = {name: TransductionDataset(min_len, max_len, num_symbols, transform, size, seed, name)
-                       for name, size in (("train", train_size), ("val", val_size), ("test", test_size))}
+        self.splits = self.sized_splits(
+            lambda size, name: TransductionDataset(min_len, max_len, num_symbols, transform, size, seed, name),
+            train_size, val_size, test_size)
         self.vocab_size = vocabulary_size(num_symbols)

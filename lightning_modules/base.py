@@ -73,14 +73,20 @@ class SequenceObjective(pl.LightningModule):
         metric = self.metrics[f"{stage}_metric"]
         metric(predictions.detach(), targets)
         batch_size = targets.shape[0]
+        self.log_loss(stage, loss, batch_size)
+        if stage == "train":
+            self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
+        else:
+            self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        """``train/loss`` every step; ``val/loss`` and ``test/loss`` as the batch-size-weighted epoch mean."""
         if stage == "train":
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-            self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
         else:
             self.losses[f"{stage}_loss"](loss, weight=batch_size)
             self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
-            self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        return loss
 
     def check_training_loss(self, loss: torch.Tensor) -> None:
         """Stop with NonFiniteLossError before a NaN or infinite loss reaches the weights."""

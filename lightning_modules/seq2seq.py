@@ -87,15 +87,13 @@ class EncoderDecoderModule(SequenceObjective):
         token_accuracy(logits.detach(), target)
         self.log(f"{stage}/acc", token_accuracy, on_step=stage == "train", on_epoch=stage != "train",
                  batch_size=batch_size)
+        self.log_loss(stage, loss, batch_size)
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
             return loss
         # Greedy decoding is what a user of the model gets; it is scored outside training only,
         # where its extra cost (a pass per output step) does not slow the optimisation.
         decoded = self.net.generate(source, max_length=target.shape[1])
         sequence_accuracy = self.metrics[f"{stage}_metric"]
         sequence_accuracy(decoded, target)
-        self.losses[f"{stage}_loss"](loss, weight=batch_size)
-        self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}/seq_acc", sequence_accuracy, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss

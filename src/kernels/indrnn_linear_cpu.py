@@ -122,8 +122,8 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
         x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
         grad_x, grad_weight_t = np.empty_like(x_array), np.empty_like(weight_t)
         grad_bias, grad_u, grad_h0 = np.empty_like(u_array), np.empty_like(u_array), np.empty_like(h0_array)
-        _linear_backward(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array, ctx.activation_code,
-                         grad_x, grad_weight_t, grad_bias, grad_u, grad_h0)
+        _linear_backward(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array,
+                         ctx.activation_code, grad_x, grad_weight_t, grad_bias, grad_u, grad_h0)
         return (torch.from_numpy(grad_x), torch.from_numpy(grad_weight_t).t(),
                 torch.from_numpy(grad_bias) if ctx.has_bias else None,
                 torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None)
