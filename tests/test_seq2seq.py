@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from datamodules.transduction import BOS, EOS, FIRST_SYMBOL, PAD, TransductionDataModule, TransductionDataset
+from datamodules.transduction import EOS, FIRST_SYMBOL, PAD, TransductionDataModule, TransductionDataset
 from lightning_modules.pipeline import UserError, build_network, train
 from lightning_modules.seq2seq import EncoderDecoderModule, SequenceAccuracy
 from src.layers.bidirectional import Bidirectional
