@@ -5,12 +5,7 @@ import math
 
 import torch
 
-
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as an int, or raise a one-line ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from src.checks import check_positive_int  # noqa: F401  (re-exported for the layers)
 
 
 def to_time_major(input: torch.Tensor, batch_first: bool, input_size: int, layer: str) -> tuple[torch.Tensor, bool]:
