@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +24,21 @@ CHUNK_BYTES = 1 << 20  # streaming block: bounded memory whatever the file size
 
 
 class DownloadError(RuntimeError):
-    """Every mirror failed for one file. The message is one line; the parts are kept as attributes.
+    """Files are missing or corrupt and could not be fetched. The message is one line; the parts are
+    kept as attributes.
 
     Attributes:
-        filename: the file that could not be fetched.
-        folder: where the file should go (put it there by hand when offline).
-        attempts: ``(url, reason)`` for each mirror tried, in order.
-        corrupt: True when a file with a wrong checksum sits under the final name.
+        filename: the (first) file that could not be fetched.
+        filenames: every file still missing or corrupt (``[filename]`` unless :func:`ensure_files` says more).
+        folder: where the files should go (put them there by hand when offline).
+        attempts: ``(url, reason)`` for each mirror tried for ``filename``, in order.
+        corrupt: True when a file with a wrong checksum sits under the final name of ``filename``.
     """
 
     def __init__(self, filename: str, folder: Path, attempts: list[tuple[str, str]], corrupt: bool = False,
-                 message: str | None = None) -> None:
+                 message: str | None = None, filenames: Sequence[str] | None = None) -> None:
         self.filename, self.folder, self.attempts, self.corrupt = filename, Path(folder), list(attempts), corrupt
+        self.filenames = list(filenames) if filenames is not None else [filename]
         if message is None:
             tried = ", ".join(f"{url} [{reason}]" for url, reason in attempts) or "no mirrors given"
             state = f"; the existing {folder / filename} is corrupt (wrong md5)" if corrupt else ""
@@ -133,3 +137,60 @@ def download_file(filename: str, mirrors: list[str], md5: str | None, destinatio
             # Reached on failure and on interruption (KeyboardInterrupt); after os.replace it is gone.
             part.unlink(missing_ok=True)
     raise DownloadError(filename, destination_dir, attempts, corrupt=corrupt)
+
+
+def _file_problem(path: Path, md5: str | None) -> str | None:
+    """Why ``path`` is not usable ("missing", "corrupt: wrong md5"), or None when it is."""
+    if not path.is_file():
+        return "missing"
+    if md5 is not None and md5sum(path) != md5.lower():
+        return "corrupt: wrong md5"
+    return None
+
+
+def ensure_files(folder: str | os.PathLike, files: Mapping[str, str | None], mirrors: Sequence[str] | None = None,
+                 dataset: str = "dataset", remedy: str | None = None, timeout: float = 30) -> dict[str, Path]:
+    """Make sure every file of ``files`` is in ``folder`` with its checksum; return ``{name: path}``.
+
+    The one check every downloading DataModule (MNIST, PTB, NTU) runs before reading its files: it
+    looks at all of them first, so that the error names *every* file that is missing or corrupt,
+    not just the first one.
+
+    Args:
+        folder: where the files live (created when something is downloaded into it).
+        files: ``{file name: expected hex md5}``; an md5 of None accepts any content.
+        mirrors: base URLs to fetch missing or corrupt files from, tried in order for each file
+            (see :func:`download_file`). None: only check, never touch the network (e.g. a
+            ``download=false`` setting, or reading files that ``prepare_data`` fetched earlier).
+        dataset: names the data in the message, e.g. "MNIST".
+        remedy: what the user can do, ending the message (default: put the files in ``folder``),
+            e.g. "put them there (from https://...) or set download=true".
+        timeout: seconds per connection or read before the next mirror is tried.
+
+    Raises:
+        DownloadError: one line. Without mirrors: "<dataset> files not available in <folder>:
+            a (missing), b (corrupt: wrong md5); <remedy>". With mirrors, at the first file that no
+            mirror serves (without network the others would fail too, each after its own timeouts):
+            "cannot download the <dataset> files a (missing), b (...) (tried <url> [<reason>], ...);
+            <remedy>", naming that file and every other file still not in place.
+            ``error.filenames`` lists them.
+    """
+    folder = Path(folder)
+    files = dict(files.items())  # Hydra passes a DictConfig: read it as a plain mapping
+    problems = {name: problem for name, md5 in files.items()
+                if (problem := _file_problem(folder / name, md5)) is not None}
+    if problems and mirrors is None:
+        listed = ", ".join(f"{name} ({problem})" for name, problem in problems.items())
+        raise DownloadError(next(iter(problems)), folder, [], filenames=list(problems), message=(
+            f"{dataset} files not available in {folder}: {listed}; {remedy or f'put them in {folder}'}"))
+    for position, name in enumerate(list(problems)):
+        try:
+            download_file(name, mirrors, files[name], folder, timeout=timeout)
+        except DownloadError as error:
+            still = list(problems)[position:]
+            listed = ", ".join(f"{n} ({problems[n]})" for n in still)
+            tried = ", ".join(f"{url} [{reason}]" for url, reason in error.attempts) or "no mirrors given"
+            raise DownloadError(name, folder, error.attempts, corrupt=error.corrupt, filenames=still, message=(
+                f"cannot download the {dataset} files {listed} (tried {tried}); "
+                f"{remedy or f'with no network, put them in {folder}'}")) from None
+    return {name: folder / name for name in files}

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.download import DownloadError, download_file, md5sum
-from datamodules.splits import SplitDataModule
+from datamodules.download import ensure_files
 from datamodules.idx import read_idx
+from datamodules.splits import SplitDataModule, collate_batched
+from src.checks import check_choice, check_fraction, check_int
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ NORMALIZATIONS = {
 def make_permutation(seed: int) -> torch.Tensor:
     """The permuted-MNIST pixel order for ``seed``: LongTensor (784,); step t reads pixel perm[t]."""
     return torch.randperm(PIXELS, generator=torch.Generator().manual_seed(seed))
-
-
-def collate_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DataLoader collate_fn for ``MNISTSequences.__getitems__``, which already returns a whole batch.
-
-    Module-level (not a lambda) so that DataLoader workers started with spawn can pickle it.
-    """
-    return batch
 
 
 class MNISTSequences(Dataset):
@@ -115,10 +108,6 @@ class MNISTSequences(Dataset):
         return inputs[0], labels[0]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class MNISTDataModule(SplitDataModule):
     """Train/val/test splits of MNIST as pixel or row sequences; downloads the files on first use.
 
@@ -142,7 +131,7 @@ class MNISTDataModule(SplitDataModule):
         download: fetch missing files; False: fail if they are not already in ``data_dir/mnist``.
     """
 
-    task = "MNIST"
+    benchmark = "MNIST"
     collate_fn = staticmethod(collate_batched)  # the dataset returns whole batches
 
     def __init__(self, data_dir: str, layout: str = "pixels", permute: bool = False, permutation_seed: int = 0,
@@ -152,21 +141,16 @@ class MNISTDataModule(SplitDataModule):
         super().__init__(batch_size, num_workers)
         if data_dir is None or str(data_dir) == "":
             raise ValueError("MNIST: data_dir must be a folder path; the files go to <data_dir>/mnist")
-        if layout not in LAYOUTS:
-            raise ValueError(f"MNIST: unknown layout {layout!r}; choose one of {tuple(LAYOUTS)}")
+        check_choice("layout", layout, tuple(LAYOUTS))
         if not isinstance(permute, bool):
             raise ValueError(f"MNIST: permute must be true or false, got {permute!r}")
         if permute and layout != "pixels":
             raise ValueError(f"MNIST: permute=true needs layout='pixels' (permuted MNIST shuffles the 784 pixels), "
                              f"got layout={layout!r}")
-        if not _is_int(permutation_seed):
-            raise ValueError(f"MNIST: permutation_seed must be an integer, got {permutation_seed!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"MNIST: unknown normalization {normalization!r}; choose one of {tuple(NORMALIZATIONS)}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            raise ValueError(f"MNIST: val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
-        if not _is_int(split_seed):
-            raise ValueError(f"MNIST: split_seed must be an integer, got {split_seed!r}")
+        check_int("MNIST: permutation_seed", permutation_seed)
+        check_choice("normalization", normalization, tuple(NORMALIZATIONS))
+        check_fraction("MNIST: val_fraction", val_fraction, closed_low=False)
+        check_int("MNIST: split_seed", split_seed)
         if not isinstance(download, bool):
             raise ValueError(f"MNIST: download must be true or false, got {download!r}")
         # Hydra hands over ListConfig/DictConfig: accept any sequence / mapping, but not a bare string.
@@ -216,41 +200,20 @@ class MNISTDataModule(SplitDataModule):
 
     def prepare_data(self) -> None:
         """Download the missing (or corrupt) files. Lightning runs this on one process per node."""
-        if not self.download:
-            problems = []
-            for name in ALL_FILES:
-                path = self.folder / name
-                if not path.is_file():
-                    problems.append(f"{name} (missing)")
-                elif self.md5[name] is not None and md5sum(path) != self.md5[name].lower():
-                    problems.append(f"{name} (corrupt: wrong md5)")
-            if problems:
-                raise DownloadError(problems[0].split()[0], self.folder, [], message=(
-                    f"MNIST files not available and download=false: {', '.join(problems)}; put them in "
-                    f"{self.folder} ({self._where_from()}) or set download=true"))
-            return
-        for position, name in enumerate(ALL_FILES):
-            try:
-                download_file(name, self.mirrors, self.md5[name], self.folder)
-            except DownloadError as error:
-                # Stop at the first failure (without network the others would fail too, each after
-                # its own timeouts) and name every file still missing, so one message says it all.
-                missing = [name] + [n for n in ALL_FILES[position + 1:] if not (self.folder / n).is_file()]
-                tried = ", ".join(f"{url} [{reason}]" for url, reason in error.attempts)
-                corrupt = f"; the existing {name} is corrupt (wrong md5)" if error.corrupt else ""
-                raise DownloadError(name, self.folder, error.attempts, corrupt=error.corrupt, message=(
-                    f"cannot download the MNIST files {', '.join(missing)} (tried {tried}){corrupt}; "
-                    f"with no network, put {'them' if len(missing) > 1 else 'it'} in {self.folder} "
-                    f"({self._where_from()})")) from None
+        where = self._where_from()
+        if self.download:
+            ensure_files(self.folder, self.md5, self.mirrors, dataset="MNIST",
+                         remedy=f"with no network, put them in {self.folder} ({where})")
+        else:
+            ensure_files(self.folder, self.md5, dataset="MNIST",
+                         remedy=f"download=false: put them there ({where}) or set download=true")
 
     def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one split's files: images uint8 (N, 784), labels int64 (N,)."""
         images_name, labels_name = FILES[split]
-        missing = [n for n in (images_name, labels_name) if not (self.folder / n).is_file()]
-        if missing:
-            raise DownloadError(missing[0], self.folder, [], message=(
-                f"MNIST files missing from {self.folder}: {', '.join(missing)}; call prepare_data() first "
-                f"(the Trainer does) or put them there ({self._where_from()})"))
+        # Presence only: prepare_data checked the checksums once, on one process.
+        ensure_files(self.folder, {images_name: None, labels_name: None}, dataset="MNIST",
+                     remedy=f"call prepare_data() first (the Trainer does) or put them there ({self._where_from()})")
         images, labels = read_idx(self.folder / images_name), read_idx(self.folder / labels_name)
         if images.dtype != np.uint8 or images.shape[1:] != (ROWS, COLS):
             raise ValueError(f"{self.folder / images_name}: expected uint8 images (N, {ROWS}, {COLS}), "

@@ -1,33 +1,63 @@
-"""What every DataModule shares: train/val/test DataLoaders over a dict of split datasets."""
+"""What every DataModule shares: train/val/test DataLoaders over a dict of split datasets, and the
+collation of samples into the one batch type every objective reads, :class:`src.batch.SequenceBatch`."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytorch_lightning as pl
+import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from src.batch import SequenceBatch
+from src.checks import check_non_negative_int, check_positive_int
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+
+def collate_sequences(samples: Sequence) -> SequenceBatch:
+    """DataLoader ``collate_fn``: per-sample ``(inputs, targets)`` pairs -> one :class:`SequenceBatch`.
+
+    Sequences of one length are stacked: inputs (B, T, ...), and ``lengths`` is None. Sequences of
+    different lengths T_i are padded on the right with zeros to the longest, T, and ``lengths`` (B,)
+    holds each T_i; per-step targets (first dimension T_i, as inputs) are padded the same way, and
+    per-sequence targets (one shape for all samples) are stacked. The objectives leave the padded
+    steps out of readouts, losses and metrics.
+    """
+    inputs = [sample[0] for sample in samples]
+    targets = [sample[1] for sample in samples]
+    steps = [len(x) for x in inputs]
+    if len(set(steps)) == 1:
+        return SequenceBatch(torch.stack(inputs), torch.stack(targets))
+    per_step = all(y.dim() > 0 and len(y) == t for y, t in zip(targets, steps))
+    return SequenceBatch(pad_sequence(inputs, batch_first=True),
+                         pad_sequence(targets, batch_first=True) if per_step else torch.stack(targets),
+                         lengths=torch.tensor(steps, dtype=torch.int64))
+
+
+def collate_batched(batch: tuple[torch.Tensor, torch.Tensor]) -> SequenceBatch:
+    """DataLoader ``collate_fn`` for datasets whose ``__getitems__`` already returns a whole
+    ``(inputs, targets)`` batch (e.g. MNIST): wraps it as a :class:`SequenceBatch`.
+
+    Module-level (not a lambda) so that DataLoader workers started with spawn can pickle it.
+    """
+    return SequenceBatch(*batch)
 
 
 class SplitDataModule(pl.LightningDataModule):
     """DataLoaders over ``self.splits`` ({"train": Dataset, "val": ..., "test": ...}).
 
-    Subclasses fill ``self.splits`` (in ``__init__`` or ``setup``), name themselves in ``task`` for
-    error messages, and may set ``collate_fn`` (a staticmethod) for datasets that return whole batches.
-    The training loader shuffles; the others keep the order. Batches: whatever the datasets yield.
+    Subclasses fill ``self.splits`` (in ``__init__`` or ``setup``), name the benchmark in
+    ``benchmark`` for error messages, and may set ``collate_fn`` (a staticmethod), e.g.
+    :func:`collate_batched` for datasets that return whole batches. The training loader shuffles;
+    the others keep the order. Batches: :class:`src.batch.SequenceBatch`.
     """
 
-    task = "dataset"
-    collate_fn = None
+    benchmark = "dataset"
+    collate_fn = staticmethod(collate_sequences)
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"{self.task}: batch_size must be a positive integer, got {batch_size!r}")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"{self.task}: num_workers must be a non-negative integer, got {num_workers!r}")
+        check_positive_int(f"{self.benchmark}: batch_size", batch_size)
+        check_non_negative_int(f"{self.benchmark}: num_workers", num_workers)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
 

@@ -6,8 +6,8 @@
 * Sequence generation (Clockwork RNN paper, Koutnik et al. 2014): from no input, output one fixed
   waveform of T steps.
 
-Generating from the index alone (as in :mod:`datamodules.adding`) makes every sample identical
-across calls, DataLoader workers and DDP ranks without storing the sets.
+Copy memory and parity build on :class:`datamodules.seeded.SeededDataset`: every sample is generated
+from (seed, split, index), identical across calls, DataLoader workers and DDP ranks, never stored.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datamodules.seeded import SeededDataset
 from datamodules.splits import SplitDataModule
-
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+from src.checks import check_int, check_non_negative_int, check_positive_int
 
 # Copy memory: symbols 1..8 to remember, 0 blank, 9 delimiter ("now replay").
 COPY_NUM_SYMBOLS = 10       # symbols to remember (and to replay)
@@ -34,42 +34,11 @@ def memoryless_baseline(seq_len: int) -> float:
     It predicts a blank everywhere except the last 10 steps, where it spreads its guess evenly over
     the 8 symbols: 10 * log(8) / (T + 20), averaged over all T + 20 steps (0.1733 for T=100).
     """
-    _check_int("copy memory: seq_len", seq_len, 1)
+    check_positive_int("copy memory: seq_len", seq_len)
     return COPY_NUM_SYMBOLS * math.log(COPY_ALPHABET) / (seq_len + 2 * COPY_NUM_SYMBOLS)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
-class _SeededDataset(Dataset):
-    """``size`` samples; ``sample(rng)`` builds one from a generator seeded with (seed, split, index)."""
-
-    task = "synthetic task"
-
-    def __init__(self, seq_len: int, size: int, seed: int, split: str = "train") -> None:
-        _check_int(f"{self.task}: {split} size", size, 1)
-        if split not in SPLIT_CODES:
-            raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLIT_CODES)}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{self.task}: seed must be a non-negative integer, got {seed!r}")
-        self.seq_len, self.size, self.seed, self.split = seq_len, size, seed, split
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} samples")
-        return self.sample(np.random.default_rng((self.seed, SPLIT_CODES[self.split], index)))
-
-    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-
-class CopyMemoryDataset(_SeededDataset):
+class CopyMemoryDataset(SeededDataset):
     """Copy memory with delay T: sequences of T + 20 steps (0-based positions).
 
     ===============  ==================  ==========================
@@ -85,10 +54,10 @@ class CopyMemoryDataset(_SeededDataset):
     Returns ``(inputs, targets)``: inputs (T+20, 10) float32 one-hot; targets (T+20,) int64 in 0..8.
     """
 
-    task = "copy memory"
+    benchmark = "copy memory"
 
     def __init__(self, seq_len: int, size: int, seed: int, split: str = "train") -> None:
-        _check_int("copy memory: seq_len", seq_len, 1)
+        check_positive_int("copy memory: seq_len", seq_len)
         super().__init__(seq_len, size, seed, split)
 
     def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,16 +72,16 @@ class CopyMemoryDataset(_SeededDataset):
         return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
-class ParityDataset(_SeededDataset):
+class ParityDataset(SeededDataset):
     """Running parity: bits x_t ~ U{0, 1}; the label of step t is x_0 XOR ... XOR x_t.
 
     Returns ``(inputs, targets)``: inputs (T, 1) float32 bits; targets (T,) int64 in {0, 1}.
     """
 
-    task = "parity"
+    benchmark = "parity"
 
     def __init__(self, seq_len: int, size: int, seed: int, split: str = "train") -> None:
-        _check_int("parity: seq_len", seq_len, 1)
+        check_positive_int("parity: seq_len", seq_len)
         super().__init__(seq_len, size, seed, split)
 
     def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +98,9 @@ def generation_waveform(seq_len: int = 320, num_sinusoids: int = 3, seed: int = 
     Each sinusoid has a period drawn log-uniformly from [min_period, max_period] steps, a phase from
     U(0, 2 pi) and an amplitude from U(0.5, 1), all from ``seed``. Returns (seq_len,) float32 in [-1, 1].
     """
-    _check_int("generation: seq_len", seq_len, 2)
-    _check_int("generation: num_sinusoids", num_sinusoids, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"generation: seed must be a non-negative integer, got {seed!r}")
+    check_int("generation: seq_len", seq_len, minimum=2)
+    check_positive_int("generation: num_sinusoids", num_sinusoids)
+    check_non_negative_int("generation: seed", seed)
     if not 0 < min_period <= max_period:
         raise ValueError(f"generation: need 0 < min_period <= max_period, got {min_period!r} and {max_period!r}")
     rng = np.random.default_rng((seed, num_sinusoids))
@@ -149,7 +117,7 @@ class GenerationDataset(Dataset):
     """The generation task: ``size`` copies of (zeros (T, 1), waveform (T, 1)), all identical."""
 
     def __init__(self, waveform: np.ndarray, size: int, split: str = "train") -> None:
-        _check_int(f"generation: {split} size", size, 1)
+        check_positive_int(f"generation: {split} size", size)
         self.size = size
         self.targets = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)[:, None])
         self.inputs = torch.zeros_like(self.targets)
@@ -174,7 +142,7 @@ class CopyMemoryDataModule(SplitDataModule):
         seed: the data seed; the same seed gives the same sets everywhere.
     """
 
-    task = "copy memory"
+    benchmark = "copy memory"
 
     def __init__(self, seq_len: int = 100, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
@@ -190,7 +158,7 @@ class ParityDataModule(SplitDataModule):
     Args: as :class:`CopyMemoryDataModule`, with seq_len T (>= 1) the number of bits.
     """
 
-    task = "parity"
+    benchmark = "parity"
 
     def __init__(self, seq_len: int = 50, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
@@ -210,7 +178,7 @@ class GenerationDataModule(SplitDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    task = "generation"
+    benchmark = "generation"
 
     def __init__(self, seq_len: int = 320, num_sinusoids: int = 3, min_period: float = 10.0,
                  max_period: float = 160.0, train_size: int = 1, val_size: int = 1, test_size: int = 1,

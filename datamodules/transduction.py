@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from datamodules.seeded import SeededDataset
 from datamodules.splits import SplitDataModule
-from datamodules.synthetic import _check_int, _SeededDataset
+from src.checks import check_choice, check_int, check_positive_int
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_SYMBOL = 3
@@ -33,25 +34,24 @@ def vocabulary_size(num_symbols: int) -> int:
     return FIRST_SYMBOL + num_symbols
 
 
-class TransductionDataset(_SeededDataset):
+class TransductionDataset(SeededDataset):
     """Random symbol sequences and their reversed (or sorted) copies.
 
     Returns ``(source, target)``: source (max_len,) int64, the symbols left-padded with PAD;
     target (max_len + 1,) int64, the transformed symbols, then EOS, then PAD.
     """
 
-    task = "transduction"
+    benchmark = "transduction"
 
     def __init__(self, min_len: int, max_len: int, num_symbols: int, transform: str, size: int, seed: int,
                  split: str = "train") -> None:
-        _check_int(f"{transform}: min_len", min_len, 1)
-        _check_int(f"{transform}: max_len", max_len, 1)
-        _check_int(f"{transform}: num_symbols", num_symbols, 2)
-        if transform not in TRANSFORMS:
-            raise ValueError(f"unknown transform {transform!r}; choose one of {TRANSFORMS}")
+        check_choice("transform", transform, TRANSFORMS)
+        check_positive_int(f"{transform}: min_len", min_len)
+        check_positive_int(f"{transform}: max_len", max_len)
+        check_int(f"{transform}: num_symbols", num_symbols, minimum=2)
         if min_len > max_len:
             raise ValueError(f"{transform}: min_len ({min_len}) must not exceed max_len ({max_len})")
-        self.task = transform
+        self.benchmark = transform
         super().__init__(max_len, size, seed, split)
         self.min_len, self.max_len, self.num_symbols, self.transform = min_len, max_len, num_symbols, transform
 
@@ -69,7 +69,8 @@ class TransductionDataset(_SeededDataset):
 class TransductionDataModule(SplitDataModule):
     """Reverse or sort random sequences (see :class:`TransductionDataset` and the module docstring).
 
-    Batches: ``(source (B, max_len), target (B, max_len + 1))``, int64 token ids.
+    Batches: :class:`src.batch.SequenceBatch` with inputs = source (B, max_len) and targets = target
+    (B, max_len + 1), int64 token ids; ``lengths`` is None (sources are left-padded with PAD).
 
     Args:
         transform: "reverse" or "sort".
@@ -84,7 +85,7 @@ class TransductionDataModule(SplitDataModule):
     def __init__(self, transform: str = "reverse", min_len: int = 1, max_len: int = 10, num_symbols: int = 8,
                  train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000, batch_size: int = 32,
                  num_workers: int = 0, seed: int = 1234) -> None:
-        self.task = str(transform)
+        self.benchmark = str(transform)
         super().__init__(batch_size, num_workers)
         self.splits = self.sized_splits(
             lambda size, name: TransductionDataset(min_len, max_len, num_symbols, transform, size, seed, name),

@@ -4,6 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.adding import BASELINE_MSE, AddingProblemDataModule, AddingProblemDataset
+from src.batch import SequenceBatch
 
 
 @pytest.mark.parametrize("seq_len", [2, 3, 100, 5001])
@@ -44,8 +45,9 @@ def test_baseline_mse():
 
 def test_datamodule_loaders():
     datamodule = AddingProblemDataModule(seq_len=30, train_size=40, val_size=20, test_size=10, batch_size=8)
-    inputs, targets = next(iter(datamodule.train_dataloader()))
-    assert inputs.shape == (8, 30, 2) and targets.shape == (8, 1)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert isinstance(batch, SequenceBatch) and batch.lengths is None and batch.reset is None
+    assert batch.inputs.shape == (8, 30, 2) and batch.targets.shape == (8, 1)
     assert len(datamodule.val_dataloader().dataset) == 20 and len(datamodule.test_dataloader().dataset) == 10
 
 

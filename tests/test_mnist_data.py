@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from datamodules import download as download_module
-from datamodules.download import DownloadError, download_file, md5sum
+from datamodules.download import DownloadError, download_file, ensure_files, md5sum
 from datamodules.idx import read_idx, write_idx
 from datamodules.mnist import ALL_FILES, DEFAULT_MIRRORS, MD5, PIXELS, MNISTDataModule, MNISTSequences, make_permutation
+from src.batch import SequenceBatch
 from tests.mnist_files import serve_directory, write_tiny_mnist
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
@@ -176,6 +177,28 @@ def test_file_url_mirror(tmp_path, mirror):
     assert path.read_bytes() == content
 
 
+def test_ensure_files_names_every_missing_or_corrupt_file(tmp_path, mirror):
+    _, folder, _, md5, requests = mirror
+    shutil.copy(folder / "file.bin", tmp_path / "file.bin")
+    (tmp_path / "bad.bin").write_bytes(b"corrupt")
+    files = {"file.bin": md5, "bad.bin": md5, "gone.bin": None, "other.bin": md5}
+    with pytest.raises(DownloadError) as error:
+        ensure_files(tmp_path, files, dataset="Toy", remedy="put them there")
+    assert one_line(error) == (f"Toy files not available in {tmp_path}: bad.bin (corrupt: wrong md5), "
+                               f"gone.bin (missing), other.bin (missing); put them there")
+    assert error.value.filenames == ["bad.bin", "gone.bin", "other.bin"]
+    # With mirrors: the first file no mirror serves stops the run, naming it and every file after it.
+    before = len(requests)
+    with pytest.raises(DownloadError) as error:
+        ensure_files(tmp_path, {"file.bin": md5, "bad.bin": md5, "gone.bin": None}, [UNREACHABLE], dataset="Toy")
+    message = one_line(error)
+    assert message.startswith("cannot download the Toy files bad.bin (corrupt: wrong md5), gone.bin (missing) "
+                              f"(tried {UNREACHABLE}/bad.bin")
+    assert str(tmp_path) in message and error.value.filenames == ["bad.bin", "gone.bin"]
+    assert len(requests) == before, "a good file is never fetched"
+    assert ensure_files(tmp_path, {"file.bin": md5}) == {"file.bin": tmp_path / "file.bin"}
+
+
 # DataModule: files --------------------------------------------------------------------------------
 
 def test_datamodule_downloads_from_a_local_mirror(tmp_path, tiny):
@@ -185,8 +208,9 @@ def test_datamodule_downloads_from_a_local_mirror(tmp_path, tiny):
         datamodule.prepare_data()
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(ALL_FILES)
     datamodule.setup("fit")
-    inputs, labels = next(iter(datamodule.train_dataloader()))
-    assert inputs.shape == (32, 28, 28) and labels.shape == (32,)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert isinstance(batch, SequenceBatch) and batch.lengths is None
+    assert batch.inputs.shape == (32, 28, 28) and batch.targets.shape == (32,)
 
 
 def test_offline_error_is_one_line_naming_files_folder_and_urls(tmp_path):
@@ -232,8 +256,8 @@ def test_shapes(module, layout, shape):
     datamodule = module(layout=layout, batch_size=8)  # val has 10
     assert (datamodule.seq_len, datamodule.input_size) == shape
     for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
-        inputs, labels = next(iter(loader))
-        assert inputs.shape == (8, *shape) and inputs.dtype == torch.float32
+        inputs, labels, lengths, _ = next(iter(loader))
+        assert lengths is None and inputs.shape == (8, *shape) and inputs.dtype == torch.float32
         assert labels.shape == (8,) and labels.dtype == torch.int64
     inputs, label = datamodule.splits["test"][3]
     assert inputs.shape == shape and label.shape == () and label.dtype == torch.int64
@@ -261,7 +285,7 @@ def test_batches_identical_across_workers(module):
     datamodule, with_workers = module(permute=True, batch_size=50), module(permute=True, batch_size=50, num_workers=2)
     loader = with_workers.val_dataloader()
     assert loader.persistent_workers
-    for (inputs, labels), (other_inputs, other_labels) in zip(datamodule.test_dataloader(),
+    for (inputs, labels, *_), (other_inputs, other_labels, *_) in zip(datamodule.test_dataloader(),
                                                                with_workers.test_dataloader(), strict=True):
         torch.testing.assert_close(inputs, other_inputs)
         assert torch.equal(labels, other_labels)
@@ -317,13 +341,13 @@ def test_validation_split(module):
 def test_full_epoch_and_learnable_content(module):
     datamodule = module(layout="rows", batch_size=7)
     count, sums = 0, torch.zeros(10, 28)
-    for inputs, labels in datamodule.train_dataloader():  # includes the short last batch
+    for inputs, labels, *_ in datamodule.train_dataloader():  # includes the short last batch
         count += len(labels)
         sums.index_add_(0, labels, inputs.mean(dim=2))
     assert count == len(datamodule.splits["train"])
     # Class means of the row brightness tell the classes apart: nearest mean classifies the test set.
-    means = sums / torch.bincount(torch.cat([y for _, y in datamodule.train_dataloader()]), minlength=10)[:, None]
-    inputs, labels = next(iter(module(layout="rows", batch_size=TEST).test_dataloader()))
+    means = sums / torch.bincount(torch.cat([batch.targets for batch in datamodule.train_dataloader()]), minlength=10)[:, None]
+    inputs, labels, *_ = next(iter(module(layout="rows", batch_size=TEST).test_dataloader()))
     predicted = torch.cdist(inputs.mean(dim=2), means).argmin(dim=1)
     assert (predicted == labels).float().mean() > 0.9
 
@@ -332,8 +356,8 @@ def test_full_epoch_and_learnable_content(module):
     ({"layout": "columns"}, "unknown layout 'columns'"),
     ({"layout": "rows", "permute": True}, "permute=true needs layout='pixels'"),
     ({"normalization": "zscore"}, "unknown normalization 'zscore'"),
-    ({"val_fraction": 0}, "val_fraction must be a number strictly between 0 and 1"),
-    ({"val_fraction": 1.0}, "val_fraction must be a number strictly between 0 and 1"),
+    ({"val_fraction": 0}, r"val_fraction must be a number in \(0.0, 1.0\)"),
+    ({"val_fraction": 1.0}, r"val_fraction must be a number in \(0.0, 1.0\)"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"num_workers": -1}, "num_workers must be a non-negative integer"),
     ({"permutation_seed": "0"}, "permutation_seed must be an integer"),
