@@ -1,5 +1,7 @@
-"""What every objective shares: optimizer and scheduler from config, parameter constraints after
-each optimizer step, a stop on non-finite losses, and per-stage metrics with a best-so-far value."""
+"""What every objective shares: the batch contract (:class:`src.batch.SequenceBatch`, padded steps
+left out), the check that a network suits the objective (its readout, no bidirectional layer on a
+causal task), optimizer and scheduler from config, parameter constraints after each optimizer step,
+a stop on non-finite losses, and per-stage metrics with a best-so-far value."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from src.batch import as_batch, step_mask
+from src.checks import check_choice
 from src.layers.common import apply_constraints
 
 STAGES = ("train", "val", "test")
@@ -19,34 +23,58 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops before the bad step is applied."""
 
 
+def bidirectional_modules(net: nn.Module) -> list[str]:
+    """Names of the modules of ``net`` that read the sequence backwards too (``bidirectional=True``)."""
+    return [name or type(net).__name__ for name, module in net.named_modules()
+            if getattr(module, "bidirectional", False) is True]
+
+
+def check_causal(net: nn.Module, why: str) -> None:
+    """One-line ValueError if ``net`` has a bidirectional layer, which would see the future."""
+    found = bidirectional_modules(net)
+    if found:
+        raise ValueError(f"{why}, but a bidirectional model sees the future ({found[0]}): "
+                         f"set model.bidirectional=false and model.layer.bidirectional=false")
+
+
 class SequenceObjective(pl.LightningModule):
-    """Base LightningModule wrapping any network with the ``(predictions, states) = net(inputs)`` contract.
+    """Base LightningModule wrapping any network with the ``net(inputs, lengths=...) -> (predictions, state)``
+    contract (:class:`src.networks.SequenceNetwork`).
+
+    Batches are :class:`src.batch.SequenceBatch` (a plain ``(inputs, targets)`` pair is accepted):
+    inputs (B, T, I), targets (B, ...) and optional ``lengths`` (B,) of right-padded sequences, which
+    the network's readout respects; per-step predictions (B, T, ...) are scored on the valid steps only
+    (see :meth:`valid_steps`).
 
     Subclasses set ``metric_name`` (logged as ``{stage}/{metric_name}``), ``best_mode`` ("min" or
-    "max", for ``val/{metric_name}_best``) and implement :meth:`loss` and :meth:`make_metric`.
+    "max", for ``val/{metric_name}_best``) and ``readouts`` (the network readouts the objective
+    accepts; None: any), and implement :meth:`loss` and :meth:`make_metric`.
 
     Args:
-        net: the network (e.g. :class:`src.networks.RecurrentNetwork`).
+        net: the network (e.g. :class:`src.networks.RecurrentNetwork`); checked by :meth:`check_network`.
         optimizer: ``optimizer(params=...)`` builds the optimizer (Hydra ``_partial_: true``).
         scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or None.
         monitor: metric that ReduceLROnPlateau-style schedulers watch, e.g. "val/mse".
         scheduler_interval: step the scheduler every "epoch" or every optimizer "step".
         decay_1d_params: apply the optimizer's weight decay to 1-D parameters too. Off by default:
             IndRNN's u, biases and batch-norm weights are excluded, as in the IndRNN papers.
+        causal: the task predicts each step from the past only (``task.causal``): a network with a
+            bidirectional layer is rejected.
         run_config: the run's resolved config as plain Python types, saved in checkpoints so that
             eval.py can rebuild the run (plain types load under torch's ``weights_only``).
     """
 
     metric_name = "loss"
     best_mode = "min"
+    readouts: tuple[str, ...] | None = None
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, monitor: str = "val/loss",
-                 scheduler_interval: str = "epoch", decay_1d_params: bool = False,
+                 scheduler_interval: str = "epoch", decay_1d_params: bool = False, causal: bool = False,
                  run_config: dict | None = None) -> None:
         super().__init__()
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        self.check_network(net, causal)
         # Only plain values go into hparams; the logger gets them from the pipeline at the end.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
@@ -54,25 +82,55 @@ class SequenceObjective(pl.LightningModule):
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
         self.best_value: float | None = None
 
+    def check_network(self, net: nn.Module, causal: bool) -> None:
+        """One-line ValueError unless ``net.readout`` is one of ``readouts`` and, on a causal task,
+        ``net`` has no bidirectional layer. Subclasses with other needs extend it."""
+        readout = getattr(net, "readout", None)
+        if self.readouts is not None and readout is not None and readout not in self.readouts:
+            raise ValueError(self.readout_error(readout))
+        if causal:
+            check_causal(net, "the task is causal (task.causal=true): it predicts each step from the past only")
+
+    def readout_error(self, readout: str) -> str:
+        """The message for a network whose readout is not one of ``readouts``."""
+        allowed = " or ".join(repr(r) for r in self.readouts)
+        return f"{type(self).__name__} needs task.readout {allowed}, got {readout!r}"
+
     def make_metric(self) -> Metric:
         raise NotImplementedError
 
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of predictions against targets (padded steps already left out)."""
         raise NotImplementedError
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs (B, T, I) -> predictions (B, O) or (B, T, O), per the network's readout."""
-        return self.net(inputs)[0]
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs (B, T, I), lengths (B,) or None -> predictions (B, O) or (B, T, O), per the network's
+        readout ("last" reads step lengths - 1 of each sequence, "mean" the mean over its valid steps)."""
+        if lengths is None:  # networks outside src.networks (e.g. in tests) need not know lengths
+            return self.net(inputs)[0]
+        return self.net(inputs, lengths=lengths)[0]
+
+    @staticmethod
+    def valid_steps(predictions: torch.Tensor, targets: torch.Tensor,
+                    lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step predictions (B, T, O) and targets (B, T, ...) of right-padded sequences -> those of
+        the valid steps only, (N, O) and (N, ...) with N = lengths.sum(); anything else unchanged
+        (per-sequence predictions (B, O), or ``lengths`` None)."""
+        if lengths is None or predictions.dim() < 3:
+            return predictions, targets
+        mask = step_mask(lengths.to(predictions.device), predictions.shape[1])
+        return predictions[mask], targets[mask]
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        inputs, targets = batch
-        predictions = self(inputs)
+        batch = as_batch(batch)
+        predictions = self(batch.inputs, batch.lengths)
+        predictions, targets = self.valid_steps(predictions, batch.targets, batch.lengths)
         loss = self.loss(predictions, targets)
         if stage == "train":
             self.check_training_loss(loss)
         metric = self.metrics[f"{stage}_metric"]
         metric(predictions.detach(), targets)
-        batch_size = targets.shape[0]
+        batch_size = batch.inputs.shape[0]
         self.log_loss(stage, loss, batch_size)
         if stage == "train":
             self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)

@@ -7,12 +7,15 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import SequenceObjective
+from src.checks import check_int
 
 
 class SequenceClassificationModule(SequenceObjective):
     """Cross-entropy loss; logs ``{train,val,test}/loss``, ``{train,val,test}/acc`` and ``val/acc_best``.
 
-    Batches are ``(inputs, labels)``: inputs (B, T, I), labels (B,) int64 in [0, num_classes).
+    Batches (:class:`src.batch.SequenceBatch`): inputs (B, T, I), targets (B,) int64 labels in
+    [0, num_classes), optional lengths (B,). The network's readout is "last" or "mean" (one
+    prediction (B, C) per sequence, read at each sequence's last valid step or averaged over them).
 
     Args:
         num_classes: number of classes, C (the network's output_size).
@@ -21,13 +24,29 @@ class SequenceClassificationModule(SequenceObjective):
 
     metric_name = "acc"
     best_mode = "max"
+    readouts = ("last", "mean")
 
     def __init__(self, *args, num_classes: int, **kwargs) -> None:
-        self.num_classes = num_classes
+        self.num_classes = check_int("sequence classification: num_classes", num_classes, minimum=2)
         super().__init__(*args, **kwargs)
+
+    def readout_error(self, readout: str) -> str:
+        return (f"sequence classification: one label per sequence, so task.readout must be 'last' or 'mean', "
+                f"not {readout!r}")
 
     def make_metric(self) -> Metric:
         return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs (B, T, I) -> logits (B, C); or inputs (B, K, T, I), K samplings of each sequence (e.g.
+        NTU's test-time sampling of frames) -> the logits averaged over K, (B, C). The K samplings run
+        as one batch of B * K sequences; ``lengths`` (B,) applies to every sampling."""
+        if inputs.dim() != 4:
+            return super().forward(inputs, lengths)
+        batch, samplings = inputs.shape[:2]
+        lengths = None if lengths is None else lengths.repeat_interleave(samplings)
+        logits = super().forward(inputs.flatten(0, 1), lengths)
+        return logits.view(batch, samplings, -1).mean(dim=1)
 
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(predictions, targets)

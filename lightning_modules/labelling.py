@@ -12,10 +12,12 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import SequenceObjective
+from src.checks import check_int
 
 
 class PerStepAccuracy(MulticlassAccuracy):
-    """Micro accuracy over all steps: predictions (B, T, C) logits, targets (B, T) class indices.
+    """Micro accuracy over all steps: predictions (B, T, C) (or (N, C)) logits, targets (B, T) (or (N,))
+    class indices.
 
     Steps whose target equals ``ignore_index`` count neither as right nor as wrong.
     """
@@ -27,10 +29,11 @@ class PerStepAccuracy(MulticlassAccuracy):
 class SequenceLabellingModule(SequenceObjective):
     """Per-step cross-entropy; logs ``{train,val,test}/loss``, ``{train,val,test}/acc`` and ``val/acc_best``.
 
-    Batches are ``(inputs, labels)``: inputs (B, T, I), labels (B, T) int64 in [0, num_classes) or
-    ``ignore_index``. Predictions (B, T, C) come from a network with readout "all". The loss is the
-    mean cross-entropy over every step whose label is not ``ignore_index`` (all steps by default, as
-    the copy-memory baseline assumes); the accuracy is the fraction of such steps labelled right.
+    Batches (:class:`src.batch.SequenceBatch`): inputs (B, T, I), targets (B, T) int64 labels in
+    [0, num_classes) or ``ignore_index``, optional lengths (B,). Predictions (B, T, C) come from a
+    network with readout "all". The loss is the mean cross-entropy over every valid step (within
+    ``lengths``) whose label is not ``ignore_index`` (all steps by default, as the copy-memory
+    baseline assumes); the accuracy is the fraction of such steps labelled right.
     Where the datamodule has a ``baseline`` loss (copy memory), ``val/loss_ratio`` and
     ``test/loss_ratio`` report the loss divided by it.
 
@@ -42,15 +45,18 @@ class SequenceLabellingModule(SequenceObjective):
 
     metric_name = "acc"
     best_mode = "max"
+    readouts = ("all",)
 
     def __init__(self, *args, num_classes: int, ignore_index: int = -100, **kwargs) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"sequence labelling: num_classes must be an integer >= 2, got {num_classes!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
+        check_int("sequence labelling: num_classes", num_classes, minimum=2)
+        if check_int("sequence labelling: ignore_index", ignore_index) in range(num_classes):
             raise ValueError(f"sequence labelling: ignore_index must be an integer outside [0, {num_classes}), "
                              f"got {ignore_index!r}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
         super().__init__(*args, **kwargs)
+
+    def readout_error(self, readout: str) -> str:
+        return f"sequence labelling: a label at every step needs task.readout=all, not {readout!r}"
 
     def make_metric(self) -> Metric:
         return PerStepAccuracy(num_classes=self.num_classes, average="micro", ignore_index=self.ignore_index)
@@ -71,7 +77,8 @@ class SequenceLabellingModule(SequenceObjective):
         self._log_baseline_ratio("test")
 
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if predictions.dim() != 3 or predictions.shape[:2] != targets.shape:
+        """predictions (B, T, C) and targets (B, T), or the valid steps' (N, C) and (N,)."""
+        if predictions.dim() < 2 or predictions.shape[:-1] != targets.shape:
             raise ValueError(f"sequence labelling needs predictions (B, T, C) and targets (B, T) "
                              f"(network readout 'all'), got {tuple(predictions.shape)} and {tuple(targets.shape)}")
         return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1),

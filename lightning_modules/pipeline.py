@@ -44,36 +44,14 @@ def _instantiate(node, group: str, **kwargs):
         raise UserError(f"{group}: {err}") from err
 
 
-def check_compatible(cfg: DictConfig) -> None:
-    """Reject model/task combinations that cannot work, before anything is built."""
-    task = cfg.task
-    if task.get("encoder_decoder"):
-        if task.readout not in ("last", "mean"):
-            raise UserError(f"task {_choice('task')}: task.readout is the encoder's summary of the source, "
-                            f"so it must be 'last' or 'mean', not {task.readout!r}")
-        return
-    if task.readout == "all" and not task.get("per_step_targets", False):
-        raise UserError(f"task {_choice('task')}: one target per sequence, so task.readout must be "
-                        f"'last' or 'mean', not 'all'")
-    if task.get("per_step_targets", False) and task.readout != "all":
-        raise UserError(f"task {_choice('task')}: a target at every step needs task.readout=all")
-    if task.get("causal", False):
-        for key, flag in (("model.bidirectional", cfg.model.get("bidirectional", False)),
-                          ("model.layer.bidirectional", cfg.model.get("layer", {}).get("bidirectional", False))):
-            if flag:
-                raise UserError(f"task {_choice('task')} predicts each step from the past only; "
-                                f"a bidirectional model sees the future: set {key}=false")
-
-
 def build(cfg: DictConfig):
-    """Instantiate (datamodule, objective) from a composed config."""
-    check_compatible(cfg)
+    """Instantiate (datamodule, objective) from a composed config; the objective checks the network."""
     datamodule = _instantiate(cfg.task.datamodule, "task")
     network = build_network(cfg)
     optimizer = _instantiate(cfg.optimizer, "optimizer")
     scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     plain_config = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "hydra"}
-    objective = _instantiate(cfg.task.objective, "task.objective", net=network, optimizer=optimizer,
+    objective = _instantiate(cfg.objective, "objective", net=network, optimizer=optimizer,
                              scheduler=scheduler, run_config=plain_config)
     return datamodule, objective
 

@@ -8,8 +8,9 @@ import torch
 from torch.nn import functional as F
 from torchmetrics import Metric
 
-from lightning_modules.base import STAGES, SequenceObjective
+from lightning_modules.base import STAGES, SequenceObjective, check_causal
 from lightning_modules.labelling import PerStepAccuracy
+from src.batch import as_batch
 
 
 class SequenceAccuracy(Metric):
@@ -45,25 +46,39 @@ class EncoderDecoderModule(SequenceObjective):
 
     Logs ``train/loss``, ``{train,val,test}/acc`` (teacher-forced per-token accuracy),
     ``{val,test}/loss``, ``{val,test}/seq_acc`` (greedy decoding, exact match) and ``val/seq_acc_best``.
-    Batches are ``(source (B, S), target (B, L))`` int64 token ids, target padded after its end token
-    (see :mod:`datamodules.transduction`); the network is a :class:`src.networks.EncoderDecoder`.
+    Batches (:class:`src.batch.SequenceBatch`): inputs = source (B, S) and targets = target (B, L),
+    int64 token ids; sources are left-padded and targets padded after their end token with the
+    network's ``pad_id`` (see :mod:`datamodules.transduction`), so ``lengths`` must be None. The
+    network is a :class:`src.networks.EncoderDecoder` whose encoder summarises the source (readout
+    "last" or "mean") and whose decoder has no bidirectional layer (teacher forcing would let it
+    read the answer).
 
     Args:
-        (as :class:`lightning_modules.base.SequenceObjective`; padding is ignored by loss and metrics)
+        (as :class:`lightning_modules.base.SequenceObjective`; padding is ignored by loss and metrics;
+        ``causal`` applies to the encoder as well)
     """
 
     metric_name = "seq_acc"
     best_mode = "max"
 
     def __init__(self, net, *args, **kwargs) -> None:
-        for attribute in ("encode", "generate", "pad_id"):
-            if not hasattr(net, attribute):
-                raise ValueError(f"the encoder-decoder objective needs a src.networks.EncoderDecoder network, "
-                                 f"got {type(net).__name__}")
         super().__init__(net, *args, **kwargs)
         self.token_metrics = torch.nn.ModuleDict({
             f"{stage}_acc": PerStepAccuracy(num_classes=net.vocab_size, average="micro", ignore_index=net.pad_id)
             for stage in STAGES})
+
+    def check_network(self, net, causal: bool) -> None:
+        for attribute in ("encoder", "decoder", "generate", "pad_id"):
+            if not hasattr(net, attribute):
+                raise ValueError(f"the encoder-decoder objective needs a src.networks.EncoderDecoder network, "
+                                 f"got {type(net).__name__}")
+        readout = getattr(net.encoder, "readout", "last")
+        if readout not in ("last", "mean"):
+            raise ValueError(f"encoder-decoder: task.readout is the encoder's summary of the source, so it must be "
+                             f"'last' or 'mean', not {readout!r}")
+        check_causal(net.decoder, "encoder-decoder: the decoder is teacher-forced (it must not read the answer)")
+        if causal:
+            check_causal(net.encoder, "the task is causal (task.causal=true)")
 
     def make_metric(self) -> Metric:
         return SequenceAccuracy(pad_id=self.net.pad_id)
@@ -77,7 +92,10 @@ class EncoderDecoderModule(SequenceObjective):
                                ignore_index=self.net.pad_id)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        source, target = batch
+        source, target, lengths, _ = as_batch(batch)
+        if lengths is not None:
+            raise ValueError("encoder-decoder: batches carry no lengths; pad sources on the left and targets "
+                             "after their end token with the network's pad_id")
         logits = self(source, target)
         loss = self.loss(logits, target)
         batch_size = target.shape[0]

@@ -26,10 +26,13 @@ needs_gpu = pytest.mark.skipif(not triton_available(), reason="needs triton and 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def compare(T, B, H, activation, dtype=torch.float32, device="cuda", tol=None, param_dtype=None, seed=0):
+def compare(T, B, H, activation, dtype=torch.float32, device="cuda", tol=None, param_dtype=None, seed=0,
+            grad_clip=None):
     """Run the kernel on inputs rounded to ``dtype`` (u and h0 to ``param_dtype``, default ``dtype``)
     and check outputs and gradients of z (T, B, H), u (H,), h0 (B, H) against the float64 reference
-    evaluated on the same rounded values. Returns the kernel's (output, grad_z, grad_u, grad_h0)."""
+    evaluated on the same rounded values, both with per-step clipping ``grad_clip``; with clipping,
+    also check that it clipped something (grad_z differs from the unclipped one). Returns the
+    kernel's (output, grad_z, grad_u, grad_h0)."""
     param_dtype = param_dtype or dtype
     generator = torch.Generator().manual_seed(seed)
     dtypes = (dtype, param_dtype, param_dtype)
@@ -39,12 +42,16 @@ def compare(T, B, H, activation, dtype=torch.float32, device="cuda", tol=None, p
     grad = torch.randn(T, B, H, generator=generator).to(dtype)
 
     exact_in = [x.clone().requires_grad_() for x in rounded]
-    exact_out = indrnn_recurrence_reference(*exact_in, activation)
+    exact_out = indrnn_recurrence_reference(*exact_in, activation, grad_clip)
     expected = (exact_out, *torch.autograd.grad(exact_out, exact_in, grad.double()))
 
     kernel_in = [x.to(device=device, dtype=d).requires_grad_() for x, d in zip(rounded, dtypes)]
-    out = IndRNNRecurrenceTriton.apply(*kernel_in, activation)
+    out = IndRNNRecurrenceTriton.apply(*kernel_in, activation, grad_clip)
     actual = (out, *torch.autograd.grad(out, kernel_in, grad.to(device)))
+    if grad_clip is not None:
+        unclipped = indrnn_recurrence_reference(*exact_in, activation)
+        assert not torch.allclose(torch.autograd.grad(unclipped, exact_in[0], grad.double())[0], expected[1]), \
+            "grad_clip clipped nothing in this case"
 
     tol = tol if tol is not None else TOLERANCE[dtype]
     for name, a, e, d in zip(("output", "grad_z", "grad_u", "grad_h0"), actual, expected, (dtype, *dtypes)):
@@ -84,6 +91,14 @@ def test_long_sequence(activation):
 
 
 @needs_gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_step_gradient_clipping(activation, dtype):
+    compare(37, 3, 50, activation, dtype, grad_clip=0.5)
+    compare(300, 4, 70, activation, dtype, grad_clip=0.5, tol=1e-3 if dtype == torch.float32 else None)
+
+
+@needs_gpu
 def test_non_contiguous_input_and_matches_reference_on_gpu():
     generator = torch.Generator().manual_seed(3)
     z = torch.randn(4, 9, 5, generator=generator).cuda().transpose(0, 1)  # (T=9, B=4, H=5) view
@@ -108,6 +123,7 @@ for activation in ACTIVATIONS:
     for shape in [(1, 2, 3), (7, 3, 50), (5, 2, 70)]:  # B*H = 6, 150 (two 128-column blocks), 140
         compare(*shape, activation, torch.float32, device="cpu")
     compare(4, 3, 5, activation, torch.bfloat16, device="cpu", param_dtype=torch.float32)
+    compare(9, 3, 50, activation, torch.float32, device="cpu", grad_clip=0.5)  # per-step clipping active
 print("interpreter checks passed")
 """
 

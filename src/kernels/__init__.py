@@ -1,7 +1,9 @@
 """Fused recurrence kernels, selected automatically by device, with the reference loop as fallback.
 
-``indrnn_recurrence(z, u, h0, activation, backend="auto")`` computes h_t = act(z_t + u * h_{t-1})
-for all t. Backends:
+``indrnn_recurrence(z, u, h0, activation, backend="auto", grad_clip=None)`` computes
+h_t = act(z_t + u * h_{t-1}) for all t; ``grad_clip=c`` clamps the gradient with respect to each
+pre-activation z_t + u * h_{t-1} to [-c, c] at every step of the backward pass (the official Theano
+code's per-step recurrent clipping), identically in every backend. Backends:
 
 * ``"reference"``: the autograd loop in :mod:`src.kernels.reference` (any device, any dtype).
 * ``"cpu"``: :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` (numba loops, or vectorised
@@ -25,7 +27,7 @@ from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
 from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
-from src.kernels.reference import ACTIVATIONS, indrnn_recurrence_reference
+from src.kernels.reference import ACTIVATIONS, check_grad_clip, indrnn_recurrence_reference
 
 BACKENDS = ("auto", "cpu", "cpu_torch", "triton", "reference")
 
@@ -54,7 +56,8 @@ def _check_activation(activation: str) -> None:
 
 
 def indrnn_recurrence(
-    z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str = "relu", backend: str = "auto"
+    z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str = "relu", backend: str = "auto",
+    grad_clip: float | None = None,
 ) -> torch.Tensor:
     """All hidden states of h_t = act(z_t + u * h_{t-1}).
 
@@ -64,39 +67,43 @@ def indrnn_recurrence(
         h0: initial state, shape (B, H).
         activation: one of ``ACTIVATIONS``.
         backend: one of ``BACKENDS``.
+        grad_clip: None, or c > 0: clamp dL/d(z_t + u * h_{t-1}) to [-c, c] at every step.
 
     Returns:
         Hidden states, shape (T, B, H).
     """
     _check_activation(activation)
+    grad_clip = check_grad_clip(grad_clip)
     chosen = resolve_backend(backend, z.device, z.dtype)
     if chosen == "reference":
-        return indrnn_recurrence_reference(z, u, h0, activation)
+        return indrnn_recurrence_reference(z, u, h0, activation, grad_clip)
     if chosen == "triton":
-        return IndRNNRecurrenceTriton.apply(z, u, h0, activation)
-    return IndRNNRecurrenceCPU.apply(z, u, h0, activation, chosen == "cpu")
+        return IndRNNRecurrenceTriton.apply(z, u, h0, activation, grad_clip)
+    return IndRNNRecurrenceCPU.apply(z, u, h0, activation, chosen == "cpu", grad_clip)
 
 
 def indrnn_linear_recurrence(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, h0: torch.Tensor,
-    activation: str = "relu", backend: str = "auto"
+    activation: str = "relu", backend: str = "auto", grad_clip: float | None = None
 ) -> torch.Tensor:
     """All hidden states of h_t = act(W x_t + b + u * h_{t-1}): projection and recurrence.
 
     Args:
         x: inputs, shape (T, B, I).
         weight: W, shape (H, I); bias: b, shape (H,), or None.
-        u, h0, activation, backend: as :func:`indrnn_recurrence`.
+        u, h0, activation, backend, grad_clip: as :func:`indrnn_recurrence` (the clipped dL/da_t is
+            what reaches W, b and x).
 
     Returns:
         Hidden states, shape (T, B, H). Equal to ``indrnn_recurrence(F.linear(x, weight, bias), ...)``;
         one fused kernel computes it where that is faster (see the module docstring).
     """
     _check_activation(activation)
+    grad_clip = check_grad_clip(grad_clip)
     chosen = resolve_backend(backend, x.device, x.dtype)
     if chosen == "cpu" and fused_projection_applies(x, activation):
-        return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation)
-    return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen)
+        return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation, grad_clip)
+    return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen, grad_clip)
 
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference",

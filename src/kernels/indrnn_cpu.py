@@ -16,9 +16,11 @@ arrays, and first-touch page faults on fresh 4 KiB pages otherwise cost as much 
 itself (measured: 2.4 ms vs 16 ms for the forward pass at T=784, B=64, H=128 on a 2-core VM).
 
 Backward pass, for h_t = f(a_t), a_t = z_t + u * h_{t-1}, with g_t the incoming gradient of h_t:
-    delta_t = (g_t + u * delta_{t+1}) * f'(a_t)      (delta_T = 0)
+    delta_t = clip((g_t + u * delta_{t+1}) * f'(a_t))      (delta_T = 0)
     dL/dz_t = delta_t,  dL/du = sum_{t,b} delta_t * h_{t-1},  dL/dh0 = u * delta_0
 f'(a_t) is read from the saved outputs: relu: [h_t > 0]; tanh: 1 - h_t^2; identity: 1.
+clip is the identity, or with ``grad_clip=c`` a clamp to [-c, c] at every step (Theano's per-step
+recurrent gradient clipping, see :mod:`src.kernels.reference`); a NaN stays NaN.
 """
 from __future__ import annotations
 
@@ -67,25 +69,34 @@ if numba is not None:
                         h_t[j] = max(h_t[j], zero)
 
     @numba.njit(inline="always")
-    def delta_of(grad, carry, state, activation, zero, one):  # pragma: no cover - compiled
-        """delta_t = (g_t + u * delta_{t+1}) * act'(a_t), with act' read from h_t = act(a_t).
+    def delta_of(grad, carry, state, activation, zero, one, clip):  # pragma: no cover - compiled
+        """delta_t = (g_t + u * delta_{t+1}) * act'(a_t), with act' read from h_t = act(a_t), clamped
+        to [-clip, clip] when clip > 0 (clip = 0: no clipping).
 
         relu's derivative is a select, not a multiply by [h > 0], so that an infinite or NaN
-        gradient of an inactive unit gives 0, as torch's relu backward does."""
+        gradient of an inactive unit gives 0, as torch's relu backward does. The clamp is two
+        comparisons, not min/max, so that a NaN stays NaN (as torch.clamp)."""
         if activation == 0:
-            return (grad + carry) if state > zero else zero
-        if activation == 1:
-            return (grad + carry) * (one - state * state)
-        return grad + carry
+            delta = (grad + carry) if state > zero else zero
+        elif activation == 1:
+            delta = (grad + carry) * (one - state * state)
+        else:
+            delta = grad + carry
+        if clip > zero:
+            if delta > clip:
+                delta = clip
+            elif delta < -clip:
+                delta = -clip
+        return delta
 
     # One pass over units per (step, row) that does everything, rather than one pass per quantity:
     # the work per element is a few FLOPs, so extra passes cost as much as the arithmetic (9.2 ms
     # -> 6.4 ms at T=784, B=64, H=128). The activation test is loop-invariant and hoisted by LLVM.
     @numba.njit(cache=True, nogil=True)
-    def _numba_backward(grad_out, grad_batch_major, out, u, h0, activation, grad_z, grad_u,
+    def _numba_backward(grad_out, grad_batch_major, out, u, h0, activation, clip, grad_z, grad_u,
                         grad_h0):  # pragma: no cover - compiled
         steps, batch, hidden = out.shape
-        zero, one = out.dtype.type(0), out.dtype.type(1)
+        zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
         carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
         partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # sum over t of delta_t * h_{t-1}
         for t in range(steps - 1, -1, -1):
@@ -95,7 +106,7 @@ if numba is not None:
                 h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
                 h_prev, p_b = previous[b], partial_u[b]
                 for j in range(hidden):
-                    delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one)
+                    delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
                     d_t[j] = delta
                     p_b[j] += delta * h_prev[j]
                     c_b[j] = delta * u[j]
@@ -114,7 +125,7 @@ def _torch_forward(z, u, h0, activation, out):
         state = out[t]
 
 
-def _torch_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):
+def _torch_backward(grad_out, out, u, h0, activation, clip, grad_z, grad_u, grad_h0):
     carry = torch.zeros_like(h0)
     for t in range(out.shape[0] - 1, -1, -1):
         torch.add(grad_out[t], carry, out=grad_z[t])
@@ -122,6 +133,8 @@ def _torch_backward(grad_out, out, u, h0, activation, grad_z, grad_u, grad_h0):
             grad_z[t].mul_(out[t] > 0)
         elif activation == 1:
             grad_z[t].mul_(1 - out[t] * out[t])
+        if clip > 0:
+            grad_z[t].clamp_(-clip, clip)
         carry = grad_z[t] * u
     previous_states = torch.cat([h0.unsqueeze(0), out[:-1]])
     grad_u.copy_((grad_z * previous_states).sum(dim=(0, 1)))
@@ -149,11 +162,20 @@ def _use_numba(tensor: torch.Tensor, allow_numba: bool) -> bool:
     return allow_numba and numba is not None and tensor.dtype in NUMBA_DTYPES
 
 
+def clip_code(grad_clip: float | None) -> float:
+    """The kernels' clip argument: the bound c, or 0.0 for no clipping."""
+    return 0.0 if grad_clip is None else float(grad_clip)
+
+
 class IndRNNRecurrenceCPU(torch.autograd.Function):
-    """Fused h_t = act(z_t + u * h_{t-1}); see the module docstring for the backward pass."""
+    """Fused h_t = act(z_t + u * h_{t-1}); see the module docstring for the backward pass.
+
+    ``IndRNNRecurrenceCPU.apply(z, u, h0, activation, allow_numba=True, grad_clip=None)``: z (T, B, H),
+    u (H,), h0 (B, H) -> all states (T, B, H); ``grad_clip`` c clamps dL/da_t to [-c, c] at every step.
+    """
 
     @staticmethod
-    def forward(ctx, z, u, h0, activation: str, allow_numba: bool = True):
+    def forward(ctx, z, u, h0, activation: str, allow_numba: bool = True, grad_clip: float | None = None):
         code = ACTIVATION_CODES[activation]
         numba_path = _use_numba(z, allow_numba)
         if numba_path:
@@ -172,7 +194,7 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
             with torch.no_grad():
                 _torch_forward(z, u, h0, code, out)
         ctx.save_for_backward(out, u, h0)
-        ctx.activation_code = code
+        ctx.activation_code, ctx.clip = code, clip_code(grad_clip)
         ctx.numba_path = numba_path
         return out
 
@@ -183,10 +205,10 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
             out_array, u_array, h0_array = out.numpy(), contiguous_array(u), contiguous_array(h0)
             grad_z, grad_u, grad_h0 = (torch.from_numpy(np.empty_like(a)) for a in (out_array, u_array, h0_array))
             _numba_backward(*gradient_rows(grad_out), out_array, u_array, h0_array,
-                            ctx.activation_code, grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
+                            ctx.activation_code, ctx.clip, grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
         else:
             grad_out = grad_out.contiguous()
             grad_z, grad_u, grad_h0 = torch.empty_like(out), torch.empty_like(u), torch.empty_like(h0)
             with torch.no_grad():
-                _torch_backward(grad_out, out, u, h0, ctx.activation_code, grad_z, grad_u, grad_h0)
-        return grad_z, grad_u, grad_h0, None, None
+                _torch_backward(grad_out, out, u, h0, ctx.activation_code, ctx.clip, grad_z, grad_u, grad_h0)
+        return grad_z, grad_u, grad_h0, None, None, None

@@ -5,7 +5,7 @@ projection z = W x + b costs 2 FLOPs per element yet, done apart, it writes z (T
 and the backward pass writes dL/dz and reads it twice more for BLAS matrix products with a
 K = 1 or 2 inner dimension, which run far below peak. Here
     forward:  h_t = act(W x_t + b + u * h_{t-1})
-    backward: delta_t = (g_t + u * delta_{t+1}) * act'(h_t)
+    backward: delta_t = clip((g_t + u * delta_{t+1}) * act'(h_t))   (clip: see indrnn_cpu)
               dL/dx_t = W^T delta_t,  dL/dW = sum delta_t x_t^T,  dL/db = sum delta_t,
               dL/du = sum delta_t * h_{t-1},  dL/dh0 = u * delta_0
 run as one loop over time each, and neither z nor dL/dz is ever stored: the forward pass writes
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, contiguous_array, gradient_rows, numba,
-                                     numba_available)
+from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, clip_code, contiguous_array, gradient_rows,
+                                     numba, numba_available)
 
 if numba is not None:
     from src.kernels.indrnn_cpu import delta_of
@@ -54,11 +54,11 @@ if numba is not None:
                         h_t[j] = max(h_t[j], zero)
 
     @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-    def _linear_backward(grad_out, grad_batch_major, out, x, weight_t, u, h0, activation,
+    def _linear_backward(grad_out, grad_batch_major, out, x, weight_t, u, h0, activation, clip,
                          grad_x, grad_weight_t, grad_bias, grad_u, grad_h0):  # pragma: no cover - compiled
         steps, batch, hidden = out.shape
         inputs = x.shape[2]
-        zero, one = out.dtype.type(0), out.dtype.type(1)
+        zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
         carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
         partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # per-row sums, reduced at the end
         partial_b = np.zeros((batch, hidden), dtype=out.dtype)
@@ -71,7 +71,7 @@ if numba is not None:
                 h_t, c_b = out[t, b], carry[b]
                 h_prev, p_u, p_b = previous[b], partial_u[b], partial_b[b]
                 for j in range(hidden):  # one pass for everything that needs no input (see indrnn_cpu)
-                    d_j = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one)
+                    d_j = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
                     delta[j] = d_j
                     p_u[j] += d_j * h_prev[j]
                     p_b[j] += d_j
@@ -101,11 +101,12 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
     """h_t = act(W x_t + b + u * h_{t-1}) with a hand-written backward (see the module docstring).
 
     Inputs: x (T, B, I), weight (H, I), bias (H,) or None, u (H,), h0 (B, H), activation
-    ("relu" or "identity"). Output: all states (T, B, H). Check :func:`fused_projection_applies` first.
+    ("relu" or "identity"), grad_clip (None, or c: dL/da_t clamped to [-c, c] at every step).
+    Output: all states (T, B, H). Check :func:`fused_projection_applies` first.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, u, h0, activation: str):
+    def forward(ctx, x, weight, bias, u, h0, activation: str, grad_clip: float | None = None):
         x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
         bias_array = contiguous_array(bias) if bias is not None else np.zeros_like(u_array)
         steps, batch = x.shape[:2]
@@ -114,6 +115,7 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
         _linear_forward(x_array, weight_t, bias_array, u_array, h0_array, ACTIVATION_CODES[activation], out.numpy())
         ctx.save_for_backward(x, weight, u, h0, out)
         ctx.activation_code, ctx.has_bias = ACTIVATION_CODES[activation], bias is not None
+        ctx.clip = clip_code(grad_clip)
         return out
 
     @staticmethod
@@ -123,7 +125,7 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
         grad_x, grad_weight_t = np.empty_like(x_array), np.empty_like(weight_t)
         grad_bias, grad_u, grad_h0 = np.empty_like(u_array), np.empty_like(u_array), np.empty_like(h0_array)
         _linear_backward(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array,
-                         ctx.activation_code, grad_x, grad_weight_t, grad_bias, grad_u, grad_h0)
+                         ctx.activation_code, ctx.clip, grad_x, grad_weight_t, grad_bias, grad_u, grad_h0)
         return (torch.from_numpy(grad_x), torch.from_numpy(grad_weight_t).t(),
                 torch.from_numpy(grad_bias) if ctx.has_bias else None,
-                torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None)
+                torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None, None)

@@ -8,9 +8,11 @@ c // H, unit c % H). One Triton program owns BLOCK adjacent columns, keeps their
 registers and loops over time inside the kernel, so each pass is a single launch whatever T is,
 and every step reads/writes BLOCK contiguous elements (coalesced). The backward pass is the same
 loop run from t = T-1 down to 0 (equations as in :mod:`src.kernels.indrnn_cpu`):
-    delta_t = (g_t + u * delta_{t+1}) * f'(a_t)      (delta_T = 0)
+    delta_t = clip((g_t + u * delta_{t+1}) * f'(a_t))      (delta_T = 0)
     dL/dz_t = delta_t,  dL/du = sum_{t,b} delta_t * h_{t-1},  dL/dh0 = u * delta_0
-with f' read from the saved outputs: relu [h_t > 0], tanh 1 - h_t^2, identity 1.
+with f' read from the saved outputs: relu [h_t > 0], tanh 1 - h_t^2, identity 1, and clip the
+identity or, with ``grad_clip=c``, a clamp to [-c, c] at every step (Theano's per-step recurrent
+clipping, see :mod:`src.kernels.reference`); CLIP is a compile-time flag, so no clipping costs nothing.
 dL/du is written as a per-column float32 partial of shape (B, H) and summed over B with torch,
 which is deterministic (atomics would make the sum order, hence the bits, vary between runs).
 
@@ -62,7 +64,7 @@ if triton is not None:
         return tl.where(a < 0, -t, t)
 
     @triton.jit
-    def _delta(upstream, h, ACTIVATION: tl.constexpr):
+    def _delta(upstream, h, clip, ACTIVATION: tl.constexpr, CLIP: tl.constexpr):
         # upstream * f'(a) with f' from the output h; relu uses where() so that 0 * inf is not NaN.
         if ACTIVATION == 0:
             d = tl.where(h > 0, upstream, 0.0)
@@ -70,6 +72,8 @@ if triton is not None:
             d = upstream * (1.0 - h * h)
         else:
             d = upstream
+        if CLIP:  # comparisons rather than min/max, so that a NaN stays NaN (as torch.clamp)
+            d = tl.where(d > clip, clip, tl.where(d < -clip, -clip, d))
         return d
 
     @triton.jit
@@ -96,7 +100,8 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(grad_ptr, out_ptr, u_ptr, h0_ptr, grad_z_ptr, grad_u_ptr, grad_h0_ptr,
-                         T, BH, H, last_row, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                         T, BH, H, last_row, clip, ACTIVATION: tl.constexpr, CLIP: tl.constexpr,
+                         BLOCK: tl.constexpr):
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < BH
         u = tl.load(u_ptr + cols % H, mask=mask, other=0.0).to(tl.float32)
@@ -112,7 +117,7 @@ if triton is not None:
             h_ptrs -= BH
             h_prev = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-            delta = _delta(g + carry, h, ACTIVATION)
+            delta = _delta(g + carry, h, clip, ACTIVATION, CLIP)
             tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
             grad_u += delta * h_prev
             carry = u * delta
@@ -121,7 +126,7 @@ if triton is not None:
             dz_ptrs -= BH
         h_prev = tl.load(h0_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        delta = _delta(g + carry, h, ACTIVATION)
+        delta = _delta(g + carry, h, clip, ACTIVATION, CLIP)
         tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_u_ptr + cols, grad_u + delta * h_prev, mask=mask)
         tl.store(grad_h0_ptr + cols, (u * delta).to(grad_h0_ptr.dtype.element_ty), mask=mask)
@@ -139,6 +144,17 @@ def _launch_config(columns: int) -> tuple[int, int]:
     return (512, 4) if columns >= 65536 else (128, 1)
 
 
+def _step_count(steps: int):
+    """The kernels' loop count T. Under the interpreter a numpy integer: the interpreter passes it to
+    the kernel as is, whereas it wraps a Python int in a 1-element array that ``range`` cannot take
+    (triton 3.6's ``int(array)`` raises TypeError on numpy >= 2.4). Compiled kernels get the int."""
+    if _interpreting():
+        import numpy as np  # a dependency of triton's interpreter itself
+
+        return np.int64(steps)
+    return steps
+
+
 def _device_guard(tensor: torch.Tensor):
     # Triton launches on the current CUDA device; make it the tensors' device (CPU: interpreter).
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -154,12 +170,13 @@ def _launch_forward(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, code: in
     block, warps = _launch_config(columns)
     with _device_guard(z):
         _forward_kernel[(triton.cdiv(columns, block),)](
-            z, u, h0, out, steps, columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
+            z, u, h0, out, _step_count(steps), columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
     return out
 
 
-def _launch_backward(grad_out, out, u, h0, code: int):
-    """(grad_z (T, B, H), grad_u (H,), grad_h0 (B, H)) in the dtypes of out (= z), u and h0."""
+def _launch_backward(grad_out, out, u, h0, code: int, grad_clip: float | None = None):
+    """(grad_z (T, B, H), grad_u (H,), grad_h0 (B, H)) in the dtypes of out (= z), u and h0;
+    ``grad_clip`` c clamps dL/da_t to [-c, c] at every step (None: no clipping)."""
     steps, batch, hidden = out.shape
     grad_z = torch.empty_like(out)
     grad_u_partial = torch.zeros(batch, hidden, dtype=torch.float32, device=out.device)
@@ -169,8 +186,9 @@ def _launch_backward(grad_out, out, u, h0, code: int):
         block, warps = _launch_config(columns)
         with _device_guard(out):
             _backward_kernel[(triton.cdiv(columns, block),)](
-                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, steps, columns, hidden,
-                (steps - 1) * columns, ACTIVATION=code, BLOCK=block, num_warps=warps)
+                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, _step_count(steps), columns, hidden,
+                (steps - 1) * columns, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
+                CLIP=grad_clip is not None, BLOCK=block, num_warps=warps)
     return grad_z, grad_u_partial.sum(0).to(u.dtype), grad_h0
 
 
@@ -195,23 +213,25 @@ def _check_inputs(z, u, h0, activation: str) -> None:
 class IndRNNRecurrenceTriton(torch.autograd.Function):
     """Fused h_t = act(z_t + u * h_{t-1}) on CUDA; see the module docstring for the backward pass.
 
-    ``IndRNNRecurrenceTriton.apply(z, u, h0, activation)`` with z (T, B, H), u (H,), h0 (B, H) and
-    activation in ``ACTIVATIONS`` returns all hidden states, shape (T, B, H), in z's dtype.
+    ``IndRNNRecurrenceTriton.apply(z, u, h0, activation, grad_clip=None)`` with z (T, B, H), u (H,),
+    h0 (B, H) and activation in ``ACTIVATIONS`` returns all hidden states, shape (T, B, H), in z's
+    dtype; ``grad_clip`` c clamps dL/da_t to [-c, c] at every step of the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, z, u, h0, activation: str):
+    def forward(ctx, z, u, h0, activation: str, grad_clip: float | None = None):
         _check_inputs(z, u, h0, activation)
         code = ACTIVATION_CODES[activation]
         z, u, h0 = z.detach().contiguous(), u.detach().contiguous(), h0.detach().contiguous()
         out = _launch_forward(z, u, h0, code)
         ctx.save_for_backward(out, u, h0)
-        ctx.activation_code = code
+        ctx.activation_code, ctx.grad_clip = code, grad_clip
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         out, u, h0 = ctx.saved_tensors
-        grad_z, grad_u, grad_h0 = _launch_backward(grad_out.contiguous(), out, u, h0, ctx.activation_code)
-        return grad_z, grad_u, grad_h0, None
+        grad_z, grad_u, grad_h0 = _launch_backward(grad_out.contiguous(), out, u, h0, ctx.activation_code,
+                                                   ctx.grad_clip)
+        return grad_z, grad_u, grad_h0, None, None

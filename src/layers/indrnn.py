@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.kernels import ACTIVATIONS, BACKENDS, indrnn_linear_recurrence, indrnn_recurrence
+from src.kernels.reference import check_grad_clip
 from src.layers.batch_norm import TimeBatchNorm
 from src.layers.common import apply_constraints, check_positive_int, from_time_major, to_time_major
 
@@ -48,12 +49,15 @@ class IndRNNRecurrence(nn.Module):
         recurrent_init: "uniform_bound" U(0, u_bound), "uniform01" U(0, 1) (clamped into the
             bound), or "long_memory" U(1/u_bound, u_bound), the papers' last-layer initialisation.
         backend: recurrence kernel, see :mod:`src.kernels`.
+        grad_clip: None, or c > 0: in the backward pass, clamp the gradient with respect to each
+            pre-activation x_t + u * h_{t-1} to [-c, c] at every step before it flows on to
+            h_{t-1}, u and x (the official Theano code's per-step clipping, Lasagne's grad_clipping).
 
     Shapes: x (T, B, H), h0 (B, H) -> (T, B, H).
     """
 
     def __init__(self, hidden_size: int, nonlinearity: str = "relu", u_bound: float | None = None,
-                 recurrent_init: str | None = None, backend: str = "auto") -> None:
+                 recurrent_init: str | None = None, backend: str = "auto", grad_clip: float | None = None) -> None:
         super().__init__()
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         if nonlinearity not in ACTIVATIONS:
@@ -67,6 +71,7 @@ class IndRNNRecurrence(nn.Module):
             raise ValueError(f"recurrent_init={recurrent_init!r} needs u_bound, or magnitude and seq_len")
         self.nonlinearity, self.u_bound, self.recurrent_init, self.backend = (
             nonlinearity, u_bound, recurrent_init, backend)
+        self.grad_clip = check_grad_clip(grad_clip)
         self.weight_hh = nn.Parameter(torch.empty(hidden_size))  # u: one recurrent weight per unit
         self.reset_parameters()
 
@@ -82,10 +87,11 @@ class IndRNNRecurrence(nn.Module):
             self.weight_hh.clamp_(-self.u_bound, self.u_bound)
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        return indrnn_recurrence(x, self.weight_hh, h0, self.nonlinearity, self.backend)
+        return indrnn_recurrence(x, self.weight_hh, h0, self.nonlinearity, self.backend, self.grad_clip)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, {self.nonlinearity}, u_bound={self.u_bound}, init={self.recurrent_init}"
+        clip = f", grad_clip={self.grad_clip}" if self.grad_clip is not None else ""
+        return f"{self.hidden_size}, {self.nonlinearity}, u_bound={self.u_bound}, init={self.recurrent_init}{clip}"
 
 
 class IndRNN(nn.Module):
@@ -113,6 +119,8 @@ class IndRNN(nn.Module):
         batch_norm_stats: "all_steps" (classification) or "per_step" (language modelling; uses seq_len).
         bidirectional: add a second layer reading the sequence backwards; outputs are concatenated.
         backend: recurrence kernel ("auto" picks the fused one), see :mod:`src.kernels`.
+        grad_clip: None (default), or c > 0: per-step recurrent gradient clipping, see
+            :class:`IndRNNRecurrence` (official Theano recipes: 10).
 
     Shapes:
         input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
@@ -125,7 +133,7 @@ class IndRNN(nn.Module):
                  seq_len: int | None = None, recurrent_init: str | None = None, projection: str = "linear",
                  kernel_size: int = 3, input_init: str = "uniform", input_init_std: float = 0.001,
                  batch_norm: str = "none", batch_norm_stats: str = "all_steps", bidirectional: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", grad_clip: float | None = None) -> None:
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
@@ -146,7 +154,7 @@ class IndRNN(nn.Module):
             self.projection = None
         norm = lambda: TimeBatchNorm(hidden_size, batch_norm_stats, seq_len)  # noqa: E731
         self.norm_before = norm() if batch_norm == "before" else None
-        self.recurrence = IndRNNRecurrence(hidden_size, nonlinearity, self.u_bound, recurrent_init, backend)
+        self.recurrence = IndRNNRecurrence(hidden_size, nonlinearity, self.u_bound, recurrent_init, backend, grad_clip)
         self.norm_after = norm() if batch_norm == "after" else None
         self.reverse = None
         if bidirectional:  # an independent layer for the backward direction
@@ -182,7 +190,7 @@ class IndRNN(nn.Module):
             # Projection and recurrence together: one fused kernel where that is faster (few inputs on CPU).
             recurrence = self.recurrence
             h = indrnn_linear_recurrence(x, self.projection.weight, self.projection.bias, recurrence.weight_hh, h0,
-                                         recurrence.nonlinearity, recurrence.backend)
+                                         recurrence.nonlinearity, recurrence.backend, recurrence.grad_clip)
         else:
             z = self._project(x)
             h = self.recurrence(self.norm_before(z) if self.norm_before is not None else z, h0)
@@ -213,4 +221,4 @@ class IndRNN(nn.Module):
 
 _INIT_ARGUMENTS = ("input_size", "hidden_size", "nonlinearity", "bias", "batch_first", "u_bound", "magnitude",
                    "seq_len", "recurrent_init", "projection", "kernel_size", "input_init", "input_init_std",
-                   "batch_norm", "batch_norm_stats", "backend")
+                   "batch_norm", "batch_norm_stats", "backend", "grad_clip")
