@@ -1,0 +1,43 @@
+"""Gather a sweep (or any folder of runs) into one table: `python results.py outputs/multirun/DATE/TIME`.
+
+Prints a markdown table of every run (overrides, status, final metrics, the paper's number and the
+difference, parameters, steps, seconds), the mean ± std over seeds per configuration, and the runs
+that failed or diverged with their error line. Writes DIR/results_table.{csv,json} and, with
+--plot, learning curves DIR/curves_<metric>.png read from the TensorBoard events.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from lightning_modules.report import plot_curves, report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", type=Path, help="a sweep folder, a run directory, or any folder of runs")
+    parser.add_argument("--group-by", action="append", default=None, metavar="KEY",
+                        help="an override key (e.g. model, model.hidden_size); repeat or comma-separate for "
+                             "several; default: every override that varies except seed")
+    parser.add_argument("--metrics", default=None, metavar="A,B",
+                        help="metric columns, e.g. test/acc,val/acc_best (default: test/* and best val/*)")
+    parser.add_argument("--plot", default=None, metavar="TAG,TAG",
+                        help="learning curves of these TensorBoard scalars, e.g. val/mse,train/loss")
+    parser.add_argument("--out", type=Path, default=None, help="where the CSV/JSON/PNG files go (default: DIR)")
+    args = parser.parse_args(argv)
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    group_by = [key for item in args.group_by for key in split(item)] if args.group_by else None
+    try:
+        print(report(args.dir, group_by=group_by, metrics=split(args.metrics) if args.metrics else None,
+                     out_dir=args.out))
+        if args.plot:
+            for path in plot_curves(args.dir, split(args.plot), out_dir=args.out):
+                print(f"plot: {path}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
