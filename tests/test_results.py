@@ -1,0 +1,97 @@
+"""results.py on a real sweep run through train.py: two finished seeds, two failed jobs, a paper target."""
+import csv
+import json
+import statistics
+
+import pytest
+
+from tests.conftest import run_script
+
+TINY = ["task.seq_len=20", "task.datamodule.train_size=64", "task.datamodule.val_size=32",
+        "task.datamodule.test_size=32", "task.datamodule.batch_size=16", "task.max_epochs=2", "task.stop_at=null",
+        "trainer=cpu", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "model=lstm"]
+PAPER = 0.1
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A 2x2 sweep: hidden_size 8 trains, hidden_size 0 fails at config time; seeds 1 and 2."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    done = run_script("train.py", ["-m", *TINY, "model.hidden_size=8,0", "seed=1,2",
+                                   f"paper={{metric:test/mse,value:{PAPER},source:'a unit test'}}",
+                                   f"hydra.sweep.dir={sweep_dir}"], timeout=600)
+    runs = sorted(path for path in sweep_dir.iterdir() if (path / "results.json").is_file())
+    assert len(runs) == 4, done.stdout[-2000:] + done.stderr[-2000:]
+    return sweep_dir, {path.name: json.loads((path / "results.json").read_text()) for path in runs}
+
+
+@pytest.mark.slow
+def test_table_groups_seeds_compares_with_the_paper_and_lists_failures(sweep):
+    sweep_dir, results = sweep
+    done = run_script("results.py", [str(sweep_dir), "--plot", "val/mse,train/loss"])
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    finished = {name: r for name, r in results.items() if r["status"] == "finished"}
+    failed = {name: r for name, r in results.items() if r["status"] != "finished"}
+    assert len(finished) == 2 and len(failed) == 2
+    # One markdown row per run, the sweep's axes as columns.
+    assert "| run | model.hidden_size | seed | status |" in text
+    for name in results:
+        assert f"| {name} |" in text
+    # Failed jobs are listed with their error line.
+    assert "## 2 of 4 runs did not finish" in text
+    for name, result in failed.items():
+        assert f"- {name}: {result['status']}: {result['error']}" in text
+        assert "hidden_size" in result["error"]
+
+    # Mean ± std over seeds for hidden_size=8, and the difference from the paper's number.
+    values = [r["test/mse"] for r in finished.values()]
+    table = json.loads((sweep_dir / "results_table.json").read_text())
+    (group,) = [g for g in table["groups"] if g["model.hidden_size"] == "8"]
+    assert group["runs"] == 2 and group["finished"] == 2
+    assert group["test/mse values"] == pytest.approx(values)
+    assert group["test/mse"] == f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+    assert group["paper"] == PAPER and group["diff"] == pytest.approx(statistics.fmean(values) - PAPER)
+    assert f"| 8 | 2 | 2 | {group['test/loss']} | {group['test/mse']} |" in text
+    assert "paper: a unit test" in text
+
+    with open(sweep_dir / "results_table.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(row["status"] for row in rows) == ["failed", "failed", "finished", "finished"]
+    for row in rows:
+        result = results[row["run"]]
+        assert row["params"] == str(result.get("params") or "")
+        if result["status"] == "finished":
+            assert float(row["test/mse"]) == pytest.approx(result["test/mse"], rel=1e-3)
+            assert float(row["diff"]) == pytest.approx(result["test/mse"] - PAPER, rel=1e-3)
+
+    # Learning curves from the TensorBoard events: one PNG per tag, with a curve per finished run.
+    import matplotlib.image
+
+    for tag in ("val_mse", "train_loss"):
+        image = matplotlib.image.imread(sweep_dir / f"curves_{tag}.png")
+        assert image.shape[0] > 300 and image.shape[1] > 500
+        assert f"plot: {sweep_dir / f'curves_{tag}.png'}" in text
+
+
+@pytest.mark.slow
+def test_group_by_and_bad_keys(sweep, tmp_path):
+    sweep_dir, results = sweep
+    done = run_script("results.py", [str(sweep_dir), "--group-by", "seed", "--metrics", "test/mse",
+                                     "--out", str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    table = json.loads((tmp_path / "results_table.json").read_text())
+    for group in table["groups"]:  # each seed: one finished run (hidden_size 8) and one failed
+        assert (group["runs"], group["finished"]) == (2, 1)
+        (expected,) = [r["test/mse"] for r in results.values()
+                       if r["status"] == "finished" and f"seed={group['seed']}" in r["overrides"]]
+        assert group["test/mse values"] == pytest.approx([expected])
+    assert "grouped by seed" in done.stdout
+
+    done = run_script("results.py", [str(sweep_dir), "--group-by", "model.nope"])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --group-by: no run sets model.nope (overrides found: model.hidden_size, seed, "
+        + ", ".join(k for k in table["common_overrides"]) + ")"]
+    done = run_script("results.py", [str(tmp_path / "empty")])
+    assert done.returncode == 2 and "is not a folder" in done.stderr
