@@ -1,6 +1,5 @@
-"""Re-evaluate a checkpoint: `python eval.py ckpt_path=outputs/<run>/checkpoints/best.ckpt`."""
+"""Re-evaluate a checkpoint: `python eval.py ckpt_path=outputs/<run>/checkpoints/best.ckpt` (or a run directory)."""
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -8,15 +7,14 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from lightning_modules.pipeline import UserError, evaluate  # noqa: E402  (after PROJECT_ROOT is set)
+from lightning_modules.run import evaluate, register_resolvers, run_entry  # noqa: E402  (after PROJECT_ROOT is set)
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    run_entry(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-HPARAM_GROUPS = ("model", "task", "optimizer", "scheduler")
+HPARAM_GROUPS = ("model", "task", "objective", "optimizer", "scheduler")
+
+# The metrics any objective of the project logs (HParams columns), per stage, with the monitors' _best.
+_METRICS = ("loss", "mse", "acc", "seq_acc", "loss_ratio", "bpc", "ppl")
+PROJECT_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in _METRICS) + tuple(
+    f"val/{name}_best" for name in _METRICS)
 
 
 def write_results(output_dir: Path, results: dict) -> Path:
@@ -18,8 +23,17 @@ def write_results(output_dir: Path, results: dict) -> Path:
     handle, temporary = tempfile.mkstemp(dir=output_dir, prefix=".results-", suffix=".json")
     with os.fdopen(handle, "w") as stream:
         json.dump(results, stream, indent=2, sort_keys=True, default=str)
+    # mkstemp creates the file 0600; a results file is for everyone who may read the run (the umask decides).
+    os.chmod(temporary, 0o666 & ~current_umask())
     os.replace(temporary, target)
     return target
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def flatten_hparams(cfg: DictConfig) -> dict:
@@ -43,7 +57,10 @@ def flatten_hparams(cfg: DictConfig) -> dict:
 def log_hparams(loggers: list, cfg: DictConfig, results: dict) -> None:
     """Record the hyper-parameters with the final metrics for TensorBoard's HParams tab (and CSV)."""
     params = flatten_hparams(cfg)
-    metric_names = [k for k, v in results.items() if k.startswith(("val/", "test/")) and isinstance(v, float)]
+    # Every run declares the project's whole set of metric columns: TensorBoard's HParams tab takes its
+    # columns from one run, so a folder mixing tasks would otherwise lose the other tasks' metrics.
+    own = [k for k, v in results.items() if k.startswith(("val/", "test/")) and isinstance(v, float)]
+    metric_names = sorted(set(own) | set(PROJECT_METRICS))
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "_get_file_writer"):  # TensorBoard's SummaryWriter
@@ -51,7 +68,7 @@ def log_hparams(loggers: list, cfg: DictConfig, results: dict) -> None:
 
             # The metric columns read the scalars already logged under these tags; rewriting them
             # here would add a second point at another step.
-            exp, ssi, sei = hparams(params, {name: results[name] for name in metric_names})
+            exp, ssi, sei = hparams(params, {name: results.get(name, float("nan")) for name in metric_names})
             # Lightning closes the writer after testing; _get_file_writer reopens it in the same folder.
             file_writer = experiment._get_file_writer()
             for summary in (exp, ssi, sei):

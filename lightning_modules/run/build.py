@@ -1,0 +1,120 @@
+"""Building a run's pieces from a composed config: datamodule, network, objective, callbacks, loggers,
+trainer. Every failure to build is a one-line :class:`UserError` naming the config group."""
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_modules.run.errors import UserError, one_line, optimizer_error
+
+
+def instantiate_node(node, group: str, **kwargs):
+    """Instantiate ``node`` (calling it with ``kwargs`` if it is a ``_partial_``); a failure becomes a
+    UserError naming the config group."""
+    try:
+        if node.get("_partial_", False):  # Hydra keeps returning a partial even when given kwargs
+            return instantiate(node)(**kwargs) if kwargs else instantiate(node)
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise UserError(f"{group}: {one_line(err.__cause__ or err)}") from err
+    except (ValueError, TypeError, OmegaConfBaseException) as err:
+        raise UserError(f"{group}: {one_line(err)}") from err
+
+
+def choice(group: str) -> str | None:
+    """The config file chosen for ``group`` (e.g. "indrnn" for model), or None outside a Hydra run."""
+    if HydraConfig.initialized():
+        value = HydraConfig.get().runtime.choices.get(group)
+        return None if value in (None, "null") else str(value)
+    return None
+
+
+def objective_node(cfg: DictConfig):
+    """The objective's config: the ``objective`` group (older configs kept it under ``task.objective``)."""
+    node = cfg.get("objective") or cfg.task.get("objective")
+    if node is None:
+        raise UserError("no objective: the task's defaults list must choose one (e.g. `- /objective: regression`)")
+    return node
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    return instantiate_node(cfg.task.datamodule, "task.datamodule")
+
+
+def build_network(cfg: DictConfig) -> torch.nn.Module:
+    """The model config as one network; a task with a ``network`` wrapper (e.g. the encoder-decoder)
+    receives the model as a factory and builds its own networks from it."""
+    wrapper = cfg.task.get("network")
+    if not wrapper and cfg.task.get("encoder_decoder"):
+        return _legacy_encoder_decoder(cfg)
+    if not wrapper:
+        return instantiate_node(cfg.model, "model")
+    model_factory = instantiate_node(OmegaConf.merge(cfg.model, {"_partial_": True}), "model")
+    return instantiate_node(wrapper, "task.network", model=model_factory)
+
+
+def _legacy_encoder_decoder(cfg: DictConfig) -> torch.nn.Module:
+    seq2seq = cfg.task.encoder_decoder
+    embedding_size, context_size = seq2seq.embedding_size, seq2seq.context_size
+    encoder = instantiate_node(cfg.model, "model", input_size=embedding_size, output_size=context_size)
+    causal = {"bidirectional": False} if "bidirectional" in cfg.model else {}
+    if "bidirectional" in cfg.model.get("layer", {}):
+        causal["layer"] = {"bidirectional": False}
+    decoder = instantiate_node(cfg.model, "model", input_size=embedding_size + context_size,
+                               output_size=cfg.task.output_size, readout="all", **causal)
+    return instantiate_node(seq2seq, "task.encoder_decoder", encoder=encoder, decoder=decoder)
+
+
+def build_objective(cfg: DictConfig, network: torch.nn.Module, run_config: dict) -> pl.LightningModule:
+    """The task's objective around ``network``; its optimizer and scheduler are built once here so
+    that a bad optimizer value fails before training, as one line naming the key."""
+    optimizer = instantiate_node(cfg.optimizer, "optimizer")
+    scheduler = instantiate_node(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    objective = instantiate_node(objective_node(cfg), "objective", net=network, optimizer=optimizer,
+                                 scheduler=scheduler, run_config=run_config)
+    try:
+        objective.configure_optimizers()
+    except (ValueError, TypeError, KeyError) as err:
+        raise optimizer_error(err) from err
+    return objective
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [instantiate_node(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()
+            if node is not None and "_target_" in node]
+
+
+def build_loggers(cfg: DictConfig, purge_step: int | None = None) -> list:
+    """The configured loggers; TensorBoard ones hide events at and after ``purge_step`` (a resume
+    continues the curve from its checkpoint's step instead of drawing the lost steps twice)."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        extra = {"purge_step": purge_step} if purge_step is not None and "TensorBoard" in str(node._target_) else {}
+        loggers.append(instantiate_node(node, f"logger.{name}", **extra))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) -> pl.Trainer:
+    precision = cfg.trainer.get("float32_matmul_precision") if "trainer" in cfg else None
+    trainer_cfg = cfg.trainer
+    if precision is not None:  # a torch setting, not a Trainer argument
+        torch.set_float32_matmul_precision(str(precision))
+        trainer_cfg = OmegaConf.masked_copy(trainer_cfg, [k for k in trainer_cfg if k != "float32_matmul_precision"])
+    return instantiate_node(trainer_cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+__all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
+           "build_trainer", "choice", "count_parameters", "instantiate_node", "objective_node"]

@@ -1,0 +1,333 @@
+"""The run driver behind train.py and eval.py: read top to bottom, it is the flow of a run
+(ARCHITECTURE.md): resume? -> datamodule -> network -> objective -> callbacks -> loggers -> trainer
+-> fit -> test the best checkpoint -> results.json and TensorBoard HParams.
+
+Whatever happens, the run directory ends with a results.json whose ``status`` says so: ``finished``,
+``diverged``, ``interrupted`` (SIGINT/SIGTERM, with ``last.ckpt`` written), ``failed`` (with its
+one-line error), or ``running`` left behind by a run killed without warning, which the next resume
+records as ``killed``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.download import DownloadError
+from lightning_modules.base import NonFiniteLossError
+from lightning_modules.results import log_hparams, write_results
+from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
+                                         build_objective, build_trainer, choice, count_parameters)
+from lightning_modules.run.errors import UserError, one_line
+from lightning_modules.run.recorder import RunRecorder
+from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_run_dir, resolve_checkpoint
+from lightning_modules.run.signals import GracefulStop
+
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's messages through the root handlers that Hydra set up (console and train.log).
+
+    Lightning installs its own console handler at import when the root logger has none yet (always
+    the case before Hydra starts), which would print every message twice and keep it out of train.log.
+    """
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        lightning_logger = logging.getLogger(name)
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and getattr(HydraConfig.get().mode, "name", None) == "MULTIRUN"
+
+
+def read_results(output_dir: Path) -> dict:
+    try:
+        return json.loads((output_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_our_checkpoint(path: Path, what: str = "ckpt_path") -> dict:
+    """``torch.load`` (weights only) of a checkpoint written by train.py, or a one-line UserError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, garbage, or a pickle with foreign classes: one message for all
+        reason = type(err).__name__
+        raise UserError(f"{what}={path} is not a checkpoint that train.py wrote (torch could not read it: "
+                        f"{reason}); pass a .ckpt file from <run>/checkpoints/") from err
+    run_config = checkpoint.get("hyper_parameters", {}).get("run_config") if isinstance(checkpoint, dict) else None
+    if not isinstance(run_config, dict):
+        raise UserError(f"{what}={path} is a PyTorch file but not a checkpoint of this project (it holds no run "
+                        f"config); pass a .ckpt file from <run>/checkpoints/")
+    return checkpoint
+
+
+class Resume:
+    """Where a resumed run starts: its checkpoint, the step in it, and the earlier sessions' record."""
+
+    def __init__(self, checkpoint: Path, step: int, previous: dict) -> None:
+        self.checkpoint, self.step, self.previous = checkpoint, step, previous
+
+    @staticmethod
+    def find(cfg: DictConfig, output_dir: Path) -> "Resume | None":
+        """The checkpoint named by ``ckpt_path`` (``last``, a run directory or a file), or, when none is
+        named, the run directory's own ``last.ckpt`` if its run never finished (a requeued SLURM job)."""
+        requested = cfg.get("ckpt_path")
+        task, model = choice("task") or "*", choice("model") or "*"
+        if requested not in (None, ""):
+            checkpoint = resolve_checkpoint(requested, cfg.paths.log_dir, task, model)
+            if checkpoint is None:
+                if str(requested) == "last":
+                    raise UserError(f"ckpt_path=last: no run of task={task} model={model} with "
+                                    f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT} under {cfg.paths.log_dir}; pass a run "
+                                    f"directory or a checkpoint file instead")
+                raise UserError(f"ckpt_path={requested}: no such checkpoint (pass a .ckpt file, a run directory "
+                                f"holding {CHECKPOINT_DIR}/{LAST_CHECKPOINT}, or `last`)")
+        else:
+            checkpoint = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+            if not checkpoint.is_file() or read_results(output_dir).get("status") == "finished":
+                return None
+        step = int(load_our_checkpoint(checkpoint).get("global_step", 0))
+        previous = read_results(checkpoint_run_dir(checkpoint))
+        if checkpoint_run_dir(checkpoint) != output_dir.resolve():
+            log.warning("resuming from %s into %s, not into the run it came from", checkpoint, output_dir)
+        return Resume(checkpoint, step, previous)
+
+    def history(self) -> list[dict]:
+        """The earlier sessions: how each ended (a run left ``running`` was killed without warning)."""
+        status = self.previous.get("status", "unknown")
+        ended = {"running": "killed"}.get(status, status)
+        entry = {"status": ended, "steps": self.previous.get("steps"), "resumed_from_step": self.step,
+                 "resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return list(self.previous.get("resume_history", [])) + [entry]
+
+
+def run_record(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict:
+    """results.json's fields known before training."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    record = {
+        "status": "running",
+        "task": choice("task"), "model": choice("model"), "experiment": choice("experiment"),
+        "overrides": list(hydra.overrides.task) if hydra else [],
+        "output_dir": str(output_dir.resolve()), "monitor": cfg.task.monitor,
+        "host": socket.gethostname(), "pid": os.getpid(),
+    }
+    if os.environ.get("SLURM_JOB_ID"):
+        record["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    if resume is not None:
+        history = resume.history()
+        record.update(resumes=len(history), resume_history=history, resumed_from=str(resume.checkpoint))
+    return record
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config (no hydra node) as plain Python types, plus the chosen config names, for
+    checkpoints (``weights_only`` loading needs plain types) and eval.py."""
+    plain = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "hydra"}
+    plain["choices"] = {group: choice(group) for group in ("task", "model", "experiment")}
+    return plain
+
+
+def best_validation(recorder: RunRecorder, output_dir: Path) -> dict | None:
+    """The best validation's metrics; from results.json when training ran in spawned processes."""
+    return recorder.best or read_results(output_dir).get("best")
+
+
+def summary_metrics(best: dict | None, monitor: str) -> dict:
+    """results.json's validation fields: ``val/*`` at the best validation, ``{monitor}_best``, its step."""
+    if not best:
+        return {}
+    fields = {key: value for key, value in best.items() if key.startswith("val/")}
+    if monitor in best:
+        fields[f"{monitor}_best"] = best[monitor]
+    fields.update(best_step=best.get("step"), best_epoch=best.get("epoch"))
+    return fields
+
+
+def existing(path: str | None) -> str | None:
+    return path if path and Path(path).exists() else None
+
+
+def print_summary(output_dir: Path, record: dict) -> None:
+    metrics = {k: v for k, v in record.items() if k.startswith(("val/", "test/")) and isinstance(v, float)}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    print(f"run directory: {output_dir}\nfinal metrics: {shown} ({record.get('steps')} steps, "
+          f"{record.get('seconds')} s)", flush=True)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, test the best checkpoint, write results.json; return the best monitored value.
+
+    Raises UserError (one line) for bad configs, data and checkpoints, and RunInterrupted on a signal;
+    in a sweep every failure is recorded in the job's results.json and NaN is returned instead, so
+    the sweep goes on to its next job.
+    """
+    started = time.time()
+    route_lightning_logs()
+    output_dir = Path(cfg.paths.output_dir)
+    record: dict = {"status": "running", "task": choice("task"), "model": choice("model"),
+                    "output_dir": str(output_dir.resolve())}
+    trainer = None
+    try:
+        resume = Resume.find(cfg, output_dir)
+        record = run_record(cfg, output_dir, resume)
+        seconds_before = float(resume.previous.get("seconds") or 0.0) if resume else 0.0
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg)
+        network = build_network(cfg)
+        objective = build_objective(cfg, network, plain_config(cfg))
+        record["params"] = count_parameters(objective)
+        recorder = RunRecorder(output_dir, cfg.task.monitor, cfg.task.monitor_mode, record, seconds_before)
+        loggers = build_loggers(cfg, purge_step=resume.step if resume else None)
+        trainer = build_trainer(cfg, loggers, build_callbacks(cfg) + [recorder])
+        if trainer.is_global_zero:
+            write_results(output_dir, record)
+
+        with GracefulStop(trainer, recorder) as stop:
+            trainer.fit(objective, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None,
+                            weights_only=True)
+        checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint)), None)
+        best_checkpoint = existing(getattr(checkpoint, "best_model_path", None))
+        record.update(summary_metrics(best_validation(recorder, output_dir), cfg.task.monitor),
+                      steps=trainer.global_step, epochs=trainer.current_epoch, best_checkpoint=best_checkpoint,
+                      last_checkpoint=existing(str(recorder.last_checkpoint)), seconds=recorder.seconds())
+        if stop.received is not None:
+            record.update(status="interrupted", error=f"stopped by signal {stop.received} at step {trainer.global_step}")
+            raise RunInterrupted(f"interrupted at step {trainer.global_step}: last.ckpt and results.json are in "
+                                 f"{output_dir}; resume with ckpt_path={output_dir}", stop.exit_code)
+        record["status"] = "fitted"
+        if trainer.is_global_zero:  # a crash while testing must not lose the fit's results
+            write_results(output_dir, record)
+        if cfg.get("test", True):
+            # Without a best checkpoint (e.g. fast_dev_run) the current weights are tested.
+            tested = trainer.test(objective, datamodule=datamodule, ckpt_path=best_checkpoint, verbose=False,
+                                      weights_only=True)
+            record.update({key: float(value) for key, value in (tested[0] if tested else {}).items()})
+        record.update(status="finished", seconds=round(seconds_before + time.time() - started, 2))
+        if trainer.is_global_zero:
+            write_results(output_dir, record)
+            if not trainer.fast_dev_run:  # a smoke test leaves no TensorBoard run behind
+                log_hparams(loggers, cfg, record)
+            print_summary(output_dir, record)
+        monitor = cfg.task.monitor
+        best = record.get(f"{monitor}_best", record.get(monitor))
+        return None if best is None else float(best)
+    except NonFiniteLossError as err:
+        saved = [name for name in ("best.ckpt", LAST_CHECKPOINT) if (output_dir / CHECKPOINT_DIR / name).is_file()]
+        record.update(status="diverged", error=one_line(err), steps=getattr(trainer, "global_step", 0))
+        where = (f"results.json and the last good checkpoints ({', '.join(saved)}) are in {output_dir}" if saved
+                 else f"no checkpoint was saved before it; results.json is in {output_dir}")
+        return _fail(record, output_dir, started, UserError(f"{one_line(err)} ({where})"), err)
+    except RunInterrupted as err:
+        _write_final(record, output_dir, started)
+        raise
+    except (UserError, DownloadError) as err:
+        record.update(status="failed", error=one_line(err))
+        return _fail(record, output_dir, started, err if isinstance(err, UserError) else UserError(one_line(err)), err)
+    except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl-C, or Lightning's own exit on one
+        record.update(status="interrupted", error=f"{type(err).__name__} at step {getattr(trainer, 'global_step', 0)}")
+        _write_final(record, output_dir, started)
+        raise RunInterrupted(f"interrupted: results.json is in {output_dir}", 130) from err
+    except Exception as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {one_line(err)}")
+        _write_final(record, output_dir, started)
+        if is_multirun():
+            log.error("job failed: %s\n%s", record["error"], traceback.format_exc())
+            return math.nan
+        raise
+
+
+def _write_final(record: dict, output_dir: Path, started: float) -> None:
+    record.setdefault("seconds", round(time.time() - started, 2))
+    write_results(output_dir, record)
+
+
+def _fail(record: dict, output_dir: Path, started: float, error: UserError, cause: BaseException) -> float:
+    """Record a failed/diverged run; in a sweep log it and go on (NaN), else raise the one-line error."""
+    _write_final(record, output_dir, started)
+    if is_multirun():
+        log.error("job %s: %s", record.get("status"), one_line(error))
+        return math.nan
+    raise error from cause
+
+
+def evaluation_checkpoint(requested) -> Path:
+    """The checkpoint eval.py tests: a file, or a run directory's best.ckpt (else its last.ckpt)."""
+    if requested in (None, ""):
+        raise UserError("eval.py needs ckpt_path=PATH: a .ckpt file or a run directory (outputs/<day>/<run>)")
+    path = Path(str(requested)).expanduser()
+    if path.is_dir():
+        for name in ("best.ckpt", LAST_CHECKPOINT):
+            for candidate in (path / CHECKPOINT_DIR / name, path / name):
+                if candidate.is_file():
+                    return candidate.resolve()
+        raise UserError(f"ckpt_path={requested}: the directory holds no {CHECKPOINT_DIR}/best.ckpt or "
+                        f"{LAST_CHECKPOINT}")
+    if not path.is_file():
+        raise UserError(f"ckpt_path={requested}: no such file (pass outputs/<run>/checkpoints/best.ckpt or a run "
+                        f"directory)")
+    return path.resolve()
+
+
+# eval.py's own settings replace the training run's for these keys (merging would keep, e.g., the
+# training run's TensorBoard logger and write test points into its curves).
+EVAL_OWN_KEYS = ("trainer", "paths", "logger", "seed")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Rebuild the run stored in ``cfg.ckpt_path``, test it, and write results.json into eval.py's own
+    run directory (never into the training run's); return the test metrics."""
+    started = time.time()
+    route_lightning_logs()
+    requested = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False, default=None)
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        requested = None
+    ckpt_path = evaluation_checkpoint(requested)
+    stored = load_our_checkpoint(ckpt_path)["hyper_parameters"]["run_config"]
+    run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
+    for key in EVAL_OWN_KEYS:
+        if key in cfg:
+            run_cfg[key] = cfg[key]
+    pl.seed_everything(run_cfg.seed, workers=True)
+    datamodule = build_datamodule(run_cfg)
+    objective = build_objective(run_cfg, build_network(run_cfg), dict(stored))
+    trainer = build_trainer(run_cfg, build_loggers(run_cfg), [])
+    try:
+        tested = trainer.test(objective, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False,
+                              weights_only=True)
+    except DownloadError as err:
+        raise UserError(one_line(err)) from err
+    metrics = {key: float(value) for key, value in tested[0].items()}
+    # Checkpoints from before the driver stored its config choices: the training run's results.json has them.
+    choices = stored.get("choices") or read_results(checkpoint_run_dir(ckpt_path))
+    output_dir = Path(run_cfg.paths.output_dir)
+    record = {"status": "finished", "checkpoint": str(ckpt_path), "task": choices.get("task"),
+              "model": choices.get("model"), "experiment": choices.get("experiment"),
+              "training_run": str(checkpoint_run_dir(ckpt_path)), **metrics, "params": count_parameters(objective),
+              "seconds": round(time.time() - started, 2), "output_dir": str(output_dir.resolve())}
+    if trainer.is_global_zero:
+        write_results(output_dir, record)
+        print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+        print(f"results written to {output_dir / 'results.json'}", flush=True)
+    return metrics
