@@ -1,13 +1,21 @@
-"""The objectives on their own: classification learns, schedulers and gradient clipping plug in."""
+"""The objectives on their own: classification learns, schedulers and gradient clipping plug in,
+padded variable-length batches score exactly as the sequences one by one, and each objective
+rejects a network whose readout or direction does not suit it."""
 import functools
 
+import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from datamodules.splits import collate_sequences
 from lightning_modules.classification import SequenceClassificationModule
+from lightning_modules.labelling import SequenceLabellingModule
 from lightning_modules.regression import SequenceRegressionModule
-from src.networks import RecurrentNetwork
+from lightning_modules.seq2seq import EncoderDecoderModule
+from src.batch import SequenceBatch
+from src.networks import EncoderDecoder, RecurrentNetwork
 
 
 def sign_of_first_step(samples=256, steps=12, seed=0):
@@ -19,10 +27,19 @@ def sign_of_first_step(samples=256, steps=12, seed=0):
 
 def fit(module, dataset, **trainer_kwargs):
     loader = DataLoader(dataset, batch_size=32, shuffle=True)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, **trainer_kwargs)
+    trainer = make_trainer(**trainer_kwargs)
     trainer.fit(module, loader, loader)
     return trainer
+
+
+def make_trainer(**kwargs):
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, **kwargs)
+
+
+def gru(output_size=2, readout="last", **kwargs):
+    return RecurrentNetwork(torch.nn.GRU, input_size=1, output_size=output_size, hidden_size=8, readout=readout,
+                            **kwargs)
 
 
 def test_classification_learns_and_tracks_the_best_accuracy():
@@ -36,15 +53,167 @@ def test_classification_learns_and_tracks_the_best_accuracy():
     assert float(trainer.callback_metrics["val/acc_best"]) >= accuracy
 
 
+class GradientSpy(pl.Callback):
+    """Largest |gradient| before Lightning clips it and when the optimizer applies it, per step."""
+
+    def __init__(self):
+        self.before_clipping, self.applied = [], []
+
+    def on_train_start(self, trainer, pl_module):
+        largest = lambda: max(p.grad.abs().max().item() for p in pl_module.parameters() if p.grad is not None)
+        # Lightning hands the optimizer a closure (forward, backward, clipping): its gradients exist
+        # only after step() ran it, and stay until the next step zeroes them.
+        trainer.optimizers[0].register_step_post_hook(lambda *_: self.applied.append(largest()))
+        self.largest = largest
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before_clipping.append(self.largest())
+
+
 def test_plateau_scheduler_and_value_clipping():
     pl.seed_everything(0)
     network = RecurrentNetwork(torch.nn.RNN, input_size=1, output_size=1, hidden_size=8)
-    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0)
+    # threshold=1: no epoch ever counts as an improvement, so each validation halves the LR.
+    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0, threshold=1.0)
     module = SequenceRegressionModule(network, functools.partial(torch.optim.SGD, lr=0.1), scheduler=scheduler,
                                       monitor="val/mse")
     dataset = sign_of_first_step(samples=64)
     regression = TensorDataset(dataset.tensors[0], dataset.tensors[1].float().unsqueeze(1))
-    trainer = fit(module, regression, max_epochs=4, gradient_clip_val=0.01, gradient_clip_algorithm="value")
+    spy = GradientSpy()
+    trainer = fit(module, regression, max_epochs=4, gradient_clip_val=0.01, gradient_clip_algorithm="value",
+                  callbacks=[spy])
     (config,) = trainer.lr_scheduler_configs
     assert config.monitor == "val/mse" and isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    assert trainer.optimizers[0].param_groups[0]["lr"] <= 0.1
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)  # one halving per epoch
+    assert len(spy.applied) == len(spy.before_clipping) == 4 * 2  # 64 samples, batches of 32
+    assert max(spy.before_clipping) > 0.01, "the gradients were large enough to need clipping"
+    assert max(spy.applied) <= 0.01 + 1e-9, "every gradient the optimizer applied was clipped to [-0.01, 0.01]"
+
+
+# Variable-length sequences padded on the right -------------------------------------------------
+
+class VariableLengths(Dataset):
+    """Sequences of 3 to 9 steps: inputs (T_i, 1); targets per sequence (label or value) or per step."""
+
+    def __init__(self, kind: str, count: int = 10, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(3, 10, (count,), generator=generator)
+        self.inputs = [torch.randn(int(t), 1, generator=generator) for t in lengths]
+        self.kind = kind
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, index):
+        x = self.inputs[index]
+        if self.kind == "label":
+            return x, (x.sum() > 0).long()
+        if self.kind == "value":
+            return x, x.sum(dim=0)
+        return x, (x[:, 0].cumsum(0) > 0).long()  # a label per step
+
+
+@pytest.mark.parametrize("readout", ["last", "mean"])
+def test_padded_batch_reads_each_sequence_at_its_own_last_step(readout):
+    torch.manual_seed(0)
+    dataset = VariableLengths("value")
+    batch = collate_sequences([dataset[i] for i in range(len(dataset))])
+    assert isinstance(batch, SequenceBatch) and batch.inputs.shape == (10, int(batch.lengths.max()), 1)
+    assert len(set(batch.lengths.tolist())) > 1
+    module = SequenceRegressionModule(gru(output_size=1, readout=readout), torch.optim.Adam).eval()
+    with torch.no_grad():
+        padded = module(batch.inputs, batch.lengths)
+        one_by_one = torch.cat([module(x[None]) for x, _ in dataset])
+        ignored = module(batch.inputs, None)  # without lengths the padding would be read
+    torch.testing.assert_close(padded, one_by_one)
+    assert not torch.allclose(ignored, one_by_one)
+
+
+def validate(module, dataset, batch_size):
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_sequences)
+    return make_trainer().validate(module, loader, verbose=False)[0]
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("label", lambda: SequenceClassificationModule(gru(), torch.optim.Adam, num_classes=2)),
+    ("value", lambda: SequenceRegressionModule(gru(output_size=1), torch.optim.Adam)),
+])
+def test_padded_batches_score_as_the_sequences_one_by_one(kind, make):
+    torch.manual_seed(0)
+    module, dataset = make(), VariableLengths(kind, count=12)
+    padded, one_by_one = validate(module, dataset, batch_size=6), validate(module, dataset, batch_size=1)
+    assert padded.keys() == one_by_one.keys() and len(padded) >= 2
+    for key in padded:
+        assert padded[key] == pytest.approx(one_by_one[key], rel=1e-5), key
+
+
+def test_labelling_leaves_padded_steps_out_of_loss_and_accuracy():
+    torch.manual_seed(0)
+    module = SequenceLabellingModule(gru(readout="all"), torch.optim.Adam, num_classes=2).eval()
+    dataset = VariableLengths("steps", count=12)
+    with torch.no_grad():
+        logits = torch.cat([module(x[None])[0] for x, _ in dataset])  # (sum of T_i, 2)
+    labels = torch.cat([y for _, y in dataset])
+    expected_loss = F.cross_entropy(logits, labels).item()
+    expected_accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    metrics = validate(module, dataset, batch_size=12)  # one batch: its loss is the mean over its steps
+    assert metrics["val/loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(expected_accuracy)
+    # Padded steps with labels that would count: the result must not move.
+    batch = collate_sequences([dataset[i] for i in range(len(dataset))])
+    poisoned = batch.targets.masked_fill(~torch.arange(batch.inputs.shape[1]).lt(batch.lengths[:, None]), 1)
+    with torch.no_grad():
+        predictions, targets = module.valid_steps(module(batch.inputs, batch.lengths), poisoned, batch.lengths)
+    assert module.loss(predictions, targets).item() == pytest.approx(expected_loss, rel=1e-5)
+
+
+# Each objective checks its network ----------------------------------------------------------------
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SequenceClassificationModule(gru(readout="all"), torch.optim.Adam, num_classes=2),
+     "sequence classification: one label per sequence, so task.readout must be 'last' or 'mean', not 'all'"),
+    (lambda: SequenceRegressionModule(gru(output_size=1, readout="all"), torch.optim.Adam),
+     "sequence regression: one target per sequence, so task.readout must be 'last' or 'mean', not 'all'"),
+    (lambda: SequenceRegressionModule(gru(output_size=1, readout="mean"), torch.optim.Adam, per_step_targets=True),
+     "sequence regression: a target at every step needs task.readout=all, not 'mean'"),
+    (lambda: SequenceLabellingModule(gru(readout="last"), torch.optim.Adam, num_classes=2),
+     "sequence labelling: a label at every step needs task.readout=all, not 'last'"),
+    (lambda: SequenceLabellingModule(gru(readout="all", bidirectional=True), torch.optim.Adam, num_classes=2,
+                                     causal=True),
+     "the task is causal (task.causal=true): it predicts each step from the past only, but a bidirectional "
+     "model sees the future"),
+    (lambda: SequenceClassificationModule(
+        RecurrentNetwork(functools.partial(torch.nn.GRU, bidirectional=True), input_size=1, output_size=2,
+                         hidden_size=4), torch.optim.Adam, num_classes=2, causal=True),
+     "the task is causal"),
+], ids=["classification-all", "regression-all", "per-step-regression-mean", "labelling-last",
+        "causal-bidirectional-wrapper", "causal-bidirectional-gru"])
+def test_objective_rejects_an_unsuitable_network_in_one_line(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert "set model.bidirectional=false" in str(error.value) or "causal" not in message
+
+
+def test_bidirectional_network_is_fine_on_a_non_causal_task():
+    module = SequenceClassificationModule(gru(bidirectional=True), torch.optim.Adam, num_classes=2)
+    assert module(torch.randn(3, 5, 1)).shape == (3, 2)
+
+
+def test_encoder_decoder_objective_checks_encoder_and_decoder():
+    def network(readout, bidirectional=False, input_size=8, output_size=11):
+        return RecurrentNetwork(torch.nn.GRU, input_size=input_size, output_size=output_size, hidden_size=8,
+                                readout=readout, bidirectional=bidirectional)
+
+    encoder = network("last", bidirectional=True, output_size=8)
+    net = EncoderDecoder(encoder=encoder, decoder=network("all", input_size=16), vocab_size=11, embedding_size=8,
+                         context_size=8)
+    EncoderDecoderModule(net, torch.optim.Adam)  # a bidirectional encoder reads the whole source: fine
+    with pytest.raises(ValueError, match="the task is causal"):
+        EncoderDecoderModule(net, torch.optim.Adam, causal=True)
+    net.decoder = network("all", bidirectional=True, input_size=16)
+    with pytest.raises(ValueError, match="the decoder is teacher-forced .* a bidirectional model sees the future"):
+        EncoderDecoderModule(net, torch.optim.Adam)
+    net.decoder, net.encoder.readout = network("all", input_size=16), "all"
+    with pytest.raises(ValueError, match="task.readout is the encoder's summary of the source"):
+        EncoderDecoderModule(net, torch.optim.Adam)
