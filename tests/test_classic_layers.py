@@ -10,33 +10,23 @@ from torch import nn
 
 from lightning_modules.pipeline import train
 from src.layers.common import apply_constraints
+from src.state import state_tensors
 from src.layers.jordan import JordanRNN
 from src.layers.leaky import LeakyRNN
 from src.layers.narx import NARX
 from src.layers.skip import SkipRNN
 from src.layers.tdnn import TDNN
+from src.networks import RecurrentNetwork
 from tests.conftest import QUICK, compose_train
+from tests.registry import LAYERS
 
 T, B, I, H = 12, 3, 4, 8
-LAYERS = {
-    "leaky": lambda **kw: LeakyRNN(I, H, **kw),
-    "leaky_learned": lambda **kw: LeakyRNN(I, H, alpha_mode="learned", alpha_range=(0.2, 0.8), **kw),
-    "skip": lambda **kw: SkipRNN(I, H, delays=[1, 3], **kw),
-    "jordan": lambda **kw: JordanRNN(I, H, **kw),
-    "narx": lambda **kw: NARX(I, H, input_delays=2, output_delays=3, mlp_hidden=5, **kw),
-    "tdnn": lambda **kw: TDNN(I, H, window=3, dilation=2, **kw),
-}
-MODEL_CONFIGS = ["leaky_rnn", "skip_rnn", "jordan", "narx", "tdnn"]
+CLASSIC = ["leaky", "leaky_learned", "skip", "jordan", "narx", "tdnn"]  # registry entries, I = 4, H = 8
+MODEL_CONFIGS = {"leaky_rnn": LeakyRNN, "skip_rnn": SkipRNN, "jordan": JordanRNN, "narx": NARX, "tdnn": TDNN}
 
 
 def build(name, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return LAYERS[name](**kwargs)
-
-
-def last_output(h_n):
-    """The last output step from any layer's h_n (NARX's is a tuple whose first item ends with it)."""
-    return h_n[0][-1] if isinstance(h_n, tuple) else h_n[0]
+    return LAYERS[name](seed=seed, **kwargs)
 
 
 def copy_into_rnn(layer, weight_hh, nonlinearity="tanh"):
@@ -51,21 +41,21 @@ def copy_into_rnn(layer, weight_hh, nonlinearity="tanh"):
 
 # --- the common contract -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_shapes_layouts_and_unbatched(name):
     layer = build(name)
     x = torch.randn(T, B, I)
-    output, h_n = layer(x)
+    output, state = layer(x)
     assert output.shape == (T, B, H)
-    torch.testing.assert_close(last_output(h_n), output[-1])
     bf = build(name, batch_first=True)
-    output_bf, _ = bf(x.transpose(0, 1))
+    output_bf, state_bf = bf(x.transpose(0, 1))
     assert output_bf.shape == (B, T, H)
     torch.testing.assert_close(output_bf.transpose(0, 1), output)
-    single, h_single = layer(x[:, 1])
+    single, state_single = layer(x[:, 1])
     assert single.shape == (T, H)
     torch.testing.assert_close(single, output[:, 1])
-    torch.testing.assert_close(last_output(h_single) if isinstance(h_single, tuple) else h_single[0], output[-1, 1])
+    for batched, unbatched in zip(state_tensors(state), state_tensors(state_single)):  # the batch axis is dim 1
+        torch.testing.assert_close(unbatched, batched[:, 1])
     with pytest.raises(ValueError, match="expects input of shape"):
         layer(torch.randn(T, B, I + 1))
     output.sum().backward()
@@ -74,18 +64,20 @@ def test_shapes_layouts_and_unbatched(name):
 
 @pytest.mark.parametrize("name", ["leaky", "leaky_learned", "skip", "jordan"])
 def test_hx_is_the_state_before_the_first_step_and_is_checked(name):
+    """torch.nn.RNN's hx (1, B, H) is h_{-1} (SkipRNN: older states zero); other shapes are one-line errors."""
     layer = build(name)
     x = torch.randn(T, B, I)
-    full, _ = layer(x)
-    first, h_mid = layer(x[:5])
-    second, _ = layer(x[5:], h_mid)
-    if name != "skip":  # SkipRNN carries only h_{t-1}: its longer delays restart from zeros
-        torch.testing.assert_close(torch.cat([first, second]), full)
     hx = torch.randn(1, B, H)
-    _, h_one = layer(x[:, 0], hx[:, 0])
-    torch.testing.assert_close(h_one[0], layer(x, hx)[1][0, 0])
-    with pytest.raises(ValueError, match=r"hx .*must have shape \(1, 3, 8\)"):
+    output, state = layer(x, hx)
+    single, state_one = layer(x[:, 0], hx[:, 0])
+    torch.testing.assert_close(single, output[:, 0])
+    torch.testing.assert_close(state_one[-1], state[-1, 0])  # the last hidden state / output
+    torch.testing.assert_close(state[-1], output[-1])
+    wrong = r"SkipRNN state \(the last max\(delays\) states\) must have shape \(3, 3, 8\)" if name == "skip" \
+        else r"hx .*must have shape \(1, 3, 8\)"
+    with pytest.raises(ValueError, match=wrong) as error:
         layer(x, torch.zeros(2, B, H))
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("factory, message", [
@@ -96,8 +88,8 @@ def test_hx_is_the_state_before_the_first_step_and_is_checked(name):
     (lambda: LeakyRNN(I, H, alpha_range=(0.0, 1.5)), r"in \[0, 1\]"),
     (lambda: LeakyRNN(I, H, alpha_mode="learned", alpha_range=(0.0, 0.5)), r"in \(0, 1\) for alpha_mode=learned"),
     (lambda: LeakyRNN(I, H, alpha_groups=[0.1, 0.2, 0.3]), "not a multiple of 3 groups"),
-    (lambda: SkipRNN(I, H, delays=[]), "non-empty list of positive integers"),
-    (lambda: SkipRNN(I, H, delays=[1, 0]), "non-empty list of positive integers"),
+    (lambda: SkipRNN(I, H, delays=[]), "delays must be a non-empty list of integers >= 1"),
+    (lambda: SkipRNN(I, H, delays=[1, 0]), "delays must be a non-empty list of integers >= 1"),
     (lambda: SkipRNN(I, H, delays=[1, 2, 2]), "must be distinct"),
     (lambda: JordanRNN(I, H, output_nonlinearity="softmax"), "unknown JordanRNN output_nonlinearity"),
     (lambda: JordanRNN(I, H, output_size=0), "output_size must be a positive integer"),
@@ -107,6 +99,7 @@ def test_hx_is_the_state_before_the_first_step_and_is_checked(name):
     (lambda: TDNN(I, H, window=0), "window must be a positive integer"),
     (lambda: TDNN(I, H, dilation=0), "dilation must be a positive integer"),
     (lambda: TDNN(I, H, nonlinearity="gelu"), "unknown TDNN nonlinearity"),
+    (lambda: NARX(I, H, nonlinearity="gelu"), "unknown NARX nonlinearity"),
 ])
 def test_bad_arguments_are_one_line_value_errors(factory, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -181,7 +174,8 @@ def test_skip_with_delay_one_is_torch_rnn(nonlinearity):
 def test_skip_matches_a_hand_written_loop_with_zero_history_before_hx():
     layer = build("skip")  # delays [1, 3]
     x, hx = torch.randn(T, B, I), torch.randn(1, B, H)
-    output, _ = layer(x, hx)
+    output, state = layer(x, hx)
+    torch.testing.assert_close(state, output[-3:])  # the last max(delays) states, oldest first
     states = {-1: hx[0]}
     for t in range(T):
         total = x[t] @ layer.weight_ih.T + layer.bias
@@ -278,8 +272,9 @@ def test_tdnn_sees_exactly_its_window_and_is_causal(window, dilation):
     layer = TDNN(I, H, window=window, dilation=dilation)
     steps = 20
     x = torch.randn(steps, B, I, requires_grad=True)
-    output, h_n = layer(x)
-    torch.testing.assert_close(h_n[0], output[-1])
+    output, state = layer(x)
+    assert state.shape == ((window - 1) * dilation, B, I)  # the input steps the next chunk still needs
+    torch.testing.assert_close(state, x[steps - (window - 1) * dilation:].detach())
     t = 15
     (grad,) = torch.autograd.grad(output[t].sum(), x)
     seen = {s for s in range(steps) if grad[s].abs().sum() > 0}
@@ -290,7 +285,7 @@ def test_tdnn_sees_exactly_its_window_and_is_causal(window, dilation):
     torch.testing.assert_close(layer(changed)[0][: t + 1], output[: t + 1].detach(), rtol=0, atol=0)
 
 
-def test_tdnn_matches_the_delay_line_sum_and_rejects_a_state():
+def test_tdnn_matches_the_delay_line_sum_and_checks_its_state():
     layer = build("tdnn")  # window 3, dilation 2
     x = torch.randn(T, B, I)
     output, _ = layer(x)
@@ -307,7 +302,8 @@ def test_tdnn_matches_the_delay_line_sum_and_rejects_a_state():
             if t - 2 * k >= 0:
                 total = total + x[t - 2 * k] @ weight[:, :, 2 - k].T
         torch.testing.assert_close(output[t], torch.tanh(total))
-    with pytest.raises(ValueError, match="TDNN keeps no recurrent state: hx must be None"):
+    with pytest.raises(ValueError, match=r"TDNN state \(the last receptive_field - 1 inputs\) must have shape "
+                                         r"\(4, 3, 4\), got \(1, 3, 8\)"):
         layer(x, torch.zeros(1, B, H))
 
 
@@ -316,12 +312,16 @@ def test_tdnn_matches_the_delay_line_sum_and_rejects_a_state():
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_model_config_builds_a_network(tmp_path, name):
     cfg = compose_train(tmp_path, [f"model={name}", "model.hidden_size=16"])
-    network = instantiate(cfg.model)
+    network = instantiate(cfg.model).eval()
+    assert isinstance(network, RecurrentNetwork) and len(network.layers) == cfg.model.num_layers
+    assert all(type(layer) is MODEL_CONFIGS[name] and layer.hidden_size == 16 and layer.batch_first
+               for layer in network.layers)
     inputs = torch.randn(2, 7, cfg.task.input_size)
     predictions, states = network(inputs)
     assert predictions.shape == (2, cfg.task.output_size) and len(states) == cfg.model.num_layers
-    if name != "tdnn":  # states passed back unchanged continue the sequence
-        network(inputs, states)
+    # The states passed back continue the sequences: 3 + 4 steps equal 7 in one call.
+    _, first = network(inputs[:, :3])
+    torch.testing.assert_close(network(inputs[:, 3:], first)[0], predictions)
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

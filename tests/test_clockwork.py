@@ -9,20 +9,18 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.func import functional_call
 
-from src.layers.clockwork import (ClockworkRNN, active_modules, clockwork_mask, clockwork_reference,
-                                  clockwork_rnn, clockwork_schedule)
+from src.kernels import clockwork_recurrence
+from src.kernels.clockwork import active_modules, clockwork_mask, clockwork_reference, clockwork_schedule
+from src.layers.clockwork import ClockworkRNN, ClockworkState
+from tests.registry import CLOCKWORK_H, CLOCKWORK_MODULES, LAYERS
 
-T, B, I, H, G = 19, 3, 4, 16, 4  # 4 modules of 4 units, periods 1, 2, 4, 8
+T, B, I, H, G = 19, 3, 4, CLOCKWORK_H, CLOCKWORK_MODULES  # 4 modules of 4 units, periods 1, 2, 4, 8
 BACKENDS = ("fused", "reference")
 
 
 def make_layer(backend="fused", dtype=torch.float32, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    kwargs = {"num_modules": G, **kwargs}
-    layer = ClockworkRNN(I, H, backend=backend, dtype=dtype, **kwargs)
-    with torch.no_grad():  # larger recurrent weights than the default init: states move more
-        layer.weight_hh.mul_(3.0).mul_(layer.mask)
-    return layer
+    """The registry's Clockwork layer (recurrent weights scaled up) with this backend, dtype and settings."""
+    return LAYERS["clockwork"](seed=seed, backend=backend, dtype=dtype, **kwargs)
 
 
 def units(module, size=H // G):
@@ -33,23 +31,25 @@ def units(module, size=H // G):
 def test_shapes_final_state_and_layouts(backend):
     layer = make_layer(backend)
     x = torch.randn(T, B, I)
-    output, h_n = layer(x)
-    assert output.shape == (T, B, H) and h_n.shape == (1, B, H)
+    output, (h_n, step) = layer(x)
+    assert output.shape == (T, B, H) and h_n.shape == (1, B, H) and step == T
     assert torch.equal(h_n[0], output[-1])
     # batch_first in and out, with the same parameters
     layer_bf = make_layer(backend, batch_first=True)
-    output_bf, h_n_bf = layer_bf(x.transpose(0, 1))
+    output_bf, state_bf = layer_bf(x.transpose(0, 1))
     assert output_bf.shape == (B, T, H)
     torch.testing.assert_close(output_bf.transpose(0, 1), output)
-    torch.testing.assert_close(h_n_bf, h_n)
+    torch.testing.assert_close(state_bf.h, h_n)
     # unbatched (T, I) with hx (1, H)
     hx = torch.randn(1, B, H)
     output_hx, _ = layer(x, hx)
-    single, h_single = layer(x[:, 1], hx[:, 1])
-    assert single.shape == (T, H) and h_single.shape == (1, H)
+    single, state_single = layer(x[:, 1], hx[:, 1])
+    assert single.shape == (T, H) and state_single.h.shape == (1, H) and state_single.step == T
     torch.testing.assert_close(single, output_hx[:, 1])
     with pytest.raises(ValueError, match=r"hx must have shape \(1, 3, 16\)"):
         layer(x, torch.zeros(2, B, H))
+    with pytest.raises(ValueError, match=r"ClockworkRNN state.step must be a non-negative integer"):
+        layer(x, ClockworkState(hx, -1))
     with pytest.raises(ValueError, match="expects input of shape"):
         layer(torch.randn(T, B, I + 1))
 
@@ -98,10 +98,10 @@ def test_fast_modules_never_reach_slow_ones(backend, time_origin):
 
 def run_with_grads(layer, x, hx, grad_output):
     x, hx = x.clone().requires_grad_(), hx.clone().requires_grad_()
-    output, h_n = layer(x, hx)
+    output, (h_n, step) = layer(x, hx)
     (output * grad_output).sum().backward()
     grads = [x.grad, hx.grad] + [p.grad for p in (layer.weight_ih, layer.weight_hh, layer.bias)]
-    return [output.detach(), h_n.detach()] + grads
+    return [output.detach(), h_n.detach(), torch.tensor(step)] + grads
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
@@ -116,7 +116,7 @@ def test_fused_matches_dense_reference(dtype, tolerance, periods, time_origin, n
             with torch.no_grad():
                 layer.weight_hh.mul_(0.1)
     x, hx, grad_output = (torch.randn(*shape, dtype=dtype) for shape in ((T, B, I), (1, B, H), (T, B, H)))
-    names = ["output", "h_n", "input", "hx", "weight_ih", "weight_hh", "bias"]
+    names = ["output", "h_n", "step", "input", "hx", "weight_ih", "weight_hh", "bias"]
     for name, a, b in zip(names, run_with_grads(fused, x, hx, grad_output),
                           run_with_grads(reference, x, hx, grad_output)):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
@@ -183,29 +183,36 @@ def test_explicit_periods_and_mask():
     assert patterns[pattern_of_step[15]] == (((0, 6),), ())
 
 
-def test_time_origin_chains_chunks():
-    """Two chunks with the carried state and a shifted clock equal one pass over the whole sequence."""
-    layer = make_layer()
+@pytest.mark.parametrize("time_origin", [0, 1])
+def test_the_state_carries_the_clock(time_origin):
+    """The returned state holds the step counter: a continued sequence keeps its phase (a plain h would
+    restart the clock at time_origin), and the counter runs on past lcm(periods) without changing the
+    schedule."""
+    layer = make_layer(time_origin=time_origin)
     x = torch.randn(T, B, I)
-    whole, h_whole = layer(x)
-    first, h_first = layer(x[:7])
-    layer.time_origin = 7
-    second, h_second = layer(x[7:], h_first)
+    whole, final = layer(x)
+    first, state = layer(x[:7])
+    assert state.step == time_origin + 7
+    second, final_chunked = layer(x[7:], state)
     torch.testing.assert_close(torch.cat([first, second]), whole)
-    torch.testing.assert_close(h_second, h_whole)
+    assert final_chunked.step == final.step == time_origin + T
+    restarted, _ = layer(x[7:], state.h)  # h alone: the clock restarts, so the modules run at other steps
+    assert not torch.allclose(restarted, second)
+    later, _ = layer(x, ClockworkState(torch.zeros(1, B, H), time_origin + 8 * 1000))  # 8 = lcm(1, 2, 4, 8)
+    torch.testing.assert_close(later, whole)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(hidden_size=10, num_modules=4), r"hidden_size 10 is not divisible by num_modules 4: use a multiple of 4"),
-    (dict(periods=[4, 2, 1, 8]), r"sorted in strictly increasing order"),
-    (dict(periods=[1, 2, 2, 8]), r"sorted in strictly increasing order"),
-    (dict(periods=[0, 1, 2, 4]), r"periods must be positive integers"),
-    (dict(periods=[1, 2.5, 4, 8]), r"periods must be positive integers"),
+    (dict(periods=[4, 2, 1, 8]), r"periods must be strictly increasing"),
+    (dict(periods=[1, 2, 2, 8]), r"periods must be strictly increasing"),
+    (dict(periods=[0, 1, 2, 4]), r"periods must be a non-empty list of integers >= 1"),
+    (dict(periods=[1, 2.5, 4, 8]), r"periods must be a non-empty list of integers >= 1"),
     (dict(periods=[1, 2, 4]), r"periods has 3 entries but num_modules is 4"),
     (dict(num_modules=0), r"num_modules must be a positive integer"),
     (dict(nonlinearity="sigmoid"), r"unknown Clockwork nonlinearity"),
     (dict(time_origin=-1), r"time_origin must be a non-negative integer"),
-    (dict(backend="cuda"), r"unknown Clockwork backend"),
+    (dict(backend="cuda"), r"unknown Clockwork backend 'cuda'; choose one of \('auto', 'fused', 'cpu'"),
 ])
 def test_bad_arguments_raise_one_line(kwargs, message):
     arguments = {"input_size": I, "hidden_size": H, "num_modules": G, **kwargs}
@@ -217,13 +224,16 @@ def test_bad_arguments_raise_one_line(kwargs, message):
 def test_functional_api_checks_shapes():
     x, w_ih, b, w_hh, h0 = torch.randn(5, 2, 3), torch.randn(8, 3), torch.randn(8), torch.randn(8, 8), torch.zeros(2, 8)
     for bias in (b, None):
-        torch.testing.assert_close(clockwork_rnn(x, w_ih, bias, w_hh, h0, (1, 2)),
+        torch.testing.assert_close(clockwork_recurrence(x, w_ih, bias, w_hh, h0, (1, 2)),
                                    clockwork_reference(x, w_ih, bias, w_hh, h0, (1, 2)))
     for backend in BACKENDS:
         with pytest.raises(ValueError, match="needs weight_ih"):
-            clockwork_rnn(x, w_ih, b, w_hh, torch.zeros(3, 8), (1, 2), backend=backend)
+            clockwork_recurrence(x, w_ih, b, w_hh, torch.zeros(3, 8), (1, 2), backend=backend)
         with pytest.raises(ValueError, match="not divisible"):
-            clockwork_rnn(x, w_ih, b, w_hh, h0, (1, 2, 4), backend=backend)
+            clockwork_recurrence(x, w_ih, b, w_hh, h0, (1, 2, 4), backend=backend)
+    # One backend vocabulary (src.kernels.BACKENDS): IndRNN's kernel names are not Clockwork's.
+    with pytest.raises(ValueError, match="backend 'cpu' is an IndRNN kernel; Clockwork takes one of"):
+        clockwork_recurrence(x, w_ih, b, w_hh, h0, (1, 2), backend="cpu")
 
 
 def test_model_config_builds_a_clockwork_network(train_cfg):
@@ -233,8 +243,9 @@ def test_model_config_builds_a_clockwork_network(train_cfg):
     assert isinstance(layer, ClockworkRNN) and layer.batch_first
     assert (layer.hidden_size, layer.num_modules, layer.nonlinearity) == (128, 8, "tanh")
     x = torch.randn(2, cfg.task.seq_len, cfg.task.input_size)
-    prediction, (h_n,) = network(x)
-    assert prediction.shape == (2, cfg.task.output_size) and h_n.shape == (1, 2, 128)
+    prediction, (state,) = network(x)
+    assert prediction.shape == (2, cfg.task.output_size) and state.h.shape == (1, 2, 128)
+    assert state.step == cfg.task.seq_len
 
 
 def test_learns_to_continue_sine_waves():

@@ -8,7 +8,7 @@ import torch
 
 from lightning_modules.callbacks import PlateauReloadBest
 from lightning_modules.classification import SequenceClassificationModule
-from src.layers import IndRNN, TimeBatchNorm
+from src.layers import Bidirectional, IndRNN, TimeBatchNorm
 from src.networks import DenseIndRNN, RecurrentNetwork, ResidualIndRNN
 
 T, B = 784, 3
@@ -23,7 +23,7 @@ def indrnn_layer_params(width_in, width_out, batch_norm=True):
     return width_in * width_out + width_out + width_out + (2 * width_out if batch_norm else 0)
 
 
-PAPER_LAYER = functools.partial(IndRNN, magnitude=5.0, seq_len=T, batch_norm="after")
+PAPER_LAYER = functools.partial(IndRNN, magnitude=5.0, bound_steps=T, batch_norm="after")
 LONG_MEMORY = {"recurrent_init": "long_memory"}
 
 
@@ -64,7 +64,7 @@ def test_dense_pmnist_parameter_count_and_widths():
 
 @pytest.mark.parametrize("network", ["residual", "dense"])
 def test_deep_networks_run_forward_and_backward(network):
-    layer = functools.partial(IndRNN, magnitude=5.0, seq_len=12, batch_norm="after")
+    layer = functools.partial(IndRNN, magnitude=5.0, bound_steps=12, batch_norm="after")
     model = (ResidualIndRNN(layer, 2, 4, hidden_size=8, num_blocks=2) if network == "residual"
              else DenseIndRNN(layer, 2, 4, growth_rate=4, block_config=(2, 1)))
     prediction, _ = model(torch.randn(B, 12, 2))
@@ -116,7 +116,7 @@ def test_batch_norm_per_step_uses_each_steps_statistics():
 @pytest.mark.parametrize("stats", ["all_steps", "per_step"])
 def test_fused_and_reference_agree_through_batch_norm(batch_norm, stats):
     torch.manual_seed(0)
-    kwargs = dict(u_bound=1.2, seq_len=9, batch_norm=batch_norm, batch_norm_stats=stats, batch_first=True)
+    kwargs = dict(u_bound=1.2, bound_steps=9, batch_norm=batch_norm, batch_norm_stats=stats, batch_first=True)
     fused, reference = IndRNN(3, 6, backend="cpu", **kwargs).double(), IndRNN(3, 6, backend="reference", **kwargs).double()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(B, 9, 3, dtype=torch.float64)
@@ -155,17 +155,23 @@ def test_conv1d_projection_is_causal():
     assert not torch.allclose(before[6], after[6])
 
 
-def test_bidirectional_runs_a_separate_backward_layer():
-    layer = IndRNN(3, 4, u_bound=1.0, bidirectional=True, batch_first=True)
+def test_bidirectional_indrnn_goes_through_the_one_wrapper():
+    """``bidirectional`` given to the layer factory (model.layer.bidirectional) or to the network
+    (model.bidirectional), with last-layer settings, builds src.layers.Bidirectional around IndRNN."""
     x = torch.randn(B, 6, 3)
-    output, h_n = layer(x)
-    assert output.shape == (B, 6, 8) and h_n.shape == (2, B, 4)
-    backward, _ = layer.reverse(x.flip(1))
-    torch.testing.assert_close(output[..., 4:], backward.flip(1))
-    torch.testing.assert_close(h_n[1], backward[:, -1])
-    network = RecurrentNetwork(functools.partial(IndRNN, u_bound=1.0, bidirectional=True), 3, 2, hidden_size=4,
-                               num_layers=2)
-    assert network.layers[1].input_size == 8 and network(x)[0].shape == (B, 2)
+    for layer, flag in ((functools.partial(IndRNN, u_bound=1.0, bidirectional=True), False),
+                        (functools.partial(IndRNN, magnitude=2.0, bound_steps=6), True)):
+        network = RecurrentNetwork(layer, 3, 2, hidden_size=4, num_layers=2, bidirectional=flag,
+                                   last_layer_kwargs=LONG_MEMORY)
+        assert all(isinstance(m, Bidirectional) and isinstance(m.backward_layer, IndRNN) for m in network.layers)
+        assert network.layers[1].input_size == 8
+        assert network.layers[1].backward_layer.recurrence.recurrent_init == "long_memory"
+        wrapped = network.layers[0]
+        output, state = wrapped(x)
+        backward, _ = wrapped.backward_layer(x.flip(1).transpose(0, 1))
+        torch.testing.assert_close(output[..., 4:], backward.flip(0).transpose(0, 1))
+        assert state.shape == (2, B, 4) and network(x)[0].shape == (B, 2)
+    assert not any("reverse" in name for name, _ in IndRNN(3, 4, u_bound=1.0).named_modules())
 
 
 def test_one_dimensional_parameters_get_no_weight_decay():

@@ -6,44 +6,42 @@ import torch
 
 from src.layers import IRNN, IndRNN
 from src.networks import RecurrentNetwork
+from tests.registry import LAYERS
 
 T, B, I, H = 7, 3, 4, 5
 
-LAYERS = {
-    "rnn": functools.partial(torch.nn.RNN, nonlinearity="tanh"),
-    "irnn": IRNN,
-    "lstm": torch.nn.LSTM,
-    "gru": torch.nn.GRU,
-    "indrnn": functools.partial(IndRNN, magnitude=2.0, seq_len=T),
-}
+
+def final_hidden(state):
+    """The last hidden state (1, B, H) in any layer's state: LSTM's h of (h, c), an IndRNNState's h."""
+    return state[0] if isinstance(state, tuple) else state
 
 
-def final_hidden(h_n):
-    return h_n[0] if isinstance(h_n, tuple) else h_n  # LSTM returns (h_n, c_n)
-
-
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", ["rnn", "irnn", "lstm", "gru", "indrnn_auto", "indrnn_bn_after", "indrnn_conv1d"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_shapes_and_final_state(name, batch_first):
-    layer = LAYERS[name](input_size=I, hidden_size=H, batch_first=batch_first)
-    x = torch.randn(B, T, I) if batch_first else torch.randn(T, B, I)
-    output, h_n = layer(x)
-    assert output.shape == ((B, T, H) if batch_first else (T, B, H))
-    assert final_hidden(h_n).shape == (1, B, H)
-    last = output[:, -1] if batch_first else output[-1]
-    torch.testing.assert_close(final_hidden(h_n)[0], last)
+    case = LAYERS[name]
+    layer = case(batch_first=batch_first).eval()
+    x = torch.randn(B, T, case.input_size) if batch_first else torch.randn(T, B, case.input_size)
+    output, state = layer(x)
+    assert output.shape == ((B, T, case.width) if batch_first else (T, B, case.width))
+    assert final_hidden(state).shape == (1, B, case.width)
+    if name != "indrnn_bn_after":  # with BN after, the output is normalised; the state is the recurrent h
+        last = output[:, -1] if batch_first else output[-1]
+        torch.testing.assert_close(final_hidden(state)[0], last)
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_initial_state_is_used_and_states_chain(name):
-    """Running two halves with the carried state equals one run over the whole sequence."""
-    torch.manual_seed(0)
-    layer = LAYERS[name](input_size=I, hidden_size=H, batch_first=True)
-    x = torch.randn(B, T, I)
-    whole, _ = layer(x)
-    first, state = layer(x[:, :3])
-    second, _ = layer(x[:, 3:], state)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), whole)
+def test_indrnn_state_is_the_recurrent_state_not_the_batch_normalised_output():
+    layer = IndRNN(I, H, u_bound=1.0, batch_norm="after")
+    with torch.no_grad():
+        layer.norm_after.running_mean.fill_(0.7)  # non-trivial statistics: output != state
+    layer.eval()
+    x = torch.randn(T, B, I)
+    output, state = layer(x)
+    recurrence_only = IndRNN(I, H, u_bound=1.0)
+    recurrence_only.load_state_dict(layer.state_dict(), strict=False)
+    hidden, _ = recurrence_only(x)
+    torch.testing.assert_close(state[0], hidden[-1])
+    assert not torch.allclose(state[0], output[-1])
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "identity"])
@@ -73,13 +71,13 @@ def test_indrnn_unbatched_input():
     torch.testing.assert_close(output, layer(x.unsqueeze(1))[0][:, 0])
 
 
-def test_indrnn_bound_from_magnitude_and_initialisations():
+def test_indrnn_bound_from_magnitude_and_initialisations():  # bound_steps is T in MAG^(1/T)
     bound = 2.0 ** (1 / 100)
-    assert IndRNN(I, H, magnitude=2.0, seq_len=100).u_bound == pytest.approx(bound)
+    assert IndRNN(I, H, magnitude=2.0, bound_steps=100).u_bound == pytest.approx(bound)
     big = 4096
-    u = IndRNN(1, big, magnitude=2.0, seq_len=100).recurrence.weight_hh
+    u = IndRNN(1, big, magnitude=2.0, bound_steps=100).recurrence.weight_hh
     assert 0 <= u.min() and u.max() <= bound
-    u = IndRNN(1, big, magnitude=2.0, seq_len=100, recurrent_init="long_memory").recurrence.weight_hh
+    u = IndRNN(1, big, magnitude=2.0, bound_steps=100, recurrent_init="long_memory").recurrence.weight_hh
     assert u.min() >= 1 / bound and u.max() <= bound
     u = IndRNN(1, big, u_bound=0.5, recurrent_init="uniform01").recurrence.weight_hh
     assert u.max() <= 0.5  # U(0,1) draws are clamped into the bound
@@ -87,7 +85,7 @@ def test_indrnn_bound_from_magnitude_and_initialisations():
 
 def test_indrnn_constraint_holds_after_optimizer_steps():
     torch.manual_seed(0)
-    network = RecurrentNetwork(functools.partial(IndRNN, magnitude=2.0, seq_len=T), I, 1, hidden_size=H,
+    network = RecurrentNetwork(functools.partial(IndRNN, magnitude=2.0, bound_steps=T), I, 1, hidden_size=H,
                                num_layers=2)
     # Adam moves every weight by ~lr per step, far past the bound (~1.1), without overflowing.
     optimizer = torch.optim.Adam(network.parameters(), lr=1.0)
@@ -125,7 +123,8 @@ def test_network_rejects_impossible_sizes(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     ({"hidden_size": -3}, "hidden_size must be a positive integer"),
     ({"nonlinearity": "sigmoid"}, "unknown IndRNN nonlinearity"),
-    ({"magnitude": 2.0}, "needs seq_len"),
+    ({"magnitude": 2.0}, "needs bound_steps"),
+    ({"batch_norm": "after", "batch_norm_stats": "per_step", "u_bound": 1.0}, "per_step' needs bound_steps"),
     ({"u_bound": 0.0}, "u_bound must be > 0"),
     ({"recurrent_init": "long_memory"}, "needs u_bound"),
     ({"backend": "cuda_magic"}, "unknown IndRNN backend"),
@@ -140,8 +139,10 @@ def test_indrnn_rejects_wrong_input_shape():
     layer = IndRNN(I, H)
     with pytest.raises(ValueError, match=r"expects input of shape"):
         layer(torch.randn(T, B, I + 1))
-    with pytest.raises(ValueError, match=r"hx must have shape"):
+    with pytest.raises(ValueError, match=r"IndRNN hx must have shape \(1, 3, 5\), got \(3, 5\)"):
         layer(torch.randn(T, B, I), torch.zeros(B, H))
+    with pytest.raises(ValueError, match=r"IndRNN state.inputs must have shape \(2, 3, 4\)"):
+        IndRNN(I, H, projection="conv1d")(torch.randn(T, B, I), (torch.zeros(1, B, H), torch.zeros(1, B, I), 0))
 
 
 @pytest.mark.parametrize("readout, shape", [("last", (B, 2)), ("mean", (B, 2)), ("all", (B, T, 2))])
@@ -150,3 +151,24 @@ def test_network_readouts(readout, shape):
                                projection_size=6, readout=readout)
     prediction, states = network(torch.randn(B, T, I))
     assert prediction.shape == shape and len(states) == 2
+
+
+@pytest.mark.parametrize("readout", ["last", "mean", "all"])
+def test_readouts_respect_lengths(readout):
+    """A right-padded batch reads out each sequence as if it were alone, at its own length."""
+    torch.manual_seed(0)
+    network = RecurrentNetwork(torch.nn.GRU, I, 2, hidden_size=H, num_layers=2, readout=readout).eval()
+    lengths = torch.tensor([T, 3, 5])
+    x = torch.randn(B, T, I)
+    padded = x.clone()
+    for row, length in enumerate(lengths):
+        padded[row, length:] = 100.0  # padding that would change any readout that saw it
+    prediction, _ = network(padded, lengths=lengths)
+    for row, length in enumerate(lengths.tolist()):
+        alone, _ = network(x[row:row + 1, :length])
+        if readout == "all":  # every step unchanged: the objective masks the padded ones
+            torch.testing.assert_close(prediction[row:row + 1, :length], alone)
+        else:
+            torch.testing.assert_close(prediction[row:row + 1], alone)
+    if readout != "all":  # without lengths the padding is read
+        assert not torch.allclose(network(padded)[0][1:], prediction[1:])

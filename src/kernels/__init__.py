@@ -17,25 +17,51 @@ code's per-step recurrent clipping), identically in every backend. Backends:
 ``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
 ``"cpu"`` backend with few inputs (I <= 8, relu or identity) projection and recurrence run as one
 kernel (:mod:`src.kernels.indrnn_linear_cpu`), else as ``F.linear`` followed by the recurrence.
+
+``clockwork_recurrence(x, weight_ih, bias, weight_hh, h0, periods, ...)`` is the Clockwork RNN
+(:mod:`src.kernels.clockwork`) with the same vocabulary: ``"auto"`` and ``"fused"`` (its
+hand-written backward, plain PyTorch, any device) or ``"reference"``. ``"fused"`` for IndRNN means
+the hand-written kernel for the device ("cpu" or "triton"). Every layer validates its ``backend``
+against :data:`BACKENDS`.
 """
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
 
+from src.kernels.clockwork import ClockworkFunction, clockwork_mask, clockwork_reference
+from src.kernels.clockwork import check_recurrence_args as check_clockwork_arguments
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
 from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
 from src.kernels.reference import ACTIVATIONS, check_grad_clip, indrnn_recurrence_reference
 
-BACKENDS = ("auto", "cpu", "cpu_torch", "triton", "reference")
+BACKENDS = ("auto", "fused", "cpu", "cpu_torch", "triton", "reference")
+# The backends each recurrence has besides "auto", "fused" and "reference".
+KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton"), "clockwork": ()}
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Map "auto" to the fastest backend for ``device`` and ``dtype``; reject impossible choices."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    kernel: str = "indrnn") -> str:
+    """Map "auto" to the fastest backend for ``device`` and ``dtype``; reject impossible choices.
+
+    ``kernel`` ("indrnn" or "clockwork") names the recurrence; Clockwork's one fused kernel is plain
+    PyTorch ("fused", any device), IndRNN's are "cpu"/"cpu_torch" (CPU) and "triton" (CUDA).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown recurrence backend {backend!r}; choose one of {BACKENDS}")
+    if kernel == "clockwork":
+        if backend in KERNEL_BACKENDS["indrnn"]:
+            raise ValueError(f"backend {backend!r} is an IndRNN kernel; Clockwork takes one of "
+                             f"('auto', 'fused', 'reference')")
+        return "reference" if backend == "reference" else "fused"
+    if backend == "fused":  # the hand-written backward for this device, or a one-line error
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and triton_available() and dtype in TRITON_DTYPES:
+            return "triton"
+        raise ValueError(f"no fused IndRNN kernel for {device} {dtype}; use backend='auto' or 'reference'")
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
@@ -106,5 +132,30 @@ def indrnn_linear_recurrence(
     return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen, grad_clip)
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference",
+def clockwork_recurrence(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None,
+                         weight_hh: torch.Tensor, h0: torch.Tensor, periods, nonlinearity: str = "tanh",
+                         time_origin: int = 0, backend: str = "auto", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """All hidden states (T, B, H) of the Clockwork RNN (see :mod:`src.kernels.clockwork`).
+
+    Args:
+        x: inputs (T, B, I); weight_ih: W_x (H, I); bias: b (H,) or None.
+        weight_hh: W_h (H, H), multiplied by ``mask`` (default: block-upper-triangular).
+        h0: the state before the first step (B, H).
+        periods: one clock period per module (module size H / len(periods)).
+        nonlinearity: "tanh", "relu" or "identity".
+        time_origin: absolute step number of x[0] (module i runs when step mod periods[i] == 0).
+        backend: "auto"/"fused" (:class:`ClockworkFunction`) or "reference" (:func:`clockwork_reference`).
+    """
+    chosen = resolve_backend(backend, x.device, x.dtype, kernel="clockwork")
+    if chosen == "reference":
+        return clockwork_reference(x, weight_ih, bias, weight_hh, h0, periods, nonlinearity, time_origin, mask)
+    check_clockwork_arguments(x, weight_ih, bias, weight_hh, h0, periods, nonlinearity, time_origin)
+    if mask is None:
+        mask = clockwork_mask(weight_hh.shape[0], len(periods), x.device)
+    # Masking through autograd: the masked-out entries of W_h get exactly zero gradient.
+    return ClockworkFunction.apply(x, weight_ih, bias, weight_hh * mask, h0, tuple(periods), time_origin,
+                                   nonlinearity)
+
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "clockwork_recurrence", "indrnn_linear_recurrence", "indrnn_recurrence", "indrnn_recurrence_reference",
            "numba_available", "triton_available"]

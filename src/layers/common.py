@@ -1,11 +1,11 @@
-"""Small helpers shared by the recurrent layers: argument checks and layout conversion."""
+"""Small helpers shared by the recurrent layers: layout conversion and one-layer states."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from src.checks import check_positive_int  # noqa: F401  (re-exported for the layers)
+from src.state import State, map_state
 
 
 def to_time_major(input: torch.Tensor, batch_first: bool, input_size: int, layer: str) -> tuple[torch.Tensor, bool]:
@@ -37,17 +37,37 @@ def init_uniform_(parameters, fan: int) -> None:
 
 
 def initial_state(hx: torch.Tensor | None, batch: int, size: int, unbatched: bool, layer: str,
-                  like: torch.Tensor, what: str = "hx") -> torch.Tensor:
+                      like: torch.Tensor, what: str = "hx") -> torch.Tensor:
     """A one-layer state ``hx`` (1, B, size), or (1, size) for unbatched input, as (B, size).
 
     None gives zeros (dtype and device of ``like``); any other shape is a one-line ValueError.
     """
     if hx is None:
         return like.new_zeros(batch, size)
+    if not isinstance(hx, torch.Tensor):
+        raise ValueError(f"{layer} {what} must be a tensor of shape {(1, batch, size)}, got {type(hx).__name__}")
     expected = (1, size) if unbatched else (1, batch, size)
     if tuple(hx.shape) != expected:
         raise ValueError(f"{layer} {what} must have shape {expected}, got {tuple(hx.shape)}")
     return hx.reshape(batch, size)
+
+
+def batched_state(state: State, unbatched: bool) -> State:
+    """The state of an unbatched call ((k, F) tensors) with the batch axis added at dim 1: (k, 1, F)."""
+    return map_state(lambda tensor: tensor.unsqueeze(1), state) if unbatched else state
+
+
+def unbatched_state(state: State, unbatched: bool) -> State:
+    """Inverse of :func:`batched_state`: drop the batch axis (dim 1) of every tensor for an unbatched call."""
+    return map_state(lambda tensor: tensor.squeeze(1), state) if unbatched else state
+
+
+def check_state_tensor(tensor, expected: tuple[int, ...], layer: str, what: str) -> torch.Tensor:
+    """``tensor`` if it is a tensor of shape ``expected``, else a one-line ValueError naming ``what``."""
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(expected):
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{layer} {what} must have shape {tuple(expected)}, got {got}")
+    return tensor
 
 
 def sequence_and_final_state(output: torch.Tensor, batch_first: bool, unbatched: bool):

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.activations import activate
-from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
+from src.activations import FUNCTIONS, activate
+from src.checks import check_choice, check_positive_int
+from src.layers.common import initial_state, init_uniform_, sequence_and_final_state, to_time_major
 
-NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity")
+NONLINEARITIES = tuple(FUNCTIONS)
 
 
 class JordanRNN(nn.Module):
@@ -40,9 +41,9 @@ class JordanRNN(nn.Module):
 
     Shapes:
         input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
-        hx: (1, B, O), the output y_{-1} fed back at the first step (zeros when None); (1, O) unbatched.
-        output: (T, B, O) (or (B, T, O)), the outputs y_t; h_n: (1, B, O), the last output y_{T-1}
-            (the whole recurrent state: pass it back as hx to continue a sequence exactly).
+        state: (1, B, O), the output y_{t-1} fed back at the next step (zeros when None); (1, O)
+            unbatched. The returned state is the last output y_{T-1}, the whole recurrent state.
+        output: (T, B, O) (or (B, T, O)), the outputs y_t.
     """
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int | None = None,
@@ -52,9 +53,8 @@ class JordanRNN(nn.Module):
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.output_size = hidden_size if output_size is None else check_positive_int("output_size", output_size)
-        for name, value in (("nonlinearity", nonlinearity), ("output_nonlinearity", output_nonlinearity)):
-            if value not in NONLINEARITIES:
-                raise ValueError(f"unknown JordanRNN {name} {value!r}; choose one of {NONLINEARITIES}")
+        check_choice("JordanRNN nonlinearity", nonlinearity, NONLINEARITIES)
+        check_choice("JordanRNN output_nonlinearity", output_nonlinearity, NONLINEARITIES)
         self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
@@ -68,10 +68,14 @@ class JordanRNN(nn.Module):
     def reset_parameters(self) -> None:
         init_uniform_((self.weight_ih, self.weight_fb, self.bias_h, self.weight_out, self.bias_out), self.hidden_size)
 
-    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros (1, batch_size, O): no output fed back yet."""
+        return self.weight_ih.new_zeros(1, batch_size, self.output_size)
+
+    def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "JordanRNN")
         batch = x.shape[1]
-        y = initial_state(hx, batch, self.output_size, unbatched, "JordanRNN", like=x,
+        y = initial_state(state, batch, self.output_size, unbatched, "JordanRNN", like=x,
                           what="hx (the previous output y)")
         z = F.linear(x, self.weight_ih, self.bias_h)  # W x_t + b for all steps at once
         weight_fb_t = self.weight_fb.t()

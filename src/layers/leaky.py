@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.activations import activate
-from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
+from src.checks import check_choice, check_positive_int
+from src.layers.common import initial_state, init_uniform_, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
 ALPHA_MODES = ("fixed", "learned")
@@ -51,8 +52,8 @@ class LeakyRNN(nn.Module):
 
     Shapes:
         input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
-        hx: (1, B, H) initial state h_{-1} (zeros when None); (1, H) unbatched.
-        output: (T, B, H) (or (B, T, H)), the state after every step; h_n: (1, B, H), the last.
+        state: (1, B, H), h_{t-1} (zeros when None); (1, H) unbatched. The returned state is the last h.
+        output: (T, B, H) (or (B, T, H)), the state after every step.
     """
 
     def __init__(self, input_size: int, hidden_size: int, alpha_mode: str = "fixed",
@@ -62,10 +63,8 @@ class LeakyRNN(nn.Module):
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"unknown LeakyRNN nonlinearity {nonlinearity!r}; choose one of {NONLINEARITIES}")
-        if alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"unknown LeakyRNN alpha_mode {alpha_mode!r}; choose one of {ALPHA_MODES}")
+        check_choice("LeakyRNN nonlinearity", nonlinearity, NONLINEARITIES)
+        check_choice("LeakyRNN alpha_mode", alpha_mode, ALPHA_MODES)
         low, high = 0.0, 1.0
         strict = alpha_mode == "learned"
         if alpha_groups is not None:
@@ -123,10 +122,14 @@ class LeakyRNN(nn.Module):
         """Leak rate per unit, shape (H,), in [0, 1] (fixed) or (0, 1) (learned)."""
         return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
 
-    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros (1, batch_size, H)."""
+        return self.weight_ih.new_zeros(1, batch_size, self.hidden_size)
+
+    def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LeakyRNN")
         batch = x.shape[1]
-        h = initial_state(hx, batch, self.hidden_size, unbatched, "LeakyRNN", like=x)
+        h = initial_state(state, batch, self.hidden_size, unbatched, "LeakyRNN", like=x)
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         alpha = self.alpha
         keep, weight_hh_t = 1.0 - alpha, self.weight_hh.t()

@@ -4,7 +4,7 @@
 
 A one-hidden-layer MLP reads the last q + 1 inputs (tapped delay line on the input, ``input_delays``
 = q) and its own last p outputs (``output_delays`` = p); the outputs y_t are the layer's output and
-its recurrent state. Inputs and outputs before the first step are zeros unless given in hx.
+its recurrent state. Inputs and outputs before the first step are zeros unless given in the state.
 The input taps of all steps are projected with one matmul before the loop over time.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, from_time_major, to_time_major
 from src.activations import activate
+from src.checks import check_choice, check_non_negative_int, check_positive_int
+from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
 from src.layers.jordan import NONLINEARITIES
 
 
@@ -42,12 +43,12 @@ class NARX(nn.Module):
 
     Shapes:
         input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
-        hx: None (all zeros) or a tuple ``(y_past, x_past)``: y_past (p, B, H) the outputs
+        state: None (all zeros) or a tuple ``(y_past, x_past)``: y_past (p, B, H) the outputs
             y_{-p}, ..., y_{-1} and x_past (q, B, I) the inputs x_{-q}, ..., x_{-1}, oldest first
             ((p, H) and (q, I) unbatched).
         output: (T, B, H) (or (B, T, H)), the outputs y_t.
-        h_n: the same tuple for the next chunk: the last p outputs and the last q inputs (zeros
-            where the sequence was shorter), so that passing h_n back as hx continues a sequence
+        state returned: the same tuple for the next chunk: the last p outputs and the last q inputs
+            (zeros where the sequence was shorter), so that passing it back continues a sequence
             exactly. h_n[0][-1] is the last output.
     """
 
@@ -57,14 +58,11 @@ class NARX(nn.Module):
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
-        if isinstance(input_delays, bool) or not isinstance(input_delays, int) or input_delays < 0:
-            raise ValueError(f"input_delays must be a non-negative integer, got {input_delays!r}")
-        self.input_delays = input_delays
+        self.input_delays = check_non_negative_int("input_delays", input_delays)
         self.output_delays = check_positive_int("output_delays", output_delays)
         self.mlp_hidden = hidden_size if mlp_hidden is None else check_positive_int("mlp_hidden", mlp_hidden)
-        for name, value in (("nonlinearity", nonlinearity), ("output_nonlinearity", output_nonlinearity)):
-            if value not in NONLINEARITIES:
-                raise ValueError(f"unknown NARX {name} {value!r}; choose one of {NONLINEARITIES}")
+        check_choice("NARX nonlinearity", nonlinearity, NONLINEARITIES)
+        check_choice("NARX output_nonlinearity", output_nonlinearity, NONLINEARITIES)
         self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         m = self.mlp_hidden
@@ -85,21 +83,27 @@ class NARX(nn.Module):
                 if param is not None:
                     nn.init.uniform_(param, -bound, bound)
 
-    def _initial_state(self, x: torch.Tensor, hx, unbatched: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, p, q = x.shape[1], self.output_delays, self.input_delays
-        if hx is None:
-            return x.new_zeros(p, batch, self.hidden_size), x.new_zeros(q, batch, self.input_size)
-        lead = () if unbatched else (batch,)
-        expected = ((p, *lead, self.hidden_size), (q, *lead, self.input_size))
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or tuple(map(tuple, (t.shape for t in hx))) != expected:
-            got = tuple(tuple(t.shape) for t in hx) if isinstance(hx, (tuple, list)) else type(hx).__name__
-            raise ValueError(f"NARX hx must be a tuple (y_past, x_past) of shapes {expected}, got {got}")
-        return hx[0].reshape(p, batch, self.hidden_size), hx[1].reshape(q, batch, self.input_size)
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros: (y_past (p, batch_size, H), x_past (q, batch_size, I))."""
+        return (self.weight_out.new_zeros(self.output_delays, batch_size, self.hidden_size),
+                self.weight_out.new_zeros(self.input_delays, batch_size, self.input_size))
 
-    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def _unpack(self, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, p, q = x.shape[1], self.output_delays, self.input_delays
+        if state is None:
+            return x.new_zeros(p, batch, self.hidden_size), x.new_zeros(q, batch, self.input_size)
+        expected = ((p, batch, self.hidden_size), (q, batch, self.input_size))
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"NARX hx must be a tuple (y_past, x_past) of shapes {expected}, "
+                             f"got {type(state).__name__}")
+        for tensor, shape, name in zip(state, expected, ("y_past", "x_past")):
+            check_state_tensor(tensor, shape, "NARX", f"hx (y_past, x_past): {name}")
+        return state[0], state[1]
+
+    def forward(self, input: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "NARX")
         steps, q, p = x.shape[0], self.input_delays, self.output_delays
-        y_past, x_past = self._initial_state(x, hx, unbatched)
+        y_past, x_past = self._unpack(x, batched_state(state, unbatched))
         padded = torch.cat([x_past, x])  # (q + T, B, I): x_{-q}, ..., x_{T-1}
         taps = torch.cat([padded[q - k: q - k + steps] for k in range(q + 1)], dim=-1)  # (T, B, (q+1) I)
         z = F.linear(taps, self.weight_x, self.bias_mlp)  # input part of the MLP for all steps at once
@@ -113,10 +117,8 @@ class NARX(nn.Module):
             outputs.append(y)
             history.append(y)
         output = torch.stack(outputs)
-        state = (torch.stack(history[-p:]), padded[steps:])
-        if unbatched:
-            state = (state[0].squeeze(1), state[1].squeeze(1))
-        return from_time_major(output, self.batch_first, unbatched), state
+        final = (torch.stack(history[-p:]), padded[steps:])
+        return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, input_delays={self.input_delays}, "

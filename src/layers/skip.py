@@ -4,7 +4,8 @@
     h_t = f(W x_t + sum_{d in delays} U_d h_{t-d} + b)
 
 With ``delays=[1]`` this is torch.nn.RNN. A connection of delay d lets a gradient cross d steps
-through one weight matrix, so it shortens the paths to distant inputs by a factor of d.
+through one weight matrix, so it shortens the paths to distant inputs by a factor of d. The state
+is the last max(delays) hidden states, so a sequence continues exactly from a returned state.
 """
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.activations import activate
-from src.layers.common import check_positive_int, init_uniform_, initial_state, sequence_and_final_state, to_time_major
+from src.checks import check_choice, check_int_list, check_positive_int
+from src.layers.common import (batched_state, check_state_tensor, from_time_major, init_uniform_, to_time_major,
+                               unbatched_state)
 
 NONLINEARITIES = ("tanh", "relu")
 
 
 def check_delays(delays: Sequence[int]) -> tuple[int, ...]:
     """``delays`` as a tuple: a non-empty list of distinct positive ints (1 need not be among them)."""
-    values = list(delays)
-    if not values or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in values):
-        raise ValueError(f"delays must be a non-empty list of positive integers, got {values}")
+    values = check_int_list("delays", delays, minimum=1)
     if len(set(values)) != len(values):
-        raise ValueError(f"delays must be distinct, got {values}")
-    return tuple(values)
+        raise ValueError(f"delays must be distinct, got {list(values)}")
+    return values
 
 
 class SkipRNN(nn.Module):
@@ -47,14 +48,14 @@ class SkipRNN(nn.Module):
     U_{delays[k]}, ``bias`` b (H,); all U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.RNN, the recurrent
     matrices further divided by sqrt(len(delays)) so that the summed recurrent input keeps its scale.
 
-    States before the first step: h_{-1} = hx, and h_{-2}, h_{-3}, ... are zeros. So hx carries only
-    the last state: splitting a sequence into chunks and passing h_n on is exact for ``delays=[1]``
-    but drops the older history of the longer delays.
+    State: a tensor (D, B, H), D = max(delays): the last D hidden states h_{t-D}, ..., h_{t-1},
+    oldest first (zeros before the first step), so passing it back continues a sequence exactly;
+    state[-1] is the last hidden state. A (1, B, H) tensor is accepted too (torch.nn.RNN's hx:
+    h_{-1}, with zeros before it). None: all zeros.
 
     Shapes:
-        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
-        hx: (1, B, H) initial state h_{-1} (zeros when None); (1, H) unbatched.
-        output: (T, B, H) (or (B, T, H)), the state after every step; h_n: (1, B, H), the last.
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (states then without B).
+        output: (T, B, H) (or (B, T, H)), the hidden state after every step.
     """
 
     def __init__(self, input_size: int, hidden_size: int, delays: Sequence[int] = (1, 2, 4, 8),
@@ -64,8 +65,7 @@ class SkipRNN(nn.Module):
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.delays = check_delays(delays)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"unknown SkipRNN nonlinearity {nonlinearity!r}; choose one of {NONLINEARITIES}")
+        check_choice("SkipRNN nonlinearity", nonlinearity, NONLINEARITIES)
         self.nonlinearity, self.batch_first = nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
@@ -78,24 +78,36 @@ class SkipRNN(nn.Module):
         init_uniform_((self.weight_ih, self.weight_hh, self.bias), self.hidden_size)
         self.weight_hh.div_(math.sqrt(len(self.delays)))
 
-    def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def memory(self) -> int:
+        """D = max(delays): the hidden states the layer's state keeps."""
+        return max(self.delays)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros (D, batch_size, H)."""
+        return self.weight_ih.new_zeros(self.memory, batch_size, self.hidden_size)
+
+    def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "SkipRNN")
-        batch = x.shape[1]
-        h0 = initial_state(hx, batch, self.hidden_size, unbatched, "SkipRNN", like=x)
+        batch, memory = x.shape[1], self.memory
+        past = batched_state(state, unbatched)
+        if past is None:
+            past = x.new_zeros(memory, batch, self.hidden_size)
+        elif isinstance(past, torch.Tensor) and past.dim() == 3 and past.shape[0] == 1 and memory > 1:
+            past = F.pad(check_state_tensor(past, (1, batch, self.hidden_size), "SkipRNN", "hx"),
+                         (0, 0, 0, 0, memory - 1, 0))  # h_{-1} given, older states zero
+        check_state_tensor(past, (memory, batch, self.hidden_size), "SkipRNN", "state (the last max(delays) states)")
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         weights = [w.t() for w in self.weight_hh]
-        outputs: list[torch.Tensor] = []
+        history = list(past.unbind(0))  # h_{-D}, ..., h_{-1}, then every new state
         for t in range(x.shape[0]):
             total = z[t]
             for delay, weight in zip(self.delays, weights):
-                source = t - delay  # index of h_{t-d}; -1 is hx, earlier ones are zeros
-                if source >= 0:
-                    total = torch.addmm(total, outputs[source], weight)
-                elif source == -1:
-                    total = torch.addmm(total, h0, weight)
-            outputs.append(activate(total, self.nonlinearity))
-        output = torch.stack(outputs)
-        return sequence_and_final_state(output, self.batch_first, unbatched)
+                total = torch.addmm(total, history[-delay], weight)  # h_{t-d}
+            history.append(activate(total, self.nonlinearity))
+        output = torch.stack(history[memory:])
+        final = torch.stack(history[-memory:])
+        return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, delays={list(self.delays)}, "

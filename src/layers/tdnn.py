@@ -6,8 +6,8 @@ Each output step sees its input at the ``window`` = p steps t, t - d, ..., t - (
 ``dilation``), zeros before the first step: a Conv1d over time padded (p - 1) d steps on the left.
 It is computed as one matmul over the stacked taps (T, B, p I): on CPU, torch's Conv1d backward
 pass is about 25x slower than that at these sizes.
-There is no recurrence; the layer still takes and returns a state so that it stacks like the
-recurrent layers (hx must be None, h_n is the last output step).
+There is no recurrence; the layer's state is its window of past inputs (the last (p - 1) d of
+them), so a sequence cut into chunks continues exactly when the returned state is passed back.
 """
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.layers.common import check_positive_int, sequence_and_final_state, to_time_major
-from src.activations import activate
-from src.layers.jordan import NONLINEARITIES
+from src.activations import FUNCTIONS, activate
+from src.checks import check_choice, check_positive_int
+from src.layers.common import (batched_state, check_state_tensor, from_time_major, to_time_major,
+                               unbatched_state)
+
+NONLINEARITIES = tuple(FUNCTIONS)
 
 
 class TDNN(nn.Module):
@@ -39,10 +42,12 @@ class TDNN(nn.Module):
     dilation=d)'s and initialised U(-1/sqrt(I p), 1/sqrt(I p)); ``weight[:, :, p - 1 - k]`` multiplies
     x_{t - k d}.
 
+    State: a tensor (R - 1, B, I), R = :attr:`receptive_field` = (p - 1) d + 1: the last R - 1 input
+    steps, oldest first (zeros before the first step). None: zeros.
+
     Shapes:
-        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
-        hx: must be None (the layer keeps no state between calls).
-        output: (T, B, H) (or (B, T, H)); h_n: (1, B, H) ((1, H) unbatched), the last output step.
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (R - 1, I)).
+        output: (T, B, H) (or (B, T, H)).
     """
 
     def __init__(self, input_size: int, hidden_size: int, window: int = 4, dilation: int = 1,
@@ -53,8 +58,7 @@ class TDNN(nn.Module):
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.window = check_positive_int("window", window)
         self.dilation = check_positive_int("dilation", dilation)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"unknown TDNN nonlinearity {nonlinearity!r}; choose one of {NONLINEARITIES}")
+        check_choice("TDNN nonlinearity", nonlinearity, NONLINEARITIES)
         self.nonlinearity, self.batch_first = nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(hidden_size, input_size, window, **factory))
@@ -73,17 +77,24 @@ class TDNN(nn.Module):
         """Steps from the oldest input an output sees to the output's own step, inclusive: (p - 1) d + 1."""
         return (self.window - 1) * self.dilation + 1
 
-    def forward(self, input: torch.Tensor, hx: None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if hx is not None:
-            raise ValueError("TDNN keeps no recurrent state: hx must be None (it sees only its last "
-                             f"{self.receptive_field} input steps)")
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros (R - 1, batch_size, I): no input seen yet."""
+        return self.weight.new_zeros(self.receptive_field - 1, batch_size, self.input_size)
+
+    def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "TDNN")
-        steps, p, d = x.shape[0], self.window, self.dilation
-        padded = F.pad(x, (0, 0, 0, 0, (p - 1) * d, 0))  # (pad + T, B, I), zeros before the first step
+        steps, batch, p, d = x.shape[0], x.shape[1], self.window, self.dilation
+        memory = self.receptive_field - 1
+        past = batched_state(state, unbatched)
+        if past is None:
+            past = x.new_zeros(memory, batch, self.input_size)
+        check_state_tensor(past, (memory, batch, self.input_size), "TDNN", "state (the last receptive_field - 1 inputs)")
+        padded = torch.cat([past, x])  # (R - 1 + T, B, I): x_{-(R-1)}, ..., x_{T-1}
         taps = torch.cat([padded[j * d: j * d + steps] for j in range(p)], dim=-1)  # block j: x_{t-(p-1-j)d}
         weight = self.weight.permute(0, 2, 1).reshape(self.hidden_size, p * self.input_size)
         output = activate(F.linear(taps, weight, self.bias), self.nonlinearity)  # (T, B, H)
-        return sequence_and_final_state(output, self.batch_first, unbatched)
+        final = padded[padded.shape[0] - memory:]
+        return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, window={self.window}, dilation={self.dilation}, "

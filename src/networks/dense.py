@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from src.layers.common import check_positive_int
-from src.networks.base import SequenceNetwork, TimeSharedDropout
+from src.checks import check_int_list, check_positive_int
+from src.networks.base import SequenceNetwork, TimeSharedDropout, init_linear_, layer_states
 
 
 class DenseIndRNN(SequenceNetwork):
@@ -32,23 +32,25 @@ class DenseIndRNN(SequenceNetwork):
             after the first layer, each bottleneck, each dense layer and each transition
             (paper, pMNIST: 0.2, 0.1, 0.2, 0.1).
         readout: "last", "mean" or "all".
+        head_init: the head's init (see :data:`src.networks.base.LINEAR_INITS`; official: "kaiming_normal").
 
-    Shapes: inputs (B, T, I) -> predictions (B, O) or (B, T, O); no states are returned (empty list).
+    Shapes: inputs (B, T, I) -> predictions (B, O) or (B, T, O); state: a list with one state per
+    recurrent layer, in network order (first layer; per dense layer its bottleneck, then the dense
+    layer; each transition after its block).
     """
 
     def __init__(self, layer: Callable[..., nn.Module], input_size: int, output_size: int, growth_rate: int = 16,
                  block_config: Sequence[int] = (8, 6, 4), bottleneck_factor: int = 4, first_layer_factor: int = 6,
                  add_last_layer: bool = True, dropout_first: float = 0.2, dropout_bottleneck: float = 0.1,
                  dropout_dense: float = 0.2, dropout_transition: float = 0.1, readout: str = "last",
-                 last_layer_kwargs: dict | None = None) -> None:
+                 last_layer_kwargs: dict | None = None, head_init: str = "default") -> None:
         super().__init__(input_size, output_size, readout)
         k = check_positive_int("growth_rate", growth_rate)
         check_positive_int("bottleneck_factor", bottleneck_factor)
         check_positive_int("first_layer_factor", first_layer_factor)
-        block_config = list(block_config)
-        if not block_config or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                       for n in block_config):
-            raise ValueError(f"block_config must be a non-empty list of positive layer counts, got {block_config!r}")
+        if isinstance(block_config, (str, bytes)):
+            raise ValueError(f"block_config must be a non-empty list of integers >= 1, got {block_config!r}")
+        block_config = check_int_list("block_config", block_config, minimum=1)
 
         def indrnn(width_in: int, width_out: int, **extra) -> nn.Module:
             return layer(input_size=width_in, hidden_size=width_out, batch_first=True, **extra)
@@ -72,17 +74,28 @@ class DenseIndRNN(SequenceNetwork):
         self.dropouts = nn.ModuleDict({name: TimeSharedDropout(p) for name, p in (
             ("first", dropout_first), ("bottleneck", dropout_bottleneck), ("dense", dropout_dense),
             ("transition", dropout_transition))})
-        self.head = nn.Linear(width, output_size)
+        self.head = init_linear_(nn.Linear(width, output_size), head_init)
 
-    def features(self, inputs: torch.Tensor, states: list | None) -> tuple[torch.Tensor, list]:
-        if states is not None:
-            raise ValueError("DenseIndRNN does not take initial states")
-        x = self.dropouts["first"](self.first_layer(inputs)[0])
+    @property
+    def num_recurrent_layers(self) -> int:
+        """Recurrent layers, i.e. entries of the state: first + 2 per dense layer + transitions."""
+        return 1 + 2 * sum(len(block) for block in self.blocks) + len(self.transitions)
+
+    def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
+        initial = iter(layer_states(state, self.num_recurrent_layers, "DenseIndRNN"))
+        final_states = []
+
+        def run(layer, x):
+            x, layer_state = layer(x, next(initial))
+            final_states.append(layer_state)
+            return x
+
+        x = self.dropouts["first"](run(self.first_layer, inputs))
         for index, block in enumerate(self.blocks):
             for bottleneck, dense in block:
-                new = self.dropouts["bottleneck"](bottleneck(x)[0])
-                new = self.dropouts["dense"](dense(new)[0])
+                new = self.dropouts["bottleneck"](run(bottleneck, x))
+                new = self.dropouts["dense"](run(dense, new))
                 x = torch.cat([x, new], dim=2)
             if index < len(self.transitions):
-                x = self.dropouts["transition"](self.transitions[index](x)[0])
-        return x, []
+                x = self.dropouts["transition"](run(self.transitions[index], x))
+        return x, final_states

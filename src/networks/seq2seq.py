@@ -1,10 +1,27 @@
 """Encoder-decoder for asynchronous sequence -> sequence tasks (Cho et al. 2014; Sutskever et al. 2014)."""
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
-from src.layers.common import check_positive_int
+from src.checks import check_positive_int
+
+
+def causal_factory(network: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``network`` (a functools.partial of a network class) with bidirectionality switched off, both
+    the network's own ``bidirectional`` keyword and a ``bidirectional`` keyword of its ``layer`` partial."""
+    if not isinstance(network, functools.partial):
+        return network
+    keywords = dict(network.keywords)
+    if "bidirectional" in keywords:
+        keywords["bidirectional"] = False
+    layer = keywords.get("layer")
+    if isinstance(layer, functools.partial) and "bidirectional" in layer.keywords:
+        keywords["layer"] = functools.partial(layer.func, *layer.args, **{**layer.keywords, "bidirectional": False})
+    return functools.partial(network.func, *network.args, **keywords)
 
 
 class EncoderDecoder(nn.Module):
@@ -13,29 +30,43 @@ class EncoderDecoder(nn.Module):
     The encoder's readout is a context vector c (B, C). At output step j the decoder reads the
     embedding of the previous token y_{j-1} (BOS at j = 0) concatenated with c, and predicts y_j.
     Feeding c at every step (Cho et al.'s variant), rather than handing the encoder's state to the
-    decoder, works for every layer in this project whatever its state format (LSTM's (h, c),
-    NARX's delay lines, TDNN's none) and lets encoder and decoder use different widths.
+    decoder, works for every layer in this project whatever its state format and lets encoder and
+    decoder use different widths.
 
     Training uses teacher forcing (:meth:`forward` is given the true previous tokens); testing uses
-    greedy decoding (:meth:`generate` feeds back its own argmax).
+    greedy decoding (:meth:`generate` feeds back its own argmax, one step at a time with the
+    decoder's carried state).
 
     Args:
-        encoder: a :class:`src.networks.SequenceNetwork` mapping (B, S, embedding_size) to
-            (B, context_size), i.e. readout "last" or "mean".
-        decoder: a causal :class:`src.networks.SequenceNetwork` mapping
-            (B, L, embedding_size + context_size) to logits (B, L, vocab_size), i.e. readout "all".
+        network: builds both networks, e.g. ``functools.partial(RecurrentNetwork, layer=..., hidden_size=...)``
+            (a model config instantiated with ``_partial_=True``). The encoder is
+            ``network(input_size=embedding_size, output_size=context_size)`` with the factory's own
+            readout ("last" or "mean": the task's summary of the source); the decoder is
+            ``network(input_size=embedding_size + context_size, output_size=vocab_size, readout="all")``
+            with ``bidirectional`` switched off (at network level and in a ``layer`` partial).
         vocab_size: V, token ids 0 .. V-1, shared by sources and targets.
         embedding_size: E, width of the source and target token embeddings.
         context_size: C, width of the encoder's output.
         pad_id, bos_id, eos_id: the padding, start and end tokens (see :mod:`datamodules.transduction`).
+        encoder, decoder: instead of ``network``, the two networks already built: a
+            :class:`src.networks.SequenceNetwork` (B, S, E) -> (B, C) and a causal one
+            (B, L, E + C) -> (B, L, V) with readout "all".
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, vocab_size: int, embedding_size: int = 32,
-                 context_size: int = 128, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2) -> None:
+    def __init__(self, network: Callable[..., nn.Module] | None = None, vocab_size: int | None = None,
+                 embedding_size: int = 32, context_size: int = 128, pad_id: int = 0, bos_id: int = 1,
+                 eos_id: int = 2, *, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("context_size", context_size)
+        if (network is None) == (encoder is None or decoder is None):
+            raise ValueError("encoder-decoder: give either network (a factory that builds both) or both "
+                             "encoder and decoder")
+        if network is not None:
+            encoder = network(input_size=embedding_size, output_size=context_size)
+            decoder = causal_factory(network)(input_size=embedding_size + context_size, output_size=vocab_size,
+                                              readout="all")
         if getattr(encoder, "readout", "last") == "all":
             raise ValueError("encoder-decoder: the encoder must summarise the source (readout 'last' or 'mean'), "
                              "not readout 'all'")
@@ -82,22 +113,24 @@ class EncoderDecoder(nn.Module):
     def generate(self, source: torch.Tensor, max_length: int) -> torch.Tensor:
         """Greedy decoding: source (B, S) -> tokens (B, max_length) int64.
 
-        Each sequence stops at its first EOS (included); later positions are PAD. The decoder is
-        re-run over the whole prefix at every step, O(max_length^2) steps in all: layers carry
-        state in different forms (Clockwork's phase, TDNN's window), and re-running is exact for
-        every one of them, at a cost that is negligible for the short targets this is used on.
+        Each sequence stops at its first EOS (included); later positions are PAD. The decoder reads
+        one token per step and carries its state (every layer's state holds all it needs to
+        continue), so decoding costs max_length decoder steps, not the max_length^2 of re-running
+        the prefix; the tokens are the same.
         """
         check_positive_int("max_length", max_length)
-        context = self.encode(source)
+        context = self.encode(source).unsqueeze(1)  # (B, 1, C)
         batch = source.shape[0]
-        tokens = source.new_full((batch, max_length + 1), self.pad_id)
-        tokens[:, 0] = self.bos_id
+        tokens = source.new_full((batch, max_length), self.pad_id)
+        previous = source.new_full((batch, 1), self.bos_id)
         finished = torch.zeros(batch, dtype=torch.bool, device=source.device)
+        state = None
         for step in range(max_length):
-            logits = self.decode(context, tokens[:, :step + 1])[:, -1]
-            next_token = logits.argmax(dim=-1).masked_fill(finished, self.pad_id)
-            tokens[:, step + 1] = next_token
+            logits, state = self.decoder(torch.cat([self.target_embedding(previous), context], dim=-1), state)
+            next_token = logits[:, -1].argmax(dim=-1).masked_fill(finished, self.pad_id)
+            tokens[:, step] = next_token
             finished |= next_token == self.eos_id
             if bool(finished.all()):
                 break
-        return tokens[:, 1:]
+            previous = next_token.unsqueeze(1)
+        return tokens
