@@ -58,6 +58,9 @@ class SequenceObjective(pl.LightningModule):
         scheduler_interval: step the scheduler every "epoch" or every optimizer "step".
         decay_1d_params: apply the optimizer's weight decay to 1-D parameters too. Off by default:
             IndRNN's u, biases and batch-norm weights are excluded, as in the IndRNN papers.
+        decay_exempt_names: instead of the 1-D rule, exempt exactly the parameters whose name contains
+            one of these strings; the official IndRNN code's rule is ``["weight_hh", "bias"]`` (u and
+            biases exempt, batch-norm scales decayed). None: the 1-D rule above.
         causal: the task predicts each step from the past only (``task.causal``): a network with a
             bidirectional layer is rejected.
         run_config: the run's resolved config as plain Python types, saved in checkpoints so that
@@ -71,7 +74,7 @@ class SequenceObjective(pl.LightningModule):
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, monitor: str = "val/loss",
                  scheduler_interval: str = "epoch", decay_1d_params: bool = False, causal: bool = False,
-                 run_config: dict | None = None) -> None:
+                 run_config: dict | None = None, decay_exempt_names: list[str] | None = None) -> None:
         super().__init__()
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         self.check_network(net, causal)
@@ -187,7 +190,14 @@ class SequenceObjective(pl.LightningModule):
         apply_constraints(self.net)
 
     def parameter_groups(self) -> list[dict]:
-        """Matrices get the optimizer's weight decay; 1-D parameters (u, biases, BN) none, unless asked."""
+        """Matrices get the optimizer's weight decay; 1-D parameters (u, biases, BN) none, unless asked
+        (``decay_1d_params``), or, with ``decay_exempt_names``, all but the parameters so named."""
+        names = self.hparams.get("decay_exempt_names")
+        if names is not None:
+            trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+            exempt = [p for name, p in trainable if any(part in name for part in names)]
+            decayed = [p for name, p in trainable if not any(part in name for part in names)]
+            return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
         matrices = [p for p in self.parameters() if p.requires_grad and p.dim() > 1]
         vectors = [p for p in self.parameters() if p.requires_grad and p.dim() <= 1]
         if self.hparams.decay_1d_params:

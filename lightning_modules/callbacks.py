@@ -25,16 +25,18 @@ class PlateauReloadBest(pl.Callback):
         patience: bad validations tolerated before the first reduction.
         min_lr: stop when the learning rate falls below this (paper: 1e-6).
         shrink_patience: halve the patience at every reduction (official code).
+        official_count: reduce on the (patience + 2)-th consecutive bad validation, as the official
+            loop does (its test runs before the counter is incremented); False: the (patience + 1)-th.
     """
 
     def __init__(self, monitor: str, mode: str = "min", factor: float = 0.1, patience: int = 10,
-                 min_lr: float = 1e-6, shrink_patience: bool = True) -> None:
+                 min_lr: float = 1e-6, shrink_patience: bool = True, official_count: bool = False) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor}")
         self.monitor, self.mode, self.factor, self.patience = monitor, mode, factor, patience
-        self.min_lr, self.shrink_patience = min_lr, shrink_patience
+        self.min_lr, self.shrink_patience, self.official_count = min_lr, shrink_patience, official_count
         self.best: float | None = None
         self.best_state: dict | None = None
         self.bad_validations, self.reductions = 0, 0
@@ -58,7 +60,7 @@ class PlateauReloadBest(pl.Callback):
                                "optimizer": copy.deepcopy(optimizer.state_dict())}
             return
         self.bad_validations += 1
-        if self.bad_validations <= self.current_patience():
+        if self.bad_validations <= self.current_patience() + (1 if self.official_count else 0):
             return
         new_lr = optimizer.param_groups[0]["lr"] * self.factor
         if self.best_state is not None:

@@ -1,0 +1,91 @@
+"""The paper experiment files against the official IndRNN code (../shared/recipes/official-indrnn.md):
+network sizes, initialisation, weight-decay rule, clipping and the plateau schedule's count."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.callbacks import PlateauReloadBest
+from lightning_modules.pipeline import build_network
+from src.layers import IndRNN
+from tests.conftest import compose_train
+
+# Trainable parameters of the official networks, as their logs print them.
+OFFICIAL_PARAMETERS = {"indrnn_pmnist_6layer": 86_410, "res_indrnn_pmnist": 170_890, "dense_indrnn_pmnist": 256_514}
+
+
+@pytest.mark.parametrize("experiment", sorted(OFFICIAL_PARAMETERS))
+def test_pmnist_networks_have_the_official_sizes_and_init(experiment, tmp_path):
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    net = build_network(cfg)
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == OFFICIAL_PARAMETERS[experiment]
+    # Official classifier: kaiming_normal weight (std sqrt(2 / fan_in)), zero bias.
+    assert torch.count_nonzero(net.head.bias) == 0
+    fan_in = net.head.weight.shape[1]
+    assert 0.5 < net.head.weight.std().item() / (2 / fan_in) ** 0.5 < 1.5
+    # Official PyTorch code: parameter gradients clamped at 10, no per-step recurrent clipping.
+    assert cfg.trainer.gradient_clip_val == 10 and cfg.trainer.gradient_clip_algorithm == "value"
+    assert all(layer.recurrence.grad_clip is None for layer in net.modules() if isinstance(layer, IndRNN))
+    assert cfg.trainer.val_check_interval == 1700 and cfg.callbacks.plateau_reload.official_count
+
+
+def test_residual_fc_layers_use_the_official_init(tmp_path):
+    net = build_network(compose_train(tmp_path, ["experiment=res_indrnn_pmnist"]))
+    fcs = [net.input_fc] + [m for block in net.blocks for m in block if isinstance(m, nn.Linear)]
+    assert len(fcs) == 11
+    for fc in fcs:  # kaiming_uniform(a=8): bound sqrt(6 / ((1 + 64) fan_in)), zero bias
+        bound = (6 / (65 * fc.weight.shape[1])) ** 0.5
+        assert torch.count_nonzero(fc.bias) == 0 and fc.weight.abs().max() <= bound
+        assert fc.weight.abs().max() > 0.9 * bound
+
+
+def test_official_weight_decay_rule_decays_batch_norm_scales(tmp_path):
+    from lightning_modules.pipeline import build
+
+    cfg = compose_train(tmp_path, ["experiment=indrnn_pmnist_6layer", "task.datamodule.download=false"])
+    objective = build(cfg)[1]
+    decayed, exempt = objective.parameter_groups()
+    assert exempt["weight_decay"] == 0.0 and "weight_decay" not in decayed
+    names = {id(p): name for name, p in objective.named_parameters()}
+    decayed_names = [names[id(p)] for p in decayed["params"]]
+    exempt_names = [names[id(p)] for p in exempt["params"]]
+    assert any(name.endswith("norm_after.weight") or ".bn." in name or "norm" in name for name in decayed_names)
+    assert all("weight_hh" in name or "bias" in name for name in exempt_names)
+    assert any("weight_hh" in name for name in exempt_names)
+
+
+@pytest.mark.parametrize("steps", [100, 500, 1000, 5000])
+def test_adding_recipes_clip_per_step_as_the_theano_code(steps, tmp_path):
+    cfg = compose_train(tmp_path, [f"experiment=indrnn_adding_t{steps}"])
+    assert cfg.model.layer.grad_clip == 10 and cfg.trainer.gradient_clip_val is None
+    net = build_network(cfg)
+    layers = [m for m in net.modules() if isinstance(m, IndRNN)]
+    assert len(layers) == 2 and all(layer.recurrence.grad_clip == 10.0 for layer in layers)
+
+
+class _FakeTrainer:
+    """The few attributes PlateauReloadBest reads from a Trainer."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.optimizers = [torch.optim.SGD(module.parameters(), lr=1.0)]
+        self.callback_metrics: dict = {}
+        self.sanity_checking, self.should_stop = False, False
+
+
+@pytest.mark.parametrize("official_count, drop_at", [(False, 4), (True, 5)])
+def test_plateau_count_matches_the_official_loop(official_count, drop_at):
+    # patience 3: ours lowers the rate on the 4th bad validation, the official loop on the 5th.
+    module = nn.Linear(1, 1)
+    trainer = _FakeTrainer(module)
+    callback = PlateauReloadBest("val/acc", mode="max", patience=3, official_count=official_count)
+    trainer.callback_metrics["val/acc"] = torch.tensor(0.5)
+    callback.on_validation_end(trainer, module)  # the best
+    for bad in range(1, 7):
+        trainer.callback_metrics["val/acc"] = torch.tensor(0.1)
+        callback.on_validation_end(trainer, module)
+        if trainer.optimizers[0].param_groups[0]["lr"] < 1.0:
+            break
+    assert bad == drop_at
