@@ -1,6 +1,6 @@
 """Copy memory, running parity and sequence generation: data layout, determinism, the per-step
-labelling objective, and a fast_dev_run of each task through the training pipeline."""
-import json
+labelling objective, and the checks of a task's readout through the training pipeline (every model
+runs each task through train.py in tests/test_train.py)."""
 import math
 
 import numpy as np
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from datamodules.synthetic import (CopyMemoryDataModule, CopyMemoryDataset, GenerationDataModule, ParityDataModule,
                                    ParityDataset, generation_waveform, memoryless_baseline)
 from lightning_modules.labelling import SequenceLabellingModule
-from lightning_modules.pipeline import train
+from lightning_modules.pipeline import UserError, build
 from lightning_modules.regression import SequenceRegressionModule
 from src.networks import RecurrentNetwork
 from tests.conftest import compose_train
@@ -121,7 +121,7 @@ def test_labelling_loss_ignores_steps():
     expected_acc = (predictions.argmax(-1) == targets)[kept].float().mean()
     assert metric.compute().item() == pytest.approx(expected_acc.item())
     with pytest.raises(ValueError, match="readout 'all'"):
-        module.loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+        module.loss(torch.randn(2, 4, 3), torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -154,34 +154,12 @@ def test_gru_learns_running_parity():
     assert module.best_value is not None and module.best_value > 0.9
 
 
-@pytest.mark.parametrize("task, sizes", [
-    ("copy_memory", ["task.seq_len=10"]),
-    ("parity", ["task.seq_len=12"]),
-    ("generation", ["task.seq_len=40"]),
-])
-@pytest.mark.parametrize("model", ["gru", "indrnn"])
-def test_task_runs_through_pipeline(tmp_path, task, sizes, model):
-    overrides = [f"task={task}", f"model={model}", "model.hidden_size=16", "trainer=cpu", "trainer.fast_dev_run=true",
-                 "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0", "logger=csv", *sizes]
-    if task != "generation":
-        overrides += ["task.datamodule.train_size=16", "task.datamodule.val_size=8", "task.datamodule.test_size=8",
-                      "task.datamodule.batch_size=8"]
-    cfg = compose_train(tmp_path / "run", overrides)
-    train(cfg)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["status"] == "finished"
-    metric = "test/mse" if task == "generation" else "test/acc"
-    assert math.isfinite(results[metric])
-    if task == "copy_memory":
-        assert results["test/loss_ratio"] == pytest.approx(results["test/loss"] / memoryless_baseline(10), rel=1e-4)
-
-
 def test_per_step_task_rejects_last_readout(tmp_path):
-    from lightning_modules.pipeline import UserError, check_compatible
     for task in ("copy_memory", "parity", "generation"):
-        cfg = compose_train(tmp_path / "run", [f"task={task}", "task.readout=last"])
-        with pytest.raises(UserError, match="readout=all"):
-            check_compatible(cfg)
+        cfg = compose_train(tmp_path / "run", [f"task={task}", "task.readout=last", "model.hidden_size=8"])
+        with pytest.raises(UserError, match="^objective: sequence (labelling|regression): a (label|target) at every "
+                                            "step needs task.readout=all, not 'last'$"):
+            build(cfg)
 
 
 @pytest.mark.parametrize("model", ["indrnn", "res_indrnn", "dense_indrnn"])
