@@ -1,15 +1,18 @@
-"""Every experiment, and every model on every task, composes and builds its network (no data needed)."""
-from pathlib import Path
-
+"""Every experiment, and every model on every task, composes and builds its network and objective
+(no data needed)."""
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
+from lightning_modules.base import SequenceObjective
+from lightning_modules.pipeline import build_network
 from tests.conftest import CONF, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+OBJECTIVES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -34,6 +37,31 @@ def test_every_model_builds_for_every_task(tmp_path, model, task):
     assert network(torch.randn(2, 3, cfg.task.input_size))[0].shape == expected
 
 
-def test_experiment_list_is_not_empty():
+def test_every_experiment_is_global_and_names_a_task_and_a_model(tmp_path):
     assert {"indrnn_adding_t1000", "indrnn_pmnist_6layer", "dense_indrnn_pmnist"} <= set(EXPERIMENTS)
-    assert Path(CONF / "train.yaml").exists()
+    for experiment in EXPERIMENTS:
+        text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), f"{experiment}: overrides must reach the top level"
+        cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+        choices = HydraConfig.get().runtime.choices
+        assert choices["experiment"] == experiment
+        assert choices["task"] in TASKS and choices["model"] in MODELS, (experiment, choices)
+        assert cfg.objective._target_.startswith("lightning_modules."), experiment
+    # An experiment's objective settings land in the objective group (not a stray task.objective).
+    cfg = compose_train(tmp_path, ["experiment=indrnn_adding_t1000"])
+    assert cfg.objective.scheduler_interval == "step" and "objective" not in cfg.task
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_chooses_an_objective_that_accepts_its_network(tmp_path, task):
+    cfg = compose_train(tmp_path, [f"task={task}", "model.hidden_size=8"])
+    assert HydraConfig.get().runtime.choices["objective"] in OBJECTIVES
+    network = build_network(cfg)
+    objective = instantiate(cfg.objective)(net=network, optimizer=instantiate(cfg.optimizer))
+    assert isinstance(objective, SequenceObjective) and objective.net is network
+    assert objective.hparams.monitor == cfg.task.monitor
+
+
+def test_objective_can_be_chosen_and_overridden_on_the_command_line(tmp_path):
+    cfg = compose_train(tmp_path, ["task=generation", "objective=labelling", "objective.ignore_index=-1"])
+    assert cfg.objective._target_.endswith("SequenceLabellingModule") and cfg.objective.ignore_index == -1
