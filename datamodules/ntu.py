@@ -1,0 +1,340 @@
+"""NTU RGB+D skeleton action recognition (60 and 120 classes), read lazily from the converter's HDF5 file.
+
+Make the file once with ``python prepare_ntu.py raw=PATH out=data/ntu/ntu60.h5`` (datamodules/ntu_convert.py).
+
+Splits (the datasets' own protocols): NTU-60 ``cross_subject`` (20 training performers, listed in
+:data:`NTU60_TRAIN_PERFORMERS`) and ``cross_view`` (cameras 2 and 3 train, camera 1 tests); NTU-120
+``cross_subject120`` (53 training performers) and ``cross_setup120`` (even setups train). The NTU-60
+splits use only setups 1-17 and actions 1-60, so they also work on an NTU-120 file. Validation is a
+seeded ``val_fraction`` of the training samples (ceil, as the official code's 5%).
+
+Sampling, as the official IndRNN code (:func:`sample_frame_indices`): each sequence becomes ``steps``
+(20) frames. Longer than 2 x steps: one random frame in each of ``steps`` equal segments; between steps
+and 2 x steps: a random contiguous window; up to ``steps``: the frames at a random offset in zeros.
+Training draws new frames every time; evaluation draws ``samplings`` (K) sets per sequence, seeded by
+the sample's index so every evaluation sees the same ones, and the objective averages the logits.
+
+Each DataLoader worker (and each DDP rank) opens the HDF5 file itself on its first batch: h5py
+handles cannot be pickled, and only the frames of the requested samples are ever read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.download import DownloadError
+from datamodules.mnist import collate_batched
+from datamodules.ntu_convert import FORMAT, MAX_BODIES, META_FIELDS, NUM_JOINTS
+from datamodules.splits import SplitDataModule
+from src.batch import SequenceBatch
+from src.checks import check_choice, check_fraction, check_non_negative_int, check_positive_int
+
+log = logging.getLogger(__name__)
+
+FEATURES = MAX_BODIES * NUM_JOINTS * 3   # 150 inputs per step: 2 bodies x 25 joints x xyz
+SPINE_JOINT = 1                          # 0-based: NTU's joint 2, "middle of the spine"
+NTU60_TRAIN_PERFORMERS = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
+NTU120_TRAIN_PERFORMERS = NTU60_TRAIN_PERFORMERS + (
+    45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84, 85, 86, 89, 91, 92, 93,
+    94, 95, 97, 98, 100, 103)
+NTU60_TRAIN_CAMERAS = (2, 3)
+SPLITS = ("cross_subject", "cross_view", "cross_subject120", "cross_setup120")
+NUM_CLASSES = {"cross_subject": 60, "cross_view": 60, "cross_subject120": 120, "cross_setup120": 120}
+# Published (train, test) sizes, which count the 302 NTU-60 samples without a skeleton, and the sizes
+# once those are gone (train includes validation; the official code's logs: 38086 + 2005 / 16487 and
+# 35763 + 1883 / 18932).
+PUBLISHED_SIZES = {"cross_subject": (40320, 16560), "cross_view": (37920, 18960)}
+WITHOUT_MISSING_SIZES = {"cross_subject": (40091, 16487), "cross_view": (37646, 18932)}
+DEFAULT_RAW = "nturgbd_skeletons_s001_to_s017.zip"
+
+
+def sample_frame_indices(length: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """Which frames of a ``length``-frame sequence fill ``steps`` steps: int64 (steps,), -1 = zero padding.
+
+    The official IndRNN code's rules:
+      * length >= 2 * steps: ``seg = length // steps`` frames per segment, one random frame in each
+        (the last segment also takes the remainder);
+      * steps < length < 2 * steps: a random contiguous window, starting in [0, length - steps);
+      * length <= steps: the sequence starts at a random step in [0, max(steps - length, steps // 4)),
+        zeros elsewhere; when that offset leaves too few steps, a random part of the sequence that fits
+        is used (so a 20-frame sequence at 20 steps starts at step 0-4, its first/last frames cut).
+    """
+    if length < 1:
+        raise ValueError(f"a sequence needs at least one frame, got length {length}")
+    indices = np.full(steps, -1, dtype=np.int64)
+    per_segment = length // steps
+    if per_segment == 1 and length > steps:
+        start = int(rng.integers(length - steps))
+        indices[:] = np.arange(start, start + steps)
+    elif length <= steps:
+        start = int(rng.integers(max(steps - length, int(0.25 * steps), 1)))
+        end = min(steps, start + length)
+        first = int(rng.integers(start + length - steps)) if start + length > steps else 0
+        indices[start:end] = np.arange(first, first + end - start)
+    else:
+        indices[:-1] = per_segment * np.arange(steps - 1) + rng.integers(per_segment, size=steps - 1)
+        indices[-1] = per_segment * (steps - 1) + rng.integers(length - per_segment * (steps - 1))
+    return indices
+
+
+def rotate_vertical(frames: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate joints (..., 3) about the vertical (y) axis by ``angle`` radians, in place; returns ``frames``."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    x, z = frames[..., 0].copy(), frames[..., 2].copy()
+    frames[..., 0] = cos * x + sin * z
+    frames[..., 2] = cos * z - sin * x
+    return frames
+
+
+class NTUSkeletons(Dataset):
+    """One split of NTU RGB+D, read lazily from the converter's HDF5 file a batch at a time.
+
+    ``dataset.__getitems__(indices)`` returns a :class:`SequenceBatch` with
+    ``inputs`` float32 (B, T, 150) (training, or ``samplings`` == 1) or (B, K, T, 150) (evaluation with
+    K = ``samplings`` > 1), features ordered (body, joint, xyz), and ``targets`` int64 (B,) = action - 1.
+
+    Args:
+        path: the HDF5 file.
+        rows: int64 (N,) rows of this split in the file's per-sample arrays.
+        offsets, lengths, labels: the file's per-sample arrays (all rows).
+        steps: T, frames per sequence (official: 20).
+        train: random frames every call (training); else ``samplings`` seeded sets per sample.
+        samplings: K, sets of frames per sample at evaluation (ignored in training).
+        center: subtract the first frame's spine joint (first body) from every tracked joint.
+        rotate_degrees: training only: rotate each sample about the vertical axis by U(-r, r) degrees.
+        random_length: training only: (low, high) draws T per batch uniformly in [low, high] instead of ``steps``.
+        seed: seeds the evaluation samplings.
+    """
+
+    def __init__(self, path: str, rows: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+                 steps: int = 20, train: bool = True, samplings: int = 1, center: bool = False,
+                 rotate_degrees: float = 0.0, random_length: tuple[int, int] | None = None, seed: int = 0) -> None:
+        self.path, self.rows = str(path), np.asarray(rows, dtype=np.int64)
+        self.offsets, self.lengths = offsets[self.rows], lengths[self.rows]
+        self.labels = torch.as_tensor(labels[self.rows].astype(np.int64))
+        self.steps, self.train, self.samplings, self.center = steps, train, samplings, center
+        self.rotate_degrees, self.random_length, self.seed = rotate_degrees, random_length, seed
+        self._file, self._pid, self._rng = None, None, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        # Workers get their own handle (opened on first use): an open h5py file cannot be pickled.
+        return {**self.__dict__, "_file": None, "_pid": None, "_rng": None}
+
+    def _skeletons(self):
+        """The ``skeletons`` dataset of this process's own open file handle."""
+        if self._pid != os.getpid():
+            import h5py
+
+            # A 16 MB chunk cache: neighbouring samples share compressed chunks.
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20)
+            self._pid = os.getpid()
+            # Seeded from torch's per-worker seed (Lightning's seed_everything(workers=True) sets it).
+            self._rng = np.random.default_rng(torch.initial_seed())
+        return self._file["skeletons"]
+
+    def sample(self, frames: np.ndarray, steps: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
+        """float32 (steps, 150) from one sample's frames (F, 2, 25, 3)."""
+        indices = sample_frame_indices(len(frames), steps, rng)
+        picked = np.zeros((steps, MAX_BODIES, NUM_JOINTS, 3), dtype=np.float32)
+        valid = indices >= 0
+        picked[valid] = frames[indices[valid]]
+        if self.center or (augment and self.rotate_degrees):
+            tracked = np.any(picked != 0, axis=(2, 3))[..., None, None]  # (steps, 2, 1, 1): zeros stay zeros
+            if self.center:  # the spine of the first body in the first frame where it is tracked
+                first = np.flatnonzero(np.any(frames[:, 0] != 0, axis=(1, 2)))
+                if len(first):
+                    picked -= frames[first[0], 0, SPINE_JOINT]
+            if augment and self.rotate_degrees:
+                rotate_vertical(picked, math.radians(rng.uniform(-self.rotate_degrees, self.rotate_degrees)))
+            picked *= tracked
+        return picked.reshape(steps, FEATURES)
+
+    def __getitems__(self, indices: list[int]) -> SequenceBatch:
+        skeletons = self._skeletons()
+        steps = self.steps
+        if self.train and self.random_length is not None:
+            steps = int(self._rng.integers(self.random_length[0], self.random_length[1] + 1))
+        count = 1 if self.train else self.samplings
+        inputs = np.empty((len(indices), count, steps, FEATURES), dtype=np.float32)
+        for position, index in enumerate(indices):
+            offset, length = int(self.offsets[index]), int(self.lengths[index])
+            frames = skeletons[offset:offset + length].astype(np.float32, copy=False)
+            rng = self._rng if self.train else np.random.default_rng((self.seed, int(self.rows[index])))
+            for k in range(count):
+                inputs[position, k] = self.sample(frames, steps, rng, augment=self.train)
+        batch = torch.from_numpy(inputs if count > 1 else inputs[:, 0])
+        return SequenceBatch(batch, self.labels[torch.as_tensor(indices, dtype=torch.long)])
+
+    def __getitem__(self, index: int) -> SequenceBatch:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        batch = self.__getitems__([index % len(self)])
+        return SequenceBatch(batch.inputs[0], batch.targets[0])
+
+
+def missing_file_message(path: str | Path) -> str:
+    """One line: where the HDF5 file was expected and the command that makes it."""
+    return (f"NTU RGB+D skeletons not found: expected the HDF5 file {path}; make it with "
+            f"`python prepare_ntu.py raw=<folder of .skeleton files or {DEFAULT_RAW}> out={path}`")
+
+
+class NTUDataModule(SplitDataModule):
+    """NTU RGB+D splits from the converter's HDF5 file, sampled as the official IndRNN code does.
+
+    Args:
+        path: the HDF5 file written by ``prepare_ntu.py``.
+        split: "cross_subject", "cross_view" (NTU-60), "cross_subject120" or "cross_setup120" (NTU-120).
+        steps: T, frames sampled per sequence (official: 20).
+        val_fraction: share of the training samples held out for validation (official: 0.05).
+        split_seed: seed of that hold-out and of the evaluation samplings.
+        val_samplings: K for validation: logits averaged over K sampled sets (1: one set, as the
+            official code's validation).
+        test_samplings: K for testing (official: 20).
+        center: subtract the first frame's spine joint (an option, off in the official recipe).
+        rotate_degrees: random rotation about the vertical axis in training, U(-r, r) degrees (0: off).
+        random_length: [low, high]: training T drawn per batch in [low, high] (the papers' 10-30); null: off.
+        batch_size: sequences per batch (official: 128).
+        num_workers: DataLoader worker processes; each opens the file itself.
+    """
+
+    task = "NTU RGB+D"
+    collate_fn = staticmethod(collate_batched)  # the dataset returns whole batches
+
+    def __init__(self, path: str, split: str = "cross_subject", steps: int = 20, val_fraction: float = 0.05,
+                 split_seed: int = 0, val_samplings: int = 1, test_samplings: int = 20, center: bool = False,
+                 rotate_degrees: float = 0.0, random_length: list[int] | None = None, batch_size: int = 128,
+                 num_workers: int = 4) -> None:
+        super().__init__(batch_size, num_workers)
+        if path is None or str(path) == "":
+            raise ValueError(f"{self.task}: path must name the HDF5 file; {missing_file_message('data/ntu/ntu60.h5')}")
+        check_choice(f"{self.task}: split", split, SPLITS)
+        check_positive_int(f"{self.task}: steps", steps)
+        check_fraction(f"{self.task}: val_fraction", val_fraction, closed_low=False)
+        check_non_negative_int(f"{self.task}: split_seed", split_seed)
+        check_positive_int(f"{self.task}: val_samplings", val_samplings)
+        check_positive_int(f"{self.task}: test_samplings", test_samplings)
+        if not isinstance(center, bool):
+            raise ValueError(f"{self.task}: center must be true or false, got {center!r}")
+        check_fraction(f"{self.task}: rotate_degrees", rotate_degrees, 0.0, 180.0, closed_high=True)
+        if random_length is not None:
+            bounds = list(random_length) if not isinstance(random_length, (str, bytes)) else []
+            if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bounds) \
+                    or bounds[0] > bounds[1]:
+                raise ValueError(f"{self.task}: random_length must be [low, high] with 1 <= low <= high, or null, "
+                                 f"got {random_length!r}")
+            random_length = (bounds[0], bounds[1])
+        self.path, self.split_name, self.steps = Path(path), split, steps
+        self.val_fraction, self.split_seed = float(val_fraction), split_seed
+        self.val_samplings, self.test_samplings = val_samplings, test_samplings
+        self.center, self.rotate_degrees, self.random_length = center, float(rotate_degrees), random_length
+        self.sizes: dict[str, int] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.split_name]
+
+    @property
+    def input_size(self) -> int:
+        return FEATURES
+
+    def prepare_data(self) -> None:
+        """Nothing to download: check that the converted file is there (one line naming the command if not)."""
+        self._check_file()
+
+    def _check_file(self) -> None:
+        if not self.path.is_file():
+            raise DownloadError(self.path.name, self.path.parent, [], message=missing_file_message(self.path))
+        import h5py
+
+        with h5py.File(self.path, "r") as h5:
+            if h5.attrs.get("format") != FORMAT or not h5.attrs.get("complete", False):
+                raise DownloadError(self.path.name, self.path.parent, [], message=(
+                    f"{self.path} is not a complete NTU skeleton file from prepare_ntu.py (format "
+                    f"{h5.attrs.get('format')!r}, complete={h5.attrs.get('complete')}); convert again: "
+                    f"`python prepare_ntu.py raw=<folder or {DEFAULT_RAW}> out={self.path} overwrite=true`"))
+
+    def read_metadata(self) -> dict[str, np.ndarray]:
+        """The file's per-sample arrays (offset, length, label, setup, camera, performer, ...), all small."""
+        self._check_file()
+        import h5py
+
+        with h5py.File(self.path, "r") as h5:
+            return {key: h5[key][:] for key in ("offset", "length", "label", *META_FIELDS)}
+
+    def split_rows(self, meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of the train, val and test splits (sorted), by the split's protocol and the seeded hold-out."""
+        name = self.split_name
+        if name in ("cross_subject", "cross_view"):
+            usable = (meta["setup"] <= 17) & (meta["action"] <= 60)  # NTU-60 inside an NTU-120 file too
+        else:
+            usable = np.ones(len(meta["label"]), dtype=bool)
+        if name == "cross_subject":
+            training = np.isin(meta["performer"], NTU60_TRAIN_PERFORMERS)
+        elif name == "cross_view":
+            training = np.isin(meta["camera"], NTU60_TRAIN_CAMERAS)
+        elif name == "cross_subject120":
+            training = np.isin(meta["performer"], NTU120_TRAIN_PERFORMERS)
+        else:
+            training = meta["setup"] % 2 == 0
+        train_rows = np.flatnonzero(usable & training)
+        test_rows = np.flatnonzero(usable & ~training)
+        val_count = math.ceil(self.val_fraction * len(train_rows))
+        if not 0 < val_count < len(train_rows) or not len(test_rows):
+            raise ValueError(f"{self.task} {name}: {self.path} gives {len(train_rows)} training and {len(test_rows)} "
+                             f"test samples (validation {val_count}); every split needs samples: is it the right file?")
+        order = np.random.default_rng(self.split_seed).permutation(len(train_rows))
+        return {"train": np.sort(train_rows[order[val_count:]]), "val": np.sort(train_rows[order[:val_count]]),
+                "test": test_rows}
+
+    def _log_sizes(self) -> None:
+        sizes = self.sizes
+        line = f"{self.task} {self.split_name}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}"
+        published = PUBLISHED_SIZES.get(self.split_name)
+        if published is None:
+            log.info("%s", line)
+            return
+        ours = (sizes["train"] + sizes["val"], sizes["test"])
+        if ours == WITHOUT_MISSING_SIZES[self.split_name]:
+            note = (f"as published ({published[0]} / {published[1]}) less the 302 samples without a skeleton "
+                    f"({published[0] - ours[0]} / {published[1] - ours[1]})")
+        elif ours == published:
+            note = "as published"
+        else:
+            note = (f"differs from the published {published[0]} / {published[1]} (or {WITHOUT_MISSING_SIZES[self.split_name][0]}"
+                    f" / {WITHOUT_MISSING_SIZES[self.split_name][1]} without the 302 samples that have no skeleton): "
+                    f"a partial or synthetic file?")
+        log.info("%s; train + val / test = %d / %d, %s", line, ours[0], ours[1], note)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the small per-sample arrays and build the three splits (every process; cheap to repeat)."""
+        if self.splits:
+            return
+        meta = self.read_metadata()
+        if len(meta["label"]) and int(meta["label"].max()) >= self.num_classes:
+            raise ValueError(f"{self.task} {self.split_name}: {self.path} has action {int(meta['label'].max()) + 1}, "
+                             f"beyond the split's {self.num_classes} classes; use an NTU-120 split")
+        rows = self.split_rows(meta)
+        common = dict(offsets=meta["offset"], lengths=meta["length"], labels=meta["label"], steps=self.steps,
+                      center=self.center, seed=self.split_seed)
+        self.splits = {
+            "train": NTUSkeletons(self.path, rows["train"], train=True, rotate_degrees=self.rotate_degrees,
+                                  random_length=self.random_length, **common),
+            "val": NTUSkeletons(self.path, rows["val"], train=False, samplings=self.val_samplings, **common),
+            "test": NTUSkeletons(self.path, rows["test"], train=False, samplings=self.test_samplings, **common),
+        }
+        self.sizes = {name: len(split) for name, split in self.splits.items()}
+        self._log_sizes()
+
+    def split(self, name: str) -> Dataset:
+        if not self.splits:  # loaders asked for before setup (e.g. by hand)
+            self.setup()
+        return self.splits[name]

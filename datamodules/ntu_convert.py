@@ -1,0 +1,597 @@
+"""NTU RGB+D (60 and 120) raw ``.skeleton`` text files -> one HDF5 file that the NTU DataModule reads lazily.
+
+Run it as ``python prepare_ntu.py raw=PATH out=data/ntu/ntu60.h5`` (see :func:`main` and README.md).
+``raw`` is the folder of ``.skeleton`` files or the downloaded zip (``nturgbd_skeletons_s001_to_s017.zip``,
+read member by member, never extracted); several sources are separated by commas (NTU-120 = both zips).
+
+The text layout (Kinect v2, one file per sample, named ``SsssCcccPpppRrrrAaaa.skeleton``)::
+
+    frame count
+    per frame:   body count (0 when nobody is tracked)
+      per body:  bodyID clippedEdges handLeftConfidence handLeftState handRightConfidence
+                 handRightState isRestricted leanX leanY trackingState          (10 fields)
+                 joint count (25)
+                 per joint: x y z depthX depthY colorX colorY orientationW orientationX
+                            orientationY orientationZ trackingState            (12 fields)
+
+Only x, y, z (camera space, metres) are kept. Bodies: every tracked body ID is a candidate; IDs seen in
+fewer than ``min_body_frames`` frames are noise (spurious detections) and dropped unless nothing else
+is left; the rest are ranked by the motion of their joints (summed variance over time) and the two
+most active become slots 0 and 1 for the whole sequence, so one person stays in one slot. A missing
+second person is zeros; frames where neither kept body is tracked are dropped; a sample with no body
+in any frame is skipped ("no skeleton").
+
+HDF5 layout (version :data:`CONVERTER_VERSION`), see also README.md::
+
+    skeletons     (total_frames, 2, 25, 3) float32 (or float16), chunked + compressed; frames of all
+                  samples back to back: sample i is skeletons[offset[i] : offset[i] + length[i]]
+    offset        (N,) int64      first frame of each sample
+    length        (N,) int32      frames of each sample
+    name          (N,) S20        SsssCcccPpppRrrrAaaa
+    setup, camera, performer, replication, action   (N,) int16   from the name (1-based, as NTU)
+    label         (N,) int16      action - 1
+    bodies        (N,) int8       bodies kept (1 or 2)
+    attrs: format="ntu-rgbd-skeletons", converter_version, complete=True (set last),
+           manifest = JSON {counts, skipped [{name, reason, detail}], source, options, ...}
+
+Bad files never stop a conversion: each is skipped with a reason (:data:`REASONS`), counted, listed in
+the manifest and in the summary table printed at the end. The file is written under a hidden
+temporary name next to ``out`` and renamed when complete, so an interrupted run leaves no file that
+looks finished; the next run removes the leftover and starts again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from src.checks import check_choice, check_non_negative_int, check_positive_int
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1
+FORMAT = "ntu-rgbd-skeletons"
+NUM_JOINTS = 25
+MAX_BODIES = 2                 # persons kept per sample (NTU's interactions have two)
+KINECT_MAX_BODIES = 6          # Kinect v2 tracks at most six bodies: a larger count is corrupt
+BODY_FIELDS = 10
+JOINT_FIELDS = 12
+CHUNK_FRAMES = 64              # HDF5 chunk: 64 frames (38 KB in float32), about one sample
+NAME_PATTERN = re.compile(r"^S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})$")
+META_FIELDS = ("setup", "camera", "performer", "replication", "action")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+COMPRESSIONS = ("gzip", "lzf", "none")
+SUFFIX = ".skeleton"
+EXPECTED_RAW = ("the folder of NTU RGB+D .skeleton files or the downloaded zip "
+                "(nturgbd_skeletons_s001_to_s017.zip; NTU-120 adds nturgbd_skeletons_s018_to_s032.zip)")
+# Why a sample can be skipped; the order is the summary table's.
+REASONS = ("excluded", "unknown file name", "duplicate", "empty file", "unreadable", "truncated",
+           "wrong body count", "wrong joint count", "wrong field count", "non-numeric field", "trailing data",
+           "no skeleton")
+
+
+class ConvertError(Exception):
+    """A problem with the converter's arguments or sources, reported as one line (no traceback)."""
+
+
+class SkeletonFormatError(ValueError):
+    """One ``.skeleton`` file does not follow the layout: ``reason`` is one of REASONS, ``detail`` says where."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# Parsing ------------------------------------------------------------------------------------------
+
+
+def parse_sample_name(name: str) -> dict[str, int] | None:
+    """``"S001C002P003R002A013"`` -> {"setup": 1, "camera": 2, "performer": 3, "replication": 2,
+    "action": 13}; None when the name does not follow NTU's pattern."""
+    match = NAME_PATTERN.match(name)
+    if match is None:
+        return None
+    values = dict(zip(META_FIELDS, (int(group) for group in match.groups())))
+    return values if all(values.values()) else None  # NTU numbers everything from 1
+
+
+def parse_skeleton_text(text: str) -> list[list[tuple[int, np.ndarray]]]:
+    """Parse one file's text into frames; each frame is a list of ``(body_id, joints (25, 3) float64)``.
+
+    Raises SkeletonFormatError (reason in REASONS) on any departure from the layout.
+    """
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise SkeletonFormatError("empty file", "no text")
+    ends_cleanly = text.endswith(("\n", "\r"))
+    position = 0
+
+    def fields(expected: int, what: str, wrong_count_reason: str = "wrong field count") -> list[str]:
+        nonlocal position
+        if position >= len(lines):
+            raise SkeletonFormatError("truncated", f"the file ends at line {len(lines)} where {what} was expected")
+        parts = lines[position].split()
+        position += 1
+        if len(parts) != expected:
+            if position == len(lines) and not ends_cleanly:  # cut in the middle of the last line
+                raise SkeletonFormatError("truncated", f"line {position} ({what}) stops after {len(parts)} fields")
+            raise SkeletonFormatError(wrong_count_reason,
+                                      f"line {position}: {what} has {len(parts)} fields, expected {expected}")
+        return parts
+
+    def integer(text_value: str, what: str) -> int:
+        try:
+            return int(text_value)
+        except ValueError:
+            raise SkeletonFormatError("non-numeric field", f"line {position}: {what} {text_value!r} is not an integer")
+
+    frame_count = integer(fields(1, "the frame count")[0], "frame count")
+    if frame_count < 0:
+        raise SkeletonFormatError("non-numeric field", f"line 1: negative frame count {frame_count}")
+    frames: list[list[tuple[int, np.ndarray]]] = []
+    for frame in range(frame_count):
+        body_count = integer(fields(1, f"the body count of frame {frame + 1}", "wrong body count")[0], "body count")
+        if not 0 <= body_count <= KINECT_MAX_BODIES:
+            raise SkeletonFormatError("wrong body count", f"line {position}: frame {frame + 1} declares {body_count} "
+                                                          f"bodies (Kinect tracks 0-{KINECT_MAX_BODIES})")
+        bodies = []
+        for body in range(body_count):
+            # A one-field line where body data should be means the frame had fewer bodies than declared.
+            info = fields(BODY_FIELDS, f"body {body + 1} of frame {frame + 1}",
+                          "wrong body count" if position < len(lines) and len(lines[position].split()) == 1
+                          else "wrong field count")
+            body_id = integer(info[0], "body ID")
+            try:
+                [float(value) for value in info[1:]]
+            except ValueError:
+                raise SkeletonFormatError("non-numeric field", f"line {position}: body fields {info[1:]} of frame "
+                                                               f"{frame + 1} are not all numbers") from None
+            joint_count = integer(fields(1, f"the joint count of body {body + 1}, frame {frame + 1}",
+                                         "wrong joint count")[0], "joint count")
+            if joint_count != NUM_JOINTS:
+                raise SkeletonFormatError("wrong joint count", f"line {position}: {joint_count} joints, expected "
+                                                               f"{NUM_JOINTS} (Kinect v2)")
+            if position + NUM_JOINTS > len(lines):
+                raise SkeletonFormatError("truncated", f"the file ends inside the joints of body {body + 1}, "
+                                                       f"frame {frame + 1} (line {len(lines)})")
+            rows = [line.split() for line in lines[position:position + NUM_JOINTS]]
+            for offset, row in enumerate(rows):
+                if len(row) != JOINT_FIELDS:
+                    line_number = position + offset + 1
+                    if line_number == len(lines) and not ends_cleanly:
+                        raise SkeletonFormatError("truncated", f"line {line_number} (a joint) stops after "
+                                                               f"{len(row)} fields")
+                    # A body line or a count where a joint should be: the joint count was wrong.
+                    reason = "wrong joint count" if len(row) in (1, BODY_FIELDS) else "wrong field count"
+                    raise SkeletonFormatError(reason, f"line {line_number}: joint {offset + 1} of body {body + 1}, "
+                                                      f"frame {frame + 1} has {len(row)} fields, expected {JOINT_FIELDS}")
+            try:
+                # float() over every field (all 12 must be numbers), then the first three: x, y, z.
+                joints = np.array([float(value) for row in rows for value in row]).reshape(NUM_JOINTS, -1)[:, :3]
+            except ValueError:
+                raise SkeletonFormatError("non-numeric field", f"lines {position + 1}-{position + NUM_JOINTS}: joints "
+                                                               f"of body {body + 1}, frame {frame + 1}") from None
+            if not np.isfinite(joints).all():
+                raise SkeletonFormatError("non-numeric field", f"lines {position + 1}-{position + NUM_JOINTS}: "
+                                                               f"non-finite joint coordinates")
+            position += NUM_JOINTS
+            bodies.append((body_id, joints))
+        frames.append(bodies)
+    if position < len(lines):
+        raise SkeletonFormatError("trailing data", f"{len(lines) - position} lines after the {frame_count} frames "
+                                                   f"the file declares (from line {position + 1})")
+    return frames
+
+
+def select_bodies(frames: list[list[tuple[int, np.ndarray]]], max_bodies: int = MAX_BODIES,
+                  min_body_frames: int = 11) -> np.ndarray:
+    """The kept bodies of one sample: float32 (F, max_bodies, 25, 3), frames with no kept body dropped.
+
+    A body is one body ID. IDs tracked in fewer than ``min_body_frames`` frames are dropped as noise
+    (unless no ID is tracked that long); the others are ranked by motion (the variance over time of
+    their joint coordinates, summed) and the ``max_bodies`` most active fill the slots in that order.
+    Raises SkeletonFormatError("no skeleton") when no frame has a body.
+    """
+    tracks: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+    for index, bodies in enumerate(frames):
+        seen = set()
+        for body_id, joints in bodies:
+            if body_id in seen:  # the same ID twice in one frame: keep its first record
+                continue
+            seen.add(body_id)
+            frame_list, joint_list = tracks.setdefault(body_id, ([], []))
+            frame_list.append(index)
+            joint_list.append(joints)
+    if not tracks:
+        raise SkeletonFormatError("no skeleton", f"none of the {len(frames)} frames has a tracked body")
+    candidates = [body_id for body_id, (frame_list, _) in tracks.items() if len(frame_list) >= min_body_frames]
+    if not candidates:
+        candidates = list(tracks)
+    order = {body_id: rank for rank, body_id in enumerate(tracks)}  # first appearance breaks ties
+
+    def motion(body_id: int) -> float:
+        return float(np.stack(tracks[body_id][1]).var(axis=0).sum())
+
+    kept = sorted(candidates, key=lambda b: (-motion(b), -len(tracks[b][0]), order[b]))[:max_bodies]
+    out = np.zeros((len(frames), max_bodies, NUM_JOINTS, 3), dtype=np.float32)
+    present = np.zeros(len(frames), dtype=bool)
+    for slot, body_id in enumerate(kept):
+        frame_list, joint_list = tracks[body_id]
+        out[frame_list, slot] = np.stack(joint_list)
+        present[frame_list] = True
+    return out[present]
+
+
+def skeleton_array(text: str, min_body_frames: int = 11) -> np.ndarray:
+    """One file's text -> float32 (F, 2, 25, 3) (see :func:`parse_skeleton_text`, :func:`select_bodies`)."""
+    return select_bodies(parse_skeleton_text(text), MAX_BODIES, min_body_frames)
+
+
+# Sources ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkeletonFile:
+    """One ``.skeleton`` file: on disk (``member`` None) or a member of the zip ``source``."""
+
+    name: str            # sample name, the file name without ".skeleton"
+    source: str          # folder file path, or the zip's path
+    member: str | None   # the member inside the zip, or None
+
+    def where(self) -> str:
+        return f"{self.source}:{self.member}" if self.member else self.source
+
+
+def find_skeleton_files(raw: str | os.PathLike) -> list[SkeletonFile]:
+    """Every ``.skeleton`` file in a folder (recursively) or a zip, sorted by name.
+
+    Raises ConvertError (one line) when ``raw`` is missing, not a folder or zip, or has no skeletons.
+    """
+    path = Path(raw)
+    if not path.exists():
+        raise ConvertError(f"raw: {path} does not exist; expected {EXPECTED_RAW}")
+    if path.is_dir():
+        files = [SkeletonFile(p.name[:-len(SUFFIX)], str(p), None) for p in path.rglob("*")
+                 if p.name.lower().endswith(SUFFIX) and p.is_file()]
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            files = [SkeletonFile(Path(info.filename).name[:-len(SUFFIX)], str(path), info.filename)
+                     for info in archive.infolist()
+                     if not info.is_dir() and info.filename.lower().endswith(SUFFIX)]
+    else:
+        raise ConvertError(f"raw: {path} is neither a folder nor a zip file; expected {EXPECTED_RAW}")
+    if not files:
+        raise ConvertError(f"raw: no .skeleton files in {path}; expected {EXPECTED_RAW}")
+    return sorted(files, key=lambda f: (f.name, f.where()))
+
+
+def read_exclusions(path: str | os.PathLike) -> set[str]:
+    """Sample names to leave out, one per line (``#`` starts a comment; a ``.skeleton`` suffix is allowed),
+    e.g. NTU's published list of the 302 samples with missing skeletons."""
+    exclusion_file = Path(path)
+    if not exclusion_file.is_file():
+        raise ConvertError(f"exclude: {exclusion_file} is not a file; expected a list of sample names, one per line "
+                           f"(e.g. NTU's NTU_RGBD_samples_with_missing_skeletons.txt)")
+    names = set()
+    for line in exclusion_file.read_text().splitlines():
+        token = line.split("#", 1)[0].strip()
+        if token:
+            names.add(token[:-len(SUFFIX)] if token.lower().endswith(SUFFIX) else token)
+    return names
+
+
+_OPEN_ZIPS: dict[str, zipfile.ZipFile] = {}  # per process: each worker opens each zip once
+
+
+def _read_bytes(item: SkeletonFile) -> bytes:
+    if item.member is None:
+        return Path(item.source).read_bytes()
+    archive = _OPEN_ZIPS.get(item.source)
+    if archive is None:
+        archive = _OPEN_ZIPS[item.source] = zipfile.ZipFile(item.source)
+    return archive.read(item.member)
+
+
+def convert_file(item: SkeletonFile, min_body_frames: int = 11) -> tuple[str, np.ndarray | None, str, str]:
+    """Read and convert one file: ``(name, array (F, 2, 25, 3) float32 or None, reason, detail)``.
+
+    Never raises for a bad file: the reason says why it was skipped ("" when converted).
+    """
+    try:
+        data = _read_bytes(item)
+    except (OSError, zipfile.BadZipFile, KeyError) as error:
+        return item.name, None, "unreadable", f"{type(error).__name__}: {error}"
+    if not data.strip():
+        return item.name, None, "empty file", f"{len(data)} bytes"
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as error:
+        return item.name, None, "unreadable", f"not text (byte {error.start})"
+    try:
+        return item.name, skeleton_array(text, min_body_frames), "", ""
+    except SkeletonFormatError as error:
+        return item.name, None, error.reason, error.detail
+
+
+def _convert_task(task: tuple[SkeletonFile, int]) -> tuple[str, np.ndarray | None, str, str]:
+    return convert_file(*task)
+
+
+# Conversion ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Samples:
+    """Per-sample arrays gathered while frames stream into the HDF5 dataset."""
+
+    names: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    bodies: list[int] = field(default_factory=list)
+    meta: dict[str, list[int]] = field(default_factory=lambda: {key: [] for key in META_FIELDS})
+
+
+def partial_path(out: Path) -> Path:
+    """Where a conversion writes before the final rename: a hidden file next to ``out``."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def convert(raw: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike, workers: int | None = None,
+            dtype: str = "float32", exclude: str | os.PathLike | None = None, overwrite: bool = False,
+            min_body_frames: int = 11, compression: str = "gzip", progress: bool = True) -> dict:
+    """Convert every ``.skeleton`` file under ``raw`` into the HDF5 file ``out``; return the manifest.
+
+    Args:
+        raw: a folder of ``.skeleton`` files or an NTU zip, or several of them.
+        out: the HDF5 file to write (its folder is created).
+        workers: parsing processes (None: one per CPU; 1: parse in this process).
+        dtype: "float32" or "float16" for the coordinates.
+        exclude: a file listing sample names to leave out (NTU's 302 samples with missing skeletons).
+        overwrite: replace an existing ``out``; otherwise an existing file is an error.
+        min_body_frames: a body ID tracked in fewer frames is noise (dropped unless it is all there is).
+        compression: "gzip" (portable), "lzf" (faster, h5py only) or "none".
+        progress: show a progress bar (tqdm, on stderr).
+    """
+    import h5py  # here, so that importing the parser needs no HDF5
+
+    sources = [raw] if isinstance(raw, (str, os.PathLike)) else list(raw)
+    if not sources:
+        raise ConvertError(f"raw: no source given; expected {EXPECTED_RAW}")
+    out = Path(out)
+    workers = (os.cpu_count() or 1) if workers is None else check_positive_int("workers", workers)
+    check_choice("dtype", dtype, tuple(DTYPES))
+    check_choice("compression", compression, COMPRESSIONS)
+    check_non_negative_int("min_body_frames", min_body_frames)
+    if out.is_dir() or out.suffix.lower() not in (".h5", ".hdf5"):
+        raise ConvertError(f"out: {out} must be a file path ending in .h5 or .hdf5, e.g. data/ntu/ntu60.h5")
+    if out.exists() and not overwrite:
+        raise ConvertError(f"out: {out} already exists; pass overwrite=true to replace it")
+    excluded_names = read_exclusions(exclude) if exclude else set()
+    found = [item for source in sources for item in find_skeleton_files(source)]
+
+    skipped: list[dict[str, str]] = []
+    tasks, seen = [], set()
+    for item in sorted(found, key=lambda f: (f.name, f.where())):
+        if item.name in excluded_names:
+            skipped.append({"name": item.name, "reason": "excluded", "detail": f"listed in {exclude}"})
+        elif parse_sample_name(item.name) is None:
+            skipped.append({"name": item.name, "reason": "unknown file name",
+                            "detail": f"{item.where()} is not SsssCcccPpppRrrrAaaa.skeleton"})
+        elif item.name in seen:
+            skipped.append({"name": item.name, "reason": "duplicate", "detail": f"{item.where()} (first copy kept)"})
+        else:
+            seen.add(item.name)
+            tasks.append((item, min_body_frames))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(out)
+    if partial.exists():
+        log.warning("removing %s, left by an interrupted conversion; starting again", partial)
+        partial.unlink()
+    start = time.time()
+    try:
+        samples, total_frames = write_samples(partial, _results(tasks, workers), len(tasks), dtype, compression,
+                                              progress, skipped)
+        manifest = {
+            "format": FORMAT, "converter_version": CONVERTER_VERSION,
+            "source": [str(Path(s).resolve()) for s in sources],
+            "options": {"dtype": dtype, "compression": compression, "min_body_frames": min_body_frames,
+                        "max_bodies": MAX_BODIES, "exclude": None if exclude is None else str(exclude)},
+            "counts": {"files": len(found), "samples": len(samples.names), "frames": total_frames,
+                       "skipped": len(skipped), **{reason: n for reason, n in _reason_counts(skipped).items()}},
+            "skipped": skipped,
+            "seconds": round(time.time() - start, 1),
+        }
+        with h5py.File(partial, "a") as h5:
+            h5.attrs["manifest"] = json.dumps(manifest)
+            h5.attrs["complete"] = True  # last: a file without it is never read
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # Ctrl-C, a full disk, ...: no half file stays behind
+        raise
+    return manifest
+
+
+def _reason_counts(skipped: list[dict[str, str]]) -> dict[str, int]:
+    counts = Counter(entry["reason"] for entry in skipped)
+    return {reason: counts[reason] for reason in REASONS if counts[reason]}
+
+
+def _results(tasks: list, workers: int) -> Iterator[tuple[str, np.ndarray | None, str, str]]:
+    if workers == 1 or len(tasks) < 2:
+        yield from map(_convert_task, tasks)
+        return
+    chunk = max(1, min(32, len(tasks) // (workers * 8)))
+    with multiprocessing.Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap(_convert_task, tasks, chunksize=chunk)
+
+
+def write_samples(path: str | os.PathLike, results: Iterable[tuple[str, np.ndarray | None, str, str]], total: int,
+                  dtype: str = "float32", compression: str = "gzip", progress: bool = False,
+                  skipped: list[dict[str, str]] | None = None) -> tuple[_Samples, int]:
+    """Stream ``(name, array (F, 2, 25, 3) or None, reason, detail)`` results into a new HDF5 file ``path``
+    in the layout above (without the manifest and the ``complete`` flag, which :func:`convert` adds last).
+
+    Failed results (array None) are appended to ``skipped``. ``total`` sizes the progress bar.
+    Returns the per-sample lists and the number of frames written.
+    """
+    import h5py
+    from tqdm import tqdm
+
+    skipped = [] if skipped is None else skipped
+    dtype = DTYPES[check_choice("dtype", dtype, tuple(DTYPES))]
+
+    samples, total_frames = _Samples(), 0
+    pending: list[np.ndarray] = []
+    pending_frames = 0
+    with h5py.File(path, "w") as h5:
+        h5.attrs["format"] = FORMAT
+        h5.attrs["converter_version"] = CONVERTER_VERSION
+        h5.attrs["complete"] = False
+        options = {} if compression == "none" else {"compression": compression, "shuffle": True}
+        skeletons = h5.create_dataset("skeletons", shape=(0, MAX_BODIES, NUM_JOINTS, 3), dtype=dtype,
+                                      maxshape=(None, MAX_BODIES, NUM_JOINTS, 3),
+                                      chunks=(CHUNK_FRAMES, MAX_BODIES, NUM_JOINTS, 3), **options)
+
+        def flush() -> None:
+            nonlocal pending, pending_frames
+            if pending:
+                begin = skeletons.shape[0]
+                skeletons.resize(begin + pending_frames, axis=0)
+                skeletons[begin:] = np.concatenate(pending).astype(dtype)
+                pending, pending_frames = [], 0
+
+        bar = tqdm(total=total, unit="file", desc="parsing skeletons", disable=not progress, file=sys.stderr)
+        for name, array, reason, detail in results:
+            bar.update()
+            if array is None:
+                skipped.append({"name": name, "reason": reason, "detail": detail})
+                continue
+            meta = parse_sample_name(name)
+            samples.names.append(name)
+            samples.offsets.append(total_frames)
+            samples.lengths.append(len(array))
+            samples.bodies.append(int(np.any(array[:, 1] != 0)) + 1)
+            for key in META_FIELDS:
+                samples.meta[key].append(meta[key])
+            total_frames += len(array)
+            pending.append(array)
+            pending_frames += len(array)
+            if pending_frames >= 64 * CHUNK_FRAMES:
+                flush()
+        flush()
+        bar.close()
+        h5.create_dataset("name", data=np.array(samples.names, dtype="S20"))
+        h5.create_dataset("offset", data=np.array(samples.offsets, dtype=np.int64))
+        h5.create_dataset("length", data=np.array(samples.lengths, dtype=np.int32))
+        h5.create_dataset("bodies", data=np.array(samples.bodies, dtype=np.int8))
+        for key in META_FIELDS:
+            h5.create_dataset(key, data=np.array(samples.meta[key], dtype=np.int16))
+        h5.create_dataset("label", data=np.array(samples.meta["action"], dtype=np.int16) - 1)
+    return samples, total_frames
+
+
+def summary_table(manifest: dict, out: str | os.PathLike) -> str:
+    """The end-of-conversion report: counts per outcome, with a few example names for each skip reason."""
+    counts = manifest["counts"]
+    rows = [("converted", counts["samples"], f"{counts['frames']} frames")]
+    by_reason: dict[str, list[str]] = {}
+    for entry in manifest["skipped"]:
+        by_reason.setdefault(entry["reason"], []).append(entry["name"])
+    for reason in REASONS:
+        if reason in by_reason:
+            names = by_reason[reason]
+            rows.append((f"skipped: {reason}", len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"NTU RGB+D skeletons -> {out} ({counts['files']} files, {manifest['seconds']} s)"]
+    lines += [f"  {label:<{width}}  {count:>7}  {note}" for label, count, note in rows]
+    if manifest["skipped"]:
+        lines.append("  (every skipped file and its reason: the manifest, h5py.File(out).attrs['manifest'])")
+    return "\n".join(lines)
+
+
+# Command line -------------------------------------------------------------------------------------
+
+USAGE = """usage: python prepare_ntu.py raw=PATH[,PATH...] out=data/ntu/ntu60.h5 [key=value ...]
+  raw=PATH          folder of .skeleton files, or the downloaded zip (comma-separated for several)
+  out=FILE          HDF5 file to write (default data/ntu/ntu60.h5)
+  workers=N         parsing processes (default: one per CPU)
+  exclude=FILE      sample names to leave out, one per line (NTU's 302 samples with missing skeletons)
+  dtype=float32     or float16 (half the size)
+  compression=gzip  or lzf (faster to read, h5py only) or none
+  min_body_frames=11  body IDs tracked in fewer frames are noise
+  overwrite=false   true: replace an existing out file
+  progress=true     false: no progress bar"""
+OPTIONS = ("raw", "out", "workers", "exclude", "dtype", "compression", "min_body_frames", "overwrite", "progress")
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ConvertError(f"{key} must be true or false, got {value!r}")
+
+
+def _parse_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConvertError(f"{key} must be an integer, got {value!r}") from None
+
+
+def parse_args(argv: list[str]) -> dict:
+    """``["raw=PATH", "out=FILE", ...]`` -> keyword arguments of :func:`convert` (ConvertError if bad)."""
+    options: dict[str, str] = {}
+    for argument in argv:
+        key, equals, value = argument.partition("=")
+        if not equals or key not in OPTIONS:
+            raise ConvertError(f"unknown argument {argument!r}; use key=value with key one of {OPTIONS}")
+        options[key] = value
+    if not options.get("raw"):
+        raise ConvertError(f"raw=PATH is required: {EXPECTED_RAW}")
+    kwargs: dict = {"raw": [p for p in options["raw"].split(",") if p], "out": options.get("out", "data/ntu/ntu60.h5")}
+    if "workers" in options:
+        kwargs["workers"] = _parse_int("workers", options["workers"])
+    if "min_body_frames" in options:
+        kwargs["min_body_frames"] = _parse_int("min_body_frames", options["min_body_frames"])
+    for key in ("overwrite", "progress"):
+        if key in options:
+            kwargs[key] = _parse_bool(key, options[key])
+    for key in ("exclude", "dtype", "compression"):
+        if key in options:
+            kwargs[key] = options[key] or None
+    return kwargs
+
+
+def main(argv: list[str]) -> int:
+    """The ``prepare_ntu.py`` command: convert, print the summary table; 0 on success, 2 on bad arguments."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        kwargs = parse_args(argv)
+        manifest = convert(**kwargs)
+    except (ConvertError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written (the partial file was removed); run the same command again",
+              file=sys.stderr)
+        return 130
+    print(summary_table(manifest, kwargs["out"]))
+    return 0
