@@ -1,12 +1,15 @@
 """Encoder-decoder (asynchronous sequence -> sequence): the reverse/sort data, teacher forcing that never
 reads ahead, greedy decoding, sequence accuracy, and reversal learnt through train.py and re-scored by eval.py."""
+import functools
 import json
 
 import pytest
 import torch
 
 from datamodules.transduction import EOS, FIRST_SYMBOL, PAD, TransductionDataModule, TransductionDataset
-from lightning_modules.pipeline import UserError, build_network, train
+from hydra.utils import instantiate
+
+from lightning_modules.run import UserError, train
 from lightning_modules.seq2seq import EncoderDecoderModule, SequenceAccuracy
 from src.layers.bidirectional import Bidirectional
 from src.networks import EncoderDecoder, RecurrentNetwork
@@ -73,8 +76,26 @@ def small(model: str) -> list[str]:
 
 
 def make_network(model_overrides=(), tmp_path=None, model="gru", task="reverse"):
+    """The encoder-decoder as the run driver builds it: the model config as a factory (``_partial_``)
+    handed to EncoderDecoder, which builds its own encoder and causal decoder."""
     cfg = compose_train(tmp_path / "run", [f"task={task}", *small(model), *QUICK_SEQ2SEQ, *model_overrides])
-    return build_network(cfg)
+    node = cfg.task.get("network") or cfg.task.encoder_decoder
+    return instantiate(node, model=instantiate(cfg.model, _partial_=True))
+
+
+def rerun_prefix_decoding(net, source, max_length):
+    """The earlier greedy decoding: re-run the decoder over the whole prefix at every step, O(L^2)."""
+    context = net.encode(source)
+    tokens = source.new_full((source.shape[0], max_length + 1), net.pad_id)
+    tokens[:, 0] = net.bos_id
+    finished = torch.zeros(source.shape[0], dtype=torch.bool)
+    for step in range(max_length):
+        next_token = net.decode(context, tokens[:, :step + 1])[:, -1].argmax(dim=-1).masked_fill(finished, net.pad_id)
+        tokens[:, step + 1] = next_token
+        finished |= next_token == net.eos_id
+        if bool(finished.all()):
+            break
+    return tokens[:, 1:]
 
 
 @pytest.mark.parametrize("model", ["gru", "indrnn", "cwrnn", "tdnn", "narx"])
@@ -93,8 +114,11 @@ def test_teacher_forcing_never_reads_ahead(tmp_path, model):
     assert not torch.allclose(logits_changed[:, 3], logits[:, 3])
 
 
-@pytest.mark.parametrize("model", ["gru", "indrnn", "cwrnn", "tdnn", "jordan"])
+@pytest.mark.parametrize("model", ["gru", "lstm", "indrnn", "cwrnn", "tdnn", "jordan", "narx", "skip_rnn", "leaky_rnn",
+                                   "res_indrnn"])
 def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
+    """generate() steps the decoder with its carried state: the same tokens as re-running the prefix,
+    each the argmax of the teacher-forced logits given the tokens before it."""
     torch.manual_seed(1)
     net = make_network(tmp_path=tmp_path, model=model).eval()
     # A large EOS bias makes some sequences end early, to check the padding after the end.
@@ -103,6 +127,7 @@ def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
     source = torch.randint(FIRST_SYMBOL, 11, (16, 4))
     tokens = net.generate(source, max_length=6)
     assert tokens.shape == (16, 6)
+    assert torch.equal(tokens, rerun_prefix_decoding(net, source, 6))
     logits, _ = net(source, tokens)
     for row, predicted in zip(tokens, logits.argmax(dim=-1)):
         ends = (row == EOS).nonzero()
@@ -111,29 +136,36 @@ def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
         assert (row[stop:] == PAD).all(), "nothing but padding after the end token"
 
 
-def test_bidirectional_model_gives_a_bidirectional_encoder_and_a_causal_decoder(tmp_path):
-    for flag in ("model.bidirectional=true", "model.layer.bidirectional=true"):
-        model = "gru" if flag == "model.bidirectional=true" else "indrnn"
-        net = make_network([flag], tmp_path=tmp_path, model=model)
-        encoder_layers = [type(m) for m in net.encoder.modules()]
-        assert Bidirectional in encoder_layers or any(getattr(m, "bidirectional", False) for m in net.encoder.layers)
-        assert not any(getattr(m, "bidirectional", False) for m in net.decoder.layers)
-        assert Bidirectional not in [type(m) for m in net.decoder.modules()]
+@pytest.mark.parametrize("model, flag", [("gru", "model.bidirectional=true"), ("indrnn", "model.bidirectional=true"),
+                                         ("indrnn", "model.layer.bidirectional=true")])
+def test_bidirectional_model_gives_a_bidirectional_encoder_and_a_causal_decoder(tmp_path, model, flag):
+    net = make_network([flag], tmp_path=tmp_path, model=model)
+    assert all(isinstance(layer, Bidirectional) for layer in net.encoder.layers)
+    assert not any(isinstance(m, Bidirectional) or getattr(m, "bidirectional", False) for m in net.decoder.modules())
+    assert (net.encoder.readout, net.decoder.readout) == ("last", "all")
+    assert net.encoder.head.out_features == 16 and net.decoder.head.out_features == 11  # context_size, vocab
+    assert net.decoder.layers[0].input_size == 8 + 16  # embedding + context
+    tokens = net.eval().generate(torch.randint(FIRST_SYMBOL, 11, (3, 4)), max_length=5)  # the decoder steps
+    assert tokens.shape == (3, 5)
 
 
 def test_bad_encoder_decoder_settings_are_rejected(tmp_path):
     gru = lambda readout: RecurrentNetwork(torch.nn.GRU, input_size=8, output_size=11, hidden_size=8, readout=readout)
     with pytest.raises(ValueError, match="the encoder must summarise the source"):
-        EncoderDecoder(gru("all"), gru("all"), vocab_size=11, embedding_size=8)
+        EncoderDecoder(encoder=gru("all"), decoder=gru("all"), vocab_size=11, embedding_size=8)
+    with pytest.raises(ValueError, match="the encoder must summarise the source"):
+        EncoderDecoder(functools.partial(RecurrentNetwork, torch.nn.GRU, readout="all"), vocab_size=11)
     with pytest.raises(ValueError, match="the decoder must predict every step"):
-        EncoderDecoder(gru("last"), gru("last"), vocab_size=11, embedding_size=8)
+        EncoderDecoder(encoder=gru("last"), decoder=gru("last"), vocab_size=11, embedding_size=8)
     with pytest.raises(ValueError, match="eos_id=20 is not a token id"):
-        EncoderDecoder(gru("last"), gru("all"), vocab_size=11, eos_id=20)
+        EncoderDecoder(encoder=gru("last"), decoder=gru("all"), vocab_size=11, eos_id=20)
+    with pytest.raises(ValueError, match="give either model .* or both encoder and decoder"):
+        EncoderDecoder(encoder=gru("last"), vocab_size=11)
     with pytest.raises(ValueError, match="needs a src.networks.EncoderDecoder network"):
         EncoderDecoderModule(net=gru("last"), optimizer=torch.optim.Adam)
-    with pytest.raises(UserError, match="task.readout is the encoder's summary of the source"):
+    with pytest.raises(UserError, match="encoder must summarise the source \\(readout 'last' or 'mean'\\)"):
         train(compose_train(tmp_path / "run", ["task=reverse", "task.readout=all", *QUICK_SEQ2SEQ]))
-    with pytest.raises(UserError, match="task: reverse: num_symbols must be an integer >= 2, got 1"):
+    with pytest.raises(UserError, match="reverse: num_symbols must be an integer >= 2, got 1"):
         train(compose_train(tmp_path / "run", ["task=reverse", "task.datamodule.num_symbols=1", *QUICK_SEQ2SEQ]))
 
 

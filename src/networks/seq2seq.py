@@ -10,18 +10,18 @@ from torch import nn
 from src.checks import check_positive_int
 
 
-def causal_factory(network: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """``network`` (a functools.partial of a network class) with bidirectionality switched off, both
+def causal_factory(model: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``model`` (a functools.partial of a network class) with bidirectionality switched off, both
     the network's own ``bidirectional`` keyword and a ``bidirectional`` keyword of its ``layer`` partial."""
-    if not isinstance(network, functools.partial):
-        return network
-    keywords = dict(network.keywords)
+    if not isinstance(model, functools.partial):
+        return model
+    keywords = dict(model.keywords)
     if "bidirectional" in keywords:
         keywords["bidirectional"] = False
     layer = keywords.get("layer")
     if isinstance(layer, functools.partial) and "bidirectional" in layer.keywords:
         keywords["layer"] = functools.partial(layer.func, *layer.args, **{**layer.keywords, "bidirectional": False})
-    return functools.partial(network.func, *network.args, **keywords)
+    return functools.partial(model.func, *model.args, **keywords)
 
 
 class EncoderDecoder(nn.Module):
@@ -38,34 +38,34 @@ class EncoderDecoder(nn.Module):
     decoder's carried state).
 
     Args:
-        network: builds both networks, e.g. ``functools.partial(RecurrentNetwork, layer=..., hidden_size=...)``
+        model: builds both networks, e.g. ``functools.partial(RecurrentNetwork, layer=..., hidden_size=...)``
             (a model config instantiated with ``_partial_=True``). The encoder is
-            ``network(input_size=embedding_size, output_size=context_size)`` with the factory's own
+            ``model(input_size=embedding_size, output_size=context_size)`` with the factory's own
             readout ("last" or "mean": the task's summary of the source); the decoder is
-            ``network(input_size=embedding_size + context_size, output_size=vocab_size, readout="all")``
+            ``model(input_size=embedding_size + context_size, output_size=vocab_size, readout="all")``
             with ``bidirectional`` switched off (at network level and in a ``layer`` partial).
         vocab_size: V, token ids 0 .. V-1, shared by sources and targets.
         embedding_size: E, width of the source and target token embeddings.
         context_size: C, width of the encoder's output.
         pad_id, bos_id, eos_id: the padding, start and end tokens (see :mod:`datamodules.transduction`).
-        encoder, decoder: instead of ``network``, the two networks already built: a
+        encoder, decoder: instead of ``model``, the two networks already built: a
             :class:`src.networks.SequenceNetwork` (B, S, E) -> (B, C) and a causal one
             (B, L, E + C) -> (B, L, V) with readout "all".
     """
 
-    def __init__(self, network: Callable[..., nn.Module] | None = None, vocab_size: int | None = None,
+    def __init__(self, model: Callable[..., nn.Module] | None = None, vocab_size: int | None = None,
                  embedding_size: int = 32, context_size: int = 128, pad_id: int = 0, bos_id: int = 1,
                  eos_id: int = 2, *, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("context_size", context_size)
-        if (network is None) == (encoder is None or decoder is None):
-            raise ValueError("encoder-decoder: give either network (a factory that builds both) or both "
+        if (model is None) == (encoder is None or decoder is None):
+            raise ValueError("encoder-decoder: give either model (a network factory that builds both) or both "
                              "encoder and decoder")
-        if network is not None:
-            encoder = network(input_size=embedding_size, output_size=context_size)
-            decoder = causal_factory(network)(input_size=embedding_size + context_size, output_size=vocab_size,
+        if model is not None:
+            encoder = model(input_size=embedding_size, output_size=context_size)
+            decoder = causal_factory(model)(input_size=embedding_size + context_size, output_size=vocab_size,
                                               readout="all")
         if getattr(encoder, "readout", "last") == "all":
             raise ValueError("encoder-decoder: the encoder must summarise the source (readout 'last' or 'mean'), "
