@@ -120,3 +120,14 @@ def test_stream_objective_scores_only_target_steps():
     predictions = torch.tensor([[[1.0], [2.0], [3.0]]])
     targets = torch.tensor([[[float("nan")], [4.0], [float("nan")]]])
     assert StreamRegressionModule.target_steps(predictions, targets)[0].tolist() == [[2.0]]
+
+
+def test_benchmark_reports_time_and_memory_of_both_methods(tmp_path):
+    from benchmarks.rtrl import main
+    path = tmp_path / "rtrl.json"
+    results = main(["--steps", "50", "300", "--batch", "2", "--hidden", "8", "--chunk", "100", "--repeats", "1",
+                    "--json", str(path)])
+    assert json.loads(path.read_text()) == results
+    for steps in ("50", "300"):
+        for method in ("bptt", "rtrl"):
+            assert results[steps][method]["ms"] > 0 and results[steps][method]["peak_mem_mb"] > 0
