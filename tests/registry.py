@@ -16,6 +16,7 @@ from torch import nn
 
 from src.kernels import numba_available
 from src.layers import IRNN, NARX, TDNN, ClockworkRNN, IndRNN, JordanRNN, LeakyRNN, SkipRNN
+from src.learning.diagonal import DiagonalLeakyRNN
 from src.networks import DenseIndRNN, RecurrentNetwork, ResidualIndRNN
 
 I, H = 4, 8  # features in, units
@@ -77,6 +78,7 @@ LAYERS: dict[str, Case] = {
     # the classic layers
     "leaky": Case(functools.partial(LeakyRNN, I, H)),
     "leaky_learned": Case(functools.partial(LeakyRNN, I, H, alpha_mode="learned", alpha_range=(0.2, 0.8))),
+    "diagonal_leaky": Case(functools.partial(DiagonalLeakyRNN, I, H, alpha_mode="learned", alpha_range=(0.2, 0.8))),
     "skip": Case(functools.partial(SkipRNN, I, H, delays=[1, 3])),
     "skip_1248": Case(functools.partial(SkipRNN, I, H, delays=[1, 2, 4, 8])),
     "skip_no_one_step": Case(functools.partial(SkipRNN, I, H, delays=[2, 5], nonlinearity="relu")),

@@ -111,7 +111,7 @@ def test_irnn_initialisation():
 @pytest.mark.parametrize("kwargs, message", [
     ({"hidden_size": 0}, "hidden_size must be a positive integer"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),
-    ({"dropout": 1.5}, "dropout must be in"),
+    ({"dropout": 1.5}, r"dropout must be a number in \[0.0, 1.0\), got 1.5"),
     ({"readout": "first"}, "unknown readout"),
 ])
 def test_network_rejects_impossible_sizes(kwargs, message):

@@ -90,7 +90,8 @@ def test_unbatched_chunks_and_initial_state(name):
     first, state = layer(x[:5, 0])
     second, _ = layer(x[5:, 0], state)
     torch.testing.assert_close(torch.cat([first, second]), whole[:, 0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer(x, layer.initial_state(B))[0], whole, rtol=0, atol=0)
+    if hasattr(layer, "initial_state"):
+        torch.testing.assert_close(layer(x, layer.initial_state(B))[0], whole, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", [torch.nn.GRU, functools.partial(ClockworkRNN, num_modules=2),

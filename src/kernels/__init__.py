@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from src.checks import check_choice
 from src.kernels.clockwork import ClockworkFunction, clockwork_mask, clockwork_reference
 from src.kernels.clockwork import check_recurrence_args as check_clockwork_arguments
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
@@ -49,8 +50,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     ``kernel`` ("indrnn" or "clockwork") names the recurrence; Clockwork's one fused kernel is plain
     PyTorch ("fused", any device), IndRNN's are "cpu"/"cpu_torch" (CPU) and "triton" (CUDA).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown recurrence backend {backend!r}; choose one of {BACKENDS}")
+    check_choice("recurrence backend", backend, BACKENDS)
     if kernel == "clockwork":
         if backend in KERNEL_BACKENDS["indrnn"]:
             raise ValueError(f"backend {backend!r} is an IndRNN kernel; Clockwork takes one of "
@@ -77,8 +77,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
 
 def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown IndRNN activation {activation!r}; choose one of {ACTIVATIONS}")
+    check_choice("IndRNN activation", activation, ACTIVATIONS)
 
 
 def indrnn_recurrence(

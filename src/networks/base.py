@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from src.batch import step_mask
-from src.checks import check_choice, check_positive_int
+from src.checks import check_choice, check_fraction, check_positive_int
 from src.layers.bidirectional import Bidirectional
 from src.layers.common import apply_constraints
 
@@ -41,9 +41,7 @@ class TimeSharedDropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
-        self.p = p
+        self.p = check_fraction("dropout", p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
