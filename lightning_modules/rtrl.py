@@ -193,6 +193,8 @@ class OnlineLearning:
         return total_loss
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # Manual optimization: Lightning steps no scheduler, so the epoch-interval ones step here.
         scheduler = self.lr_schedulers()
         if scheduler is None or self.hparams.scheduler_interval != "epoch":
             return
