@@ -12,6 +12,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from lightning_modules.run import register_resolvers
+
+register_resolvers()  # as train.py does before Hydra composes (${add:...}, run directories)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

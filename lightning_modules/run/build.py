@@ -104,17 +104,33 @@ def build_loggers(cfg: DictConfig, purge_step: int | None = None) -> list:
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) -> pl.Trainer:
-    precision = cfg.trainer.get("float32_matmul_precision") if "trainer" in cfg else None
     trainer_cfg = cfg.trainer
-    if precision is not None:  # a torch setting, not a Trainer argument
-        torch.set_float32_matmul_precision(str(precision))
-        trainer_cfg = OmegaConf.masked_copy(trainer_cfg, [k for k in trainer_cfg if k != "float32_matmul_precision"])
+    if "float32_matmul_precision" in trainer_cfg:  # a torch setting, not a Trainer argument
+        precision = trainer_cfg.float32_matmul_precision
+        if precision is not None:
+            torch.set_float32_matmul_precision(str(precision))
+        resolved = OmegaConf.to_container(trainer_cfg, resolve=True)  # resolved here: a copy loses the root
+        resolved.pop("float32_matmul_precision")
+        trainer_cfg = OmegaConf.create(resolved)
     return instantiate_node(trainer_cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config (no hydra node) as plain Python types, plus the chosen config names, for
+    checkpoints (``weights_only`` loading needs plain types) and eval.py."""
+    plain = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "hydra"}
+    plain["choices"] = {group: choice(group) for group in ("task", "model", "experiment")}
+    return plain
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """(datamodule, objective) from a composed config: what train.py fits, for tests and notebooks."""
+    return build_datamodule(cfg), build_objective(cfg, build_network(cfg), plain_config(cfg))
 
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
-           "build_trainer", "choice", "count_parameters", "instantiate_node", "objective_node"]
+__all__ = ["build", "build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
+           "build_trainer", "choice", "count_parameters", "instantiate_node", "objective_node", "plain_config"]

@@ -27,7 +27,8 @@ from datamodules.download import DownloadError
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.results import log_hparams, write_results
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
-                                         build_objective, build_trainer, choice, count_parameters)
+                                         build_objective, build_trainer, choice, count_parameters,
+                                         plain_config)
 from lightning_modules.run.errors import UserError, one_line
 from lightning_modules.run.recorder import RunRecorder
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_run_dir, resolve_checkpoint
@@ -141,14 +142,6 @@ def run_record(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict
     return record
 
 
-def plain_config(cfg: DictConfig) -> dict:
-    """The resolved config (no hydra node) as plain Python types, plus the chosen config names, for
-    checkpoints (``weights_only`` loading needs plain types) and eval.py."""
-    plain = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "hydra"}
-    plain["choices"] = {group: choice(group) for group in ("task", "model", "experiment")}
-    return plain
-
-
 def best_validation(recorder: RunRecorder, output_dir: Path) -> dict | None:
     """The best validation's metrics; from results.json when training ran in spawned processes."""
     return recorder.best or read_results(output_dir).get("best")
@@ -235,7 +228,9 @@ def train(cfg: DictConfig) -> float | None:
         return None if best is None else float(best)
     except NonFiniteLossError as err:
         saved = [name for name in ("best.ckpt", LAST_CHECKPOINT) if (output_dir / CHECKPOINT_DIR / name).is_file()]
-        record.update(status="diverged", error=one_line(err), steps=getattr(trainer, "global_step", 0))
+        record.update(status="diverged", error=one_line(err), steps=getattr(trainer, "global_step", 0),
+                      **{f"{name}_checkpoint": existing(str(output_dir / CHECKPOINT_DIR / f"{name}.ckpt"))
+                         for name in ("best", "last")})
         where = (f"results.json and the last good checkpoints ({', '.join(saved)}) are in {output_dir}" if saved
                  else f"no checkpoint was saved before it; results.json is in {output_dir}")
         return _fail(record, output_dir, started, UserError(f"{one_line(err)} ({where})"), err)

@@ -1,0 +1,279 @@
+"""Runs that lose nothing: last.ckpt, interrupts, resume into the same run, sweeps that survive a bad
+job, unique run directories, one-line errors and results.json (issue 11). The interrupt and resume
+tests run train.py as real subprocesses and signal them as a user (or a cluster) would."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_modules.results import PROJECT_METRICS
+from lightning_modules.run import train
+from lightning_modules.run.rundir import claim_dir, latest_run_checkpoint, resolve_checkpoint
+from tests.conftest import QUICK, ROOT, compose_train, run_script
+
+# Four epochs of 25 steps on T=20: long enough to signal a run mid-epoch, short enough for a test.
+RESUMABLE = ["task.seq_len=20", "task.datamodule.train_size=800", "task.datamodule.val_size=64",
+             "task.datamodule.test_size=64", "task.datamodule.batch_size=32", "task.max_epochs=4",
+             "task.stop_at=null", "trainer=cpu", "trainer.deterministic=true", "trainer.enable_model_summary=false",
+             "callbacks.progress_bar.refresh_rate=0", "model.hidden_size=32"]
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def start_train(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout: float = 240.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_dir_of(log_dir: Path, model: str = "indrnn") -> Path | None:
+    found = sorted(log_dir.glob(f"*/*_adding_{model}"))
+    return found[0] if found else None
+
+
+def progress(run_dir: Path | None) -> dict:
+    try:
+        return read_results(run_dir) if run_dir else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
+# ------------------------------------------------------------------ 1. last.ckpt is the latest state
+
+def test_last_checkpoint_is_the_final_state_of_a_finished_run(tmp_path):
+    # The monitor is best at epoch 0 only if nothing improves later: last.ckpt must not follow best.ckpt.
+    train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=3", "optimizer.lr=1e-9"]))
+    results = read_results(tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert results["status"] == "finished" and last["global_step"] == results["steps"] == 12
+    assert {"rng_states", "state_dict", "optimizer_states"} <= last.keys()
+
+
+# --------------------------------------- 2 + 3. SIGINT, kill -9, and resume into the same run directory
+
+def test_sigint_saves_last_checkpoint_and_results_then_exits_130(tmp_path):
+    process = start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path}"])
+    wait_for(lambda: progress(run_dir_of(tmp_path)).get("epochs", 0) >= 1, what="the first validation")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    run_dir = run_dir_of(tmp_path)
+    results = read_results(run_dir)
+    assert process.returncode == 130, stderr[-2000:]
+    assert results["status"] == "interrupted" and "signal 2" in results["error"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == results["steps"] and results["steps"] > 25
+    assert f"resume with ckpt_path={run_dir}" in stderr
+
+
+def test_sigterm_exits_143_with_status_interrupted(tmp_path):
+    process = start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path}"])
+    wait_for(lambda: progress(run_dir_of(tmp_path)).get("epochs", 0) >= 1, what="the first validation")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert read_results(run_dir_of(tmp_path))["status"] == "interrupted"
+
+
+def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrupted_run(tmp_path):
+    reference_dir = tmp_path / "reference"
+    completed = run_script("train.py", [*RESUMABLE, f"paths.log_dir={reference_dir}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    reference = read_results(run_dir_of(reference_dir))
+
+    log_dir = tmp_path / "killed"
+    process = start_train([*RESUMABLE, f"paths.log_dir={log_dir}"])
+    # Killed without warning somewhere after the first epoch's checkpoint (kill -9: nothing can run).
+    wait_for(lambda: (run_dir_of(log_dir) is not None and (run_dir_of(log_dir) / "checkpoints" / "last.ckpt").exists()
+                      and progress(run_dir_of(log_dir)).get("epochs", 0) >= 1), what="the first epoch's checkpoint")
+    time.sleep(0.3)
+    process.kill()
+    process.communicate(timeout=60)
+    run_dir = run_dir_of(log_dir)
+    killed = read_results(run_dir)
+    assert killed["status"] == "running" and killed["steps"] < reference["steps"]
+
+    resumed = run_script("train.py", [*RESUMABLE, f"paths.log_dir={log_dir}", f"ckpt_path={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in log_dir.glob("*/*")) == [run_dir.name]  # no second run directory
+    results = read_results(run_dir)
+    assert results["status"] == "finished" and results["resumes"] == 1
+    assert results["resume_history"][0]["status"] == "killed"
+    for key in ("test/mse", "test/loss", "val/mse_best", "val/mse", "steps"):
+        assert results[key] == reference[key], key
+    assert results["seconds"] > killed["seconds"]
+    # One TensorBoard run, continued: every training step logged once, as in the uninterrupted run.
+    assert train_steps(run_dir) == train_steps(run_dir_of(reference_dir))
+
+
+def test_ckpt_path_last_finds_the_latest_run_of_the_task_and_model(tmp_path):
+    older = claim_dir(tmp_path / "2026-01-01" / "10-00-00_adding_indrnn")
+    newer = claim_dir(tmp_path / "2026-01-02" / "09-00-00_adding_indrnn")
+    other = claim_dir(tmp_path / "2026-01-03" / "09-00-00_adding_lstm")
+    for number, folder in enumerate((older, newer, other)):
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        os.utime(folder / "checkpoints" / "last.ckpt", (1000 + number, 1000 + number))
+    assert latest_run_checkpoint(tmp_path, "adding", "indrnn") == newer / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint("last", tmp_path, "adding", "lstm") == other / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint(older, tmp_path, "adding", "indrnn") == (older / "checkpoints" / "last.ckpt").resolve()
+    assert resolve_checkpoint("last", tmp_path, "adding", "gru") is None
+
+
+def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
+    completed = run_script("train.py", [*QUICK, "ckpt_path=last", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith(
+        "error: ckpt_path=last: no run of task=adding model=indrnn with checkpoints/last.ckpt")
+
+
+# ---------------------------------------------------- 4. eval.py never writes into the training run
+
+def test_eval_writes_its_own_directory_and_names_task_model_and_checkpoint(tmp_path):
+    train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=1"]))
+    events_before = {p.name: p.stat().st_size for p in (tmp_path / "run" / "tensorboard").iterdir()}
+    completed = run_script("eval.py", [f"ckpt_path={tmp_path / 'run'}", "trainer=cpu", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert {p.name: p.stat().st_size for p in (tmp_path / "run" / "tensorboard").iterdir()} == events_before
+    (evaluation,) = tmp_path.glob("eval/*/*/results.json")
+    record = json.loads(evaluation.read_text())
+    assert record["task"] == "adding" and record["model"] == "indrnn"
+    assert record["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "best.ckpt").resolve())
+    assert Path(record["checkpoint"]).is_absolute() and "test/mse" in record
+
+
+# ------------------------------------------------------------- 5. sweeps that survive a bad job
+
+@pytest.mark.parametrize("sweep, bad_job, message", [
+    ("model.hidden_size=16,0,32", "1_adding_indrnn", "model: hidden_size must be a positive integer, got 0"),
+    ("optimizer.lr=0.002,-1,0.001", "1_adding_indrnn", "optimizer.lr=-1 is not allowed"),
+], ids=["config-error", "optimizer-error"])
+def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, sweep, bad_job, message):
+    completed = run_script("train.py", ["-m", sweep, *QUICK, "task.max_epochs=1", f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/*/results.json")}
+    assert sorted(jobs) == ["0_adding_indrnn", "1_adding_indrnn", "2_adding_indrnn"]
+    assert jobs[bad_job]["status"] == "failed" and jobs[bad_job]["error"].startswith(message)
+    assert [jobs[name]["status"] for name in sorted(jobs) if name != bad_job] == ["finished", "finished"]
+    assert "2 of 3 jobs finished" in completed.stdout and f"| {bad_job} | failed |" in completed.stdout
+    assert f"error: 1 job(s) did not finish: {bad_job} (failed)" in completed.stderr
+
+
+def test_diverged_run_without_a_checkpoint_says_so(train_cfg, tmp_path):
+    from lightning_modules.run import UserError
+    with pytest.raises(UserError, match="no checkpoint was saved before it"):
+        train(train_cfg(["optimizer.lr=1e30", "task.max_epochs=5"]))
+
+
+# -------------------------------------------------- 6. two runs in the same second, two directories
+
+def test_run_directories_are_claimed_once_even_at_the_same_instant(tmp_path):
+    claimed, barrier = [], threading.Barrier(8)
+
+    def claim() -> None:
+        barrier.wait()
+        claimed.append(claim_dir(tmp_path / "day" / "12-00-00_adding_indrnn"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(claimed)) == 8 and all(path.is_dir() for path in claimed)
+    assert sorted(path.name for path in claimed)[0] == "12-00-00_adding_indrnn"
+
+
+def test_two_runs_started_together_get_two_directories(tmp_path):
+    args = [*QUICK, "trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}"]
+    first, second = start_train(args), start_train(args)
+    for process in (first, second):
+        process.communicate(timeout=240)
+        assert process.returncode == 0
+    runs = sorted(tmp_path.glob("*/*_adding_indrnn*"))
+    assert len(runs) == 2 and all(read_results(run)["status"] == "finished" for run in runs)
+    assert {read_results(run)["pid"] for run in runs} == {first.pid, second.pid}
+
+
+# ------------------------------------------------------------- 7. one line, never a traceback
+
+@pytest.mark.parametrize("script, args, line", [
+    ("train.py", ["optimizer.lr=-1"], "error: optimizer.lr=-1 is not allowed: it must be a number >= 0"),
+    ("train.py", ["optimizer.weight_decay=-0.5"], "error: optimizer.weight_decay=-0.5 is not allowed"),
+    ("eval.py", [], "error: eval.py needs ckpt_path=PATH"),
+    ("eval.py", ["ckpt_path=/nonexistent/best.ckpt"], "error: ckpt_path=/nonexistent/best.ckpt: no such file"),
+], ids=["lr", "weight-decay", "eval-without-checkpoint", "eval-missing-checkpoint"])
+def test_bad_values_give_one_line(tmp_path, script, args, line):
+    settings = QUICK if script == "train.py" else ["trainer=cpu"]
+    completed = run_script(script, [*args, *settings, f"paths.log_dir={tmp_path}"])
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith(line)
+
+
+def test_a_checkpoint_that_is_not_ours_is_one_line_that_never_advises_unsafe_loading(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2048))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, expected in ((garbage, "is not a checkpoint that train.py wrote"),
+                           (foreign, "is a PyTorch file but not a checkpoint of this project")):
+        completed = run_script("eval.py", [f"ckpt_path={path}", f"paths.log_dir={tmp_path}"])
+        assert completed.returncode == 1 and "Traceback" not in completed.stderr
+        assert expected in completed.stderr.strip().splitlines()[-1]
+        assert "weights_only=False" not in completed.stderr + completed.stdout
+
+
+# --------------------------------------------------------------------------- 8. results.json
+
+def test_results_hold_the_best_validation_and_are_readable_by_others(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=3"]))
+    finally:
+        os.umask(previous)
+    path = tmp_path / "run" / "results.json"
+    results = json.loads(path.read_text())
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert results["val/mse"] == results["val/mse_best"] == min(
+        results["val/mse_best"], results["last_val/mse"])
+    assert isinstance(results["best_step"], int) and "last_val/loss" in results
+    best = torch.load(results["best_checkpoint"], weights_only=True)
+    assert best["global_step"] == results["best_step"]
+
+
+# ----------------------------------------------------------------------- 10. TensorBoard runs
+
+def test_hparams_declare_every_project_metric_and_smoke_tests_leave_no_run(tmp_path):
+    train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=1"]))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    experiment = events.PluginTagToContent("hparams")["_hparams_/experiment"].decode("utf-8", "ignore")
+    assert all(metric in experiment for metric in PROJECT_METRICS)  # e.g. test/acc on an adding run
+
+    train(compose_train(tmp_path / "smoke", QUICK + ["trainer.fast_dev_run=true"]))
+    assert read_results(tmp_path / "smoke")["status"] == "finished"
+    assert not (tmp_path / "smoke" / "tensorboard").exists()
