@@ -52,24 +52,10 @@ def build_network(cfg: DictConfig) -> torch.nn.Module:
     """The model config as one network; a task with a ``network`` wrapper (e.g. the encoder-decoder)
     receives the model as a factory and builds its own networks from it."""
     wrapper = cfg.task.get("network")
-    if not wrapper and cfg.task.get("encoder_decoder"):
-        return _legacy_encoder_decoder(cfg)
     if not wrapper:
         return instantiate_node(cfg.model, "model")
-    model_factory = instantiate_node(OmegaConf.merge(cfg.model, {"_partial_": True}), "model")
+    model_factory = instantiate_node(cfg.model, "model", _partial_=True)
     return instantiate_node(wrapper, "task.network", model=model_factory)
-
-
-def _legacy_encoder_decoder(cfg: DictConfig) -> torch.nn.Module:
-    seq2seq = cfg.task.encoder_decoder
-    embedding_size, context_size = seq2seq.embedding_size, seq2seq.context_size
-    encoder = instantiate_node(cfg.model, "model", input_size=embedding_size, output_size=context_size)
-    causal = {"bidirectional": False} if "bidirectional" in cfg.model else {}
-    if "bidirectional" in cfg.model.get("layer", {}):
-        causal["layer"] = {"bidirectional": False}
-    decoder = instantiate_node(cfg.model, "model", input_size=embedding_size + context_size,
-                               output_size=cfg.task.output_size, readout="all", **causal)
-    return instantiate_node(seq2seq, "task.encoder_decoder", encoder=encoder, decoder=decoder)
 
 
 def build_objective(cfg: DictConfig, network: torch.nn.Module, run_config: dict) -> pl.LightningModule:
