@@ -168,6 +168,7 @@ class StreamWindows(IterableDataset):
         # Checked once here, with the largest prefix: every pass then has streams of >= 2 tokens.
         batchify(ids[max(max_offset - 1, 0):], streams * world_size)
         self.passes = 0  # passes started: the epoch number of a training loader
+        self._running: int | None = None  # windows of the pass being read, while one is
 
     def _plan(self, epoch: int) -> tuple[torch.Tensor, list[int]]:
         generator = np.random.default_rng([self.seed, epoch])
@@ -177,18 +178,19 @@ class StreamWindows(IterableDataset):
         return data, window_lengths(data.shape[1] - 1, self.seq_len, self.variable_length, generator)
 
     def __len__(self) -> int:
-        """Windows in the next pass (variable lengths: the plan fixes them in advance)."""
-        return len(self._plan(self.passes)[1])
+        """Windows in the pass being read, else in the next one (the plan fixes them in advance)."""
+        return self._running if self._running is not None else len(self._plan(self.passes)[1])
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         data, lengths = self._plan(self.passes)
         self.passes += 1
-        start = 0
+        self._running, start = len(lengths), 0
         for number, length in enumerate(lengths):
             window = data[:, start:start + length + 1]
             reset = torch.full((data.shape[0],), number == 0, dtype=torch.bool)
             yield SequenceBatch(window[:, :-1], window[:, 1:], reset=reset)
             start += length
+        self._running = None
 
 
 def _identity(batch):

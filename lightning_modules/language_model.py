@@ -266,44 +266,40 @@ class LanguageModel(SequenceObjective):
             self.vocabulary = list(checkpoint["vocabulary"])
 
 
-# Evaluation without Lightning ---------------------------------------------------------------------
+# Evaluation and generation without Lightning -------------------------------------------------------
 
-@torch.no_grad()
-def evaluate_stream(model: LanguageModel, windows: Iterable) -> tuple[float, int]:
-    """(mean cross-entropy in nats, tokens) over consecutive windows, the state carried, never reset."""
-    model.eval()
-    state, total, tokens = None, 0.0, 0
-    for batch in windows:
-        batch = as_batch(batch)
-        summed, state = model.summed_loss(batch.inputs.to(model.device), batch.targets.to(model.device), state)
-        total += float(summed)
-        tokens += batch.targets.numel()
-    return total / max(tokens, 1), tokens
+def dynamic_evaluate(model: LanguageModel, datamodule, lr: float = 1e-4, decay: float = 0.0, rms: bool = False,
+                     split: str = "test", epsilon: float = 1e-8) -> dict:
+    """Dynamic evaluation (Krause et al., 2018): score each window of a split, then adapt to it.
 
-
-def dynamic_evaluate(model: LanguageModel, windows: Iterable, lr: float = 1e-4, decay: float = 0.0,
-                     rms: bool = False, epsilon: float = 1e-8) -> dict:
-    """Dynamic evaluation (Krause et al., 2018): score each window, then adapt the weights to it.
-
-    For every window in order: its cross-entropy is added to the total with the current weights;
-    then one gradient step on that same loss moves the weights, pulled back towards the trained
-    weights theta_0: ``theta <- theta - lr * g + decay * (theta_0 - theta)``. With ``rms`` the
-    gradient is divided by the root of its running mean square (the paper's RMS variant, estimated
-    on the windows seen so far). Dropout and batch norm stay in evaluation mode; the recurrent state
-    is carried (detached) and never reset. ``model`` is left unchanged: the steps act on a copy.
+    The split is read as in the papers' protocol (its loader: test batch 1, validation batch 10, the
+    state carried, never reset). For every window in order, its cross-entropy is counted with the
+    current weights; then one gradient step on that same loss moves the weights, pulled back towards
+    the trained weights theta_0: ``theta <- theta - lr * g + decay * (theta_0 - theta)``. With ``rms``
+    the gradient is divided by the root of its running mean square over the windows so far (the
+    paper's RMS-normalised step). Dropout and batch norm stay in evaluation mode. ``model`` itself
+    is left unchanged: the steps act on a copy.
 
     Args:
-        model: a trained :class:`LanguageModel`.
-        windows: the split's consecutive windows (e.g. the test loader: batch 1).
-        lr: step size (0 gives plain evaluation).
+        model: a trained :class:`LanguageModel` (e.g. the objective after ``trainer.test(ckpt_path=...)``).
+        datamodule: its DataModule (e.g. :class:`datamodules.ptb.PTBDataModule`); prepared and set
+            up here if it was not yet.
+        lr: step size, >= 0 (0: plain evaluation).
         decay: pull towards the trained weights per step, in [0, 1).
         rms: scale the steps by the gradients' running RMS.
+        split: "test" or "val".
 
     Returns:
-        ``{"loss": mean nats, "bpc" or "ppl": value, "tokens": count}``.
+        ``{"{split}/dynamic_loss": mean nats, "{split}/dynamic_bpc" or "..._ppl": value,
+        "{split}/dynamic_tokens": count}``.
     """
-    check_fraction("dynamic evaluation lr", lr, 0.0, math.inf)
-    check_fraction("dynamic evaluation decay", decay)
+    check_fraction("dynamic_eval lr", lr, 0.0, math.inf)
+    check_fraction("dynamic_eval decay", decay)
+    check_choice("dynamic_eval split", split, ("val", "test"))
+    if getattr(datamodule, "vocabulary", None) is None:
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    windows = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     adapted = copy.deepcopy(model)
     adapted.eval()
     params = [p for p in adapted.parameters() if p.requires_grad]
@@ -314,7 +310,7 @@ def dynamic_evaluate(model: LanguageModel, windows: Iterable, lr: float = 1e-4, 
         batch = as_batch(batch)
         summed, state = adapted.summed_loss(batch.inputs.to(adapted.device), batch.targets.to(adapted.device), state)
         count = batch.targets.numel()
-        total += float(summed)
+        total += float(summed.detach())
         tokens += count
         state = detach_state(state)
         grads = torch.autograd.grad(summed / count, params, allow_unused=True)
@@ -330,7 +326,8 @@ def dynamic_evaluate(model: LanguageModel, windows: Iterable, lr: float = 1e-4, 
                 param.add_(start - param, alpha=decay)
         apply_constraints(adapted.net)  # e.g. IndRNN's |u| bound, as after every training step
     mean = total / max(tokens, 1)
-    return {"loss": mean, model.metric_name: nll_to_metric(mean, model.level), "tokens": tokens}
+    return {f"{split}/dynamic_loss": mean, f"{split}/dynamic_{model.metric_name}": nll_to_metric(mean, model.level),
+            f"{split}/dynamic_tokens": tokens}
 
 
 @torch.no_grad()

@@ -1,0 +1,541 @@
+"""Penn Treebank language modelling: a tiny corpus in both formats written here and served from
+127.0.0.1 (download, checksums, mirrors, the archive, offline message), the parallel-stream
+windows, truncated BPTT with a carried state, the metrics, the evaluation protocol, dynamic
+evaluation, generate.py, and every model through train.py (no internet, CPU only)."""
+from __future__ import annotations
+
+import glob
+import io
+import math
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from datamodules.download import DownloadError, md5sum
+from datamodules.ptb import (ARCHIVE, ARCHIVE_FOLDER, EOS, FILES, PTBDataModule, StreamWindows, batchify,
+                             read_tokens, window_lengths)
+from lightning_modules.language_model import LanguageModel, dynamic_evaluate
+from lightning_modules.run import train
+from src.networks import RecurrentNetwork
+from src.state import detach_state, state_tensors
+from tests.conftest import CONF, compose_train, run_script
+from tests.mnist_files import serve_directory
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: the connection is refused at once
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "big", "red", "house", "<unk>"]
+MODELS = sorted(Path(path).stem for path in glob.glob(str(CONF / "model" / "*.yaml")))
+SMALL = {"hidden_size": 8, "num_layers": 1, "num_blocks": 1, "growth_rate": 4, "block_config": "[1]"}  # model sizes
+
+
+# A tiny corpus in Mikolov's two formats ------------------------------------------------------------
+
+def sentence(rng: np.random.Generator, words: list[str]) -> list[str]:
+    """A learnable sentence: each word is mostly followed by the next word of ``words``."""
+    tokens = [words[int(rng.integers(0, 3))]]
+    for _ in range(int(rng.integers(3, 9))):
+        step = 1 if rng.random() < 0.8 else 2
+        tokens.append(words[(words.index(tokens[-1]) + step) % len(words)])
+    return tokens
+
+
+def write_corpus(folder: Path, lines: dict[str, int] | None = None, seed: int = 0,
+                 test_words: list[str] | None = None) -> dict[str, str]:
+    """The six PTB files in ``folder`` (word lines ' w1 w2 \\n', char lines 'c a t _ s a t \\n');
+    returns {file name: md5}. ``test_words`` gives the test split another word order (a shift)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    counts = lines or {"train": 300, "val": 40, "test": 40}
+    for split, count in counts.items():
+        order = test_words if (split == "test" and test_words) else WORDS
+        sentences = [sentence(rng, order) for _ in range(count)]
+        (folder / FILES["word"][split]).write_text("".join(f" {' '.join(s)} \n" for s in sentences))
+        (folder / FILES["char"][split]).write_text(
+            "".join(" _ ".join(" ".join(word) for word in s) + " \n" for s in sentences))
+    return {name: md5sum(folder / name) for level in FILES.values() for name in level.values()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(data_dir with ptb/ holding the tiny corpus, {file name: md5})."""
+    data_dir = tmp_path_factory.mktemp("data")
+    return data_dir, write_corpus(data_dir / "ptb")
+
+
+def vocab_size(data_dir: Path, level: str) -> int:
+    return len(set(read_tokens(data_dir / "ptb" / FILES[level]["train"], level)))
+
+
+def datamodule(data_dir: Path, md5: dict, level: str = "char", **kwargs) -> PTBDataModule:
+    settings = {"data_dir": str(data_dir), "level": level, "md5": md5, "download": False, "batch_size": 4,
+                "seq_len": 10, **kwargs}
+    module = PTBDataModule(**settings)
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def language_model(vocab: int, layer: str = "lstm", embedding: int = 8, hidden: int = 16, tie: bool = False,
+                   seed: int = 0, **kwargs) -> LanguageModel:
+    torch.manual_seed(seed)
+    layers = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+    if layer == "indrnn":
+        from src.layers import IndRNN
+        import functools
+        factory = functools.partial(IndRNN, u_bound=0.99)
+    else:
+        factory = layers[layer]
+    net = RecurrentNetwork(factory, input_size=embedding, output_size=embedding if tie else vocab, hidden_size=hidden,
+                           num_layers=2, readout="all")
+    return LanguageModel(net, optimizer=lambda params: torch.optim.SGD(params, lr=0.1), vocab_size=vocab,
+                         embedding_size=embedding, level=kwargs.pop("level", "char"), tie_weights=tie, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for these small models: on a shared 2-core machine, torch's default two
+    threads per process made each step ~25x slower (measured: 0.76 s vs 0.028 s for an LSTM step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message
+    return message
+
+
+# Files: download, checksums, mirrors, the archive, offline ------------------------------------------
+
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_download_from_a_folder_mirror_checks_md5(tmp_path, corpus, level):
+    source, md5 = corpus
+    requests: list[str] = []
+    with serve_directory(source / "ptb", requests) as url:
+        module = PTBDataModule(data_dir=str(tmp_path), level=level, mirrors=[url], md5=md5)
+        module.prepare_data()
+    for name in FILES[level].values():
+        assert md5sum(tmp_path / "ptb" / name) == md5[name]
+    assert sorted(requests) == sorted(f"/{name}" for name in FILES[level].values())
+    assert not list((tmp_path / "ptb").glob(".*part*"))  # no temporary file left behind
+
+
+def test_a_corrupt_mirror_is_skipped_for_the_next(tmp_path, corpus):
+    source, md5 = corpus
+    bad = tmp_path / "bad"
+    shutil.copytree(source / "ptb", bad)
+    (bad / "ptb.char.train.txt").write_text("x y z \n")  # wrong checksum on the first mirror
+    with serve_directory(bad) as first, serve_directory(source / "ptb") as second:
+        module = PTBDataModule(data_dir=str(tmp_path / "data"), level="char", mirrors=[UNREACHABLE, first, second],
+                               md5=md5)
+        module.prepare_data()
+    assert md5sum(tmp_path / "data" / "ptb" / "ptb.char.train.txt") == md5["ptb.char.train.txt"]
+
+
+def test_the_archive_mirror_provides_every_file(tmp_path, corpus):
+    source, md5 = corpus
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / ARCHIVE, "w:gz") as bundle:
+        for level in FILES.values():
+            for name in level.values():
+                bundle.add(source / "ptb" / name, arcname="./" + ARCHIVE_FOLDER + name)
+    overrides = {**md5, ARCHIVE: md5sum(served / ARCHIVE)}
+    with serve_directory(served) as url:
+        for level in ("word", "char"):
+            PTBDataModule(data_dir=str(tmp_path / "data"), level=level, mirrors=[f"{url}/{ARCHIVE}"],
+                          md5=overrides).prepare_data()
+    for level in FILES.values():
+        for name in level.values():
+            assert md5sum(tmp_path / "data" / "ptb" / name) == md5[name]
+    assert not (tmp_path / "data" / "ptb" / ARCHIVE).exists()  # only the text files are kept
+
+
+def test_offline_without_files_one_line_names_files_folder_and_urls(tmp_path):
+    mirrors = [UNREACHABLE + "/simple-examples.tgz", UNREACHABLE + "/folder"]
+    module = PTBDataModule(data_dir=str(tmp_path), level="word", mirrors=mirrors, timeout=2)
+    with pytest.raises(DownloadError) as error:
+        module.prepare_data()
+    message = one_line(error)
+    for name in FILES["word"].values():
+        assert name in message
+    assert str(tmp_path / "ptb") in message and all(url in message for url in mirrors)
+
+
+def test_download_false_with_a_corrupt_file_says_so(tmp_path, corpus):
+    source, md5 = corpus
+    shutil.copytree(source / "ptb", tmp_path / "ptb")
+    (tmp_path / "ptb" / "ptb.test.txt").write_text("changed \n")
+    with pytest.raises(DownloadError) as error:
+        PTBDataModule(data_dir=str(tmp_path), level="word", md5=md5, download=False).prepare_data()
+    message = one_line(error)
+    assert "ptb.test.txt (corrupt" in message and "download=true" in message
+
+
+def test_vocabulary_size_mismatch_is_one_line(corpus):
+    data_dir, md5 = corpus
+    with pytest.raises(ValueError, match=r"task.vocab_size is 7 .* set task.vocab_size=\d+"):
+        datamodule(data_dir, md5, vocab_size=7)
+
+
+# Tokens and windows ----------------------------------------------------------------------------------
+
+def test_tokens_of_both_levels(corpus):
+    data_dir, md5 = corpus
+    words = datamodule(data_dir, md5, level="word")
+    chars = datamodule(data_dir, md5, level="char")
+    word_lines = (data_dir / "ptb" / "ptb.train.txt").read_text().splitlines()
+    assert words.ids["train"].numel() == sum(len(line.split()) + 1 for line in word_lines)
+    assert Counter(words.vocabulary[i] for i in words.ids["train"].tolist())[EOS] == len(word_lines)
+    assert "<unk>" in words.vocabulary and EOS in words.vocabulary
+    assert "_" in chars.vocabulary and EOS in chars.vocabulary and all(len(t) == 1 for t in chars.vocabulary if t != EOS)
+    first = chars.vocabulary
+    decoded = "".join(" " if first[i] == "_" else ("\n" if first[i] == EOS else first[i])
+                      for i in chars.ids["train"][:200].tolist())
+    assert decoded.splitlines()[0] == " ".join(word_lines[0].split())
+
+
+def test_windows_are_consecutive_per_stream_and_targets_shift(corpus):
+    data_dir, md5 = corpus
+    module = datamodule(data_dir, md5, batch_size=3, seq_len=7)
+    streams = batchify(module.ids["train"], 3)
+    batches = list(module.train_dataloader())  # max_offset 0: the streams from the start
+    assert batches[0].reset.all() and not any(b.reset.any() for b in batches[1:])
+    joined_inputs = torch.cat([b.inputs for b in batches], dim=1)
+    joined_targets = torch.cat([b.targets for b in batches], dim=1)
+    assert torch.equal(joined_inputs, streams[:, :-1]) and torch.equal(joined_targets, streams[:, 1:])
+    assert all(b.inputs.dtype == torch.int64 and b.inputs.shape[1] == 7 for b in batches[:-1])
+
+
+def test_random_offset_changes_per_epoch_and_ddp_ranks_get_their_own_streams(corpus):
+    data_dir, md5 = corpus
+    ids = datamodule(data_dir, md5).ids["train"]
+    windows = StreamWindows(ids, 2, 10, max_offset=50, seed=3)
+    firsts = [next(iter(windows)).inputs[0, :5].tolist() for _ in range(4)]
+    assert len({tuple(f) for f in firsts}) > 1  # the dropped prefix changes from epoch to epoch
+    ranks = [StreamWindows(ids, 2, 10, variable_length=True, max_offset=50, seed=3, rank=r, world_size=2)
+             for r in (0, 1)]
+    plans = [list(w) for w in ranks]
+    assert len(plans[0]) == len(plans[1])  # the same number of steps on every rank (no DDP hang)
+    assert [b.inputs.shape for b in plans[0]] == [b.inputs.shape for b in plans[1]]
+    rows = torch.cat([torch.cat([b.inputs for b in plan], dim=1) for plan in plans])  # (4 streams, L)
+    offset = int(np.random.default_rng([3, 0]).integers(0, 50))
+    assert torch.equal(rows, batchify(ids[offset:], 4)[:, :rows.shape[1]])
+
+
+def test_variable_window_lengths_follow_the_official_rule():
+    rng = np.random.default_rng(0)
+    lengths = window_lengths(200_000, 50, True, rng)
+    assert sum(lengths) == 200_000
+    body = np.array(lengths[:-1])
+    assert body.min() >= 5 and body.max() <= 60
+    short = np.mean(body < 38)  # the p = 0.05 half-length windows, N(25, 5)
+    assert 0.03 < short < 0.07
+    assert abs(np.mean(body[body >= 38]) - 50) < 0.3
+    assert window_lengths(23, 10, False, rng) == [10, 10, 3]
+
+
+# Truncated BPTT ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", ["lstm", "gru", "indrnn", "rnn"])
+def test_carried_state_equals_one_pass_and_no_gradient_crosses_windows(layer):
+    torch.manual_seed(1)
+    model = language_model(20, layer).double().eval()
+    tokens = torch.randint(0, 20, (3, 24))
+    whole, _ = model(tokens)
+    state, pieces = None, []
+    for chunk in tokens.split(8, dim=1):
+        logits, state = model(chunk, state)
+        pieces.append(logits)
+        state = detach_state(state)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+    # Gradients: window 2's loss, from window 1's detached state, reaches nothing of window 1.
+    model.train()
+    first_embedded = model.embed(tokens[:, :8]).detach().requires_grad_(True)
+    _, first_state = model.net(first_embedded)
+    carried = detach_state(first_state)
+    assert all(not t.requires_grad for t in state_tensors(carried))
+    logits, _ = model(tokens[:, 8:16], carried)
+    loss = F.cross_entropy(logits.reshape(-1, 20), tokens[:, 9:17].reshape(-1))
+    assert torch.autograd.grad(loss, first_embedded, allow_unused=True)[0] is None
+    # ... while without the detach it would.
+    logits, _ = model(tokens[:, 8:16], first_state)
+    loss = F.cross_entropy(logits.reshape(-1, 20), tokens[:, 9:17].reshape(-1))
+    assert torch.autograd.grad(loss, first_embedded)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_carries_its_state_across_windows(model):
+    """Each model of conf/model (small; IndRNNs with per-step BN before the recurrence), inside the
+    language model: windows with the carried state give the values of one pass over the whole text."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.merge({"task": {"input_size": 8, "output_size": 11, "readout": "all", "seq_len": 24}},
+                          {"model": OmegaConf.load(CONF / "model" / f"{model}.yaml")})
+    for key, value in {**SMALL, "num_layers": 2, "block_config": [1]}.items():
+        if key in cfg.model and not (model == "cwrnn" and key == "hidden_size"):
+            cfg.model[key] = value
+    if "batch_norm" in cfg.model.get("layer", {}):
+        cfg.model.layer.batch_norm, cfg.model.layer.batch_norm_stats = "before", "per_step"
+    torch.manual_seed(0)
+    lm = LanguageModel(instantiate(cfg.model), optimizer=None, vocab_size=11, embedding_size=8).double().eval()
+    tokens = torch.randint(0, 11, (3, 24))
+    whole, _ = lm(tokens)
+    state, pieces = None, []
+    for chunk in tokens.split(8, dim=1):
+        logits, state = lm(chunk, state)
+        pieces.append(logits)
+        state = detach_state(state)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+
+
+def test_training_step_carries_a_detached_state_and_resets(corpus):
+    data_dir, md5 = corpus
+    module = datamodule(data_dir, md5, batch_size=3, seq_len=6)
+    model = language_model(len(module.vocabulary)).double()
+    model.log = lambda *args, **kwargs: None  # outside a Trainer
+    batches = list(module.train_dataloader())
+    model.on_train_epoch_start()
+    model.training_step(batches[0], 0)
+    after_first = model.train_state
+    assert all(t.grad_fn is None for t in state_tensors(after_first))
+    model.eval()
+    with torch.no_grad():
+        _, expected = model(batches[0].inputs)
+    torch.testing.assert_close(state_tensors(after_first)[0], state_tensors(expected)[0])  # dropout is 0
+    model.train()
+    seen = []
+    forward = model.net.forward
+    model.net.forward = lambda x, state=None: (seen.append(state is None), forward(x, state))[1]
+    model.training_step(batches[1], 1)
+    model.training_step(batches[0], 2)  # reset=True: starts afresh
+    assert seen == [False, True]
+
+
+def test_reset_probability(corpus):
+    data_dir, md5 = corpus
+    module = datamodule(data_dir, md5, batch_size=2, seq_len=4)
+    model = language_model(len(module.vocabulary), reset_probability=0.25)
+    model.log = lambda *args, **kwargs: None
+    seen = []
+    forward = model.net.forward
+    model.net.forward = lambda x, state=None: (seen.append(state is None), forward(x, state))[1]
+    batch = next(iter(module.train_dataloader()))._replace(reset=None)
+    torch.manual_seed(0)
+    for step in range(400):
+        model.training_step(batch, step)
+    fraction = np.mean(seen[1:])
+    assert 0.18 < fraction < 0.32  # binomial(399, 0.25): sd 0.022
+
+
+def test_lr_scaled_by_window_length(corpus, tmp_path):
+    """The update a window gets is lr x t / T (plain SGD: delta = -lr_eff * grad), and the rate is restored."""
+    import pytorch_lightning as pl
+    data_dir, md5 = corpus
+    module = PTBDataModule(data_dir=str(data_dir), level="char", md5=md5, download=False, batch_size=2, seq_len=10,
+                           variable_length=True)
+    model = language_model(vocab_size(data_dir, "char"), base_length=10, scale_lr_by_length=True)
+    records = []
+
+    class Watch(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            weight = pl_module.embedding.weight
+            records.append([weight.detach().clone(), weight.grad.detach().clone(), pl_module._window])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            before, grad, window = records[-1]
+            moved = (before - pl_module.embedding.weight.detach())[grad.abs() > 1e-6]
+            records[-1] = (moved / grad[grad.abs() > 1e-6]).mean().item(), window, \
+                trainer.optimizers[0].param_groups[0]["lr"]
+
+    trainer = pl.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[Watch()], accelerator="cpu")
+    trainer.fit(model, datamodule=module)
+    windows = {window for _, window, _ in records}
+    assert len(windows) > 2  # random lengths
+    for effective, window, restored in records:
+        assert effective == pytest.approx(0.1 * window / 10, rel=2e-3)  # float32 steps; windows differ by >= 1.6%
+        assert restored == 0.1
+
+
+# Metrics and the evaluation protocol ----------------------------------------------------------------
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_bpc_and_perplexity_against_a_hand_computation(corpus, level):
+    import pytorch_lightning as pl
+    data_dir, md5 = corpus
+    module = datamodule(data_dir, md5, level=level, seq_len=5, eval_seq_len=7)
+    vocab = len(module.vocabulary)
+    model = language_model(vocab, level=level)
+    logits = torch.linspace(-2.0, 1.0, vocab)
+    with torch.no_grad():  # a fixed model: every prediction is softmax(logits), whatever the input
+        for parameter in model.net.parameters():
+            parameter.zero_()
+        model.net.head.bias.copy_(logits)
+    tested = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu").test(model, datamodule=module, verbose=False)[0]
+    log_p = torch.log_softmax(logits.double(), 0)
+    targets = batchify(module.ids["test"], 1)[:, 1:].reshape(-1)  # test: one stream
+    mean_nll = float(-log_p[targets].mean())
+    if level == "char":
+        assert tested["test/bpc"] == pytest.approx(mean_nll / math.log(2), rel=1e-5)
+    else:
+        assert tested["test/ppl"] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+    assert tested["test/loss"] == pytest.approx(mean_nll, rel=1e-5)
+
+
+def reference_loss(model: LanguageModel, ids: torch.Tensor, streams: int, window: int) -> float:
+    """The papers' evaluation written out: batchify, walk the windows, carry the state, sum the NLL."""
+    data = ids[: ids.numel() // streams * streams].view(streams, -1)
+    total, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for start in range(0, data.shape[1] - 1, window):
+            inputs = data[:, start:start + window]
+            targets = data[:, start + 1:start + 1 + window]
+            inputs = inputs[:, :targets.shape[1]]
+            logits, state = model(inputs, state)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+    return total / count
+
+
+def test_evaluation_protocol_matches_a_reference_loop(corpus):
+    import pytorch_lightning as pl
+    data_dir, md5 = corpus
+    module = datamodule(data_dir, md5, level="word", batch_size=4, seq_len=6)  # val batch 10, test batch 1
+    model = language_model(len(module.vocabulary), "gru", level="word", seed=4).eval()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    validated = trainer.validate(model, datamodule=module, verbose=False)[0]
+    tested = trainer.test(model, datamodule=module, verbose=False)[0]
+    val = reference_loss(model, module.ids["val"], 10, 6)
+    test = reference_loss(model, module.ids["test"], 1, 6)
+    assert validated["val/loss"] == pytest.approx(val, rel=1e-5)
+    assert validated["val/ppl"] == pytest.approx(math.exp(val), rel=1e-5)
+    assert tested["test/loss"] == pytest.approx(test, rel=1e-5)
+    # The carried state matters: starting every window afresh gives another number.
+    fresh = np.mean([reference_loss(model, module.ids["test"][i:i + 7], 1, 6) for i in range(0, 60, 6)])
+    assert abs(fresh - test) > 1e-4
+
+
+# Dynamic evaluation --------------------------------------------------------------------------------
+
+def test_dynamic_evaluation_improves_on_a_shifted_test_split(tmp_path):
+    shifted = WORDS[::-1]  # the test text follows the reverse word order
+    md5 = write_corpus(tmp_path / "ptb", {"train": 200, "val": 20, "test": 60}, seed=1, test_words=shifted)
+    module = datamodule(tmp_path, md5, level="word", batch_size=4, seq_len=8, eval_seq_len=8)
+    model = language_model(len(module.vocabulary), level="word", seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(3):  # learn the training order
+        state = None
+        for batch in module.train_dataloader():
+            logits, state = model(batch.inputs, state)
+            state = detach_state(state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    static = dynamic_evaluate(model, module, lr=0.0)
+    assert static["test/dynamic_loss"] == pytest.approx(reference_loss(model, module.ids["test"], 1, 8), rel=1e-5)
+    before = [p.detach().clone() for p in model.parameters()]
+    dynamic = dynamic_evaluate(model, module, lr=0.05, decay=0.01)
+    assert dynamic["test/dynamic_loss"] < static["test/dynamic_loss"] - 0.1
+    assert dynamic["test/dynamic_ppl"] == pytest.approx(math.exp(dynamic["test/dynamic_loss"]))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was
+    rms = dynamic_evaluate(model, module, lr=1e-3, rms=True)
+    assert rms["test/dynamic_loss"] < static["test/dynamic_loss"]
+
+
+# Through train.py, eval.py and generate.py -----------------------------------------------------------
+
+def ptb_overrides(data_dir: Path, md5: dict, level: str = "char") -> list[str]:
+    md5_override = "{" + ",".join(f"{name}:{value}" for name, value in md5.items()) + "}"
+    return [f"task=ptb_{level}", f"paths.data_dir={data_dir}", f"task.datamodule.md5={md5_override}",
+            "task.datamodule.download=false", f"task.vocab_size={vocab_size(data_dir, level)}",
+            "task.datamodule.batch_size=4", "task.seq_len=12", "task.datamodule.max_offset=40", "trainer=cpu",
+            "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0", "logger=csv",
+            "objective.embedding_size=8"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_runs_fast_dev_run_on_ptb_char(tmp_path, corpus, model):
+    import yaml
+    data_dir, md5 = corpus
+    keys = yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text())
+    small = [f"model.{key}={value}" for key, value in SMALL.items() if key in keys]
+    if model == "cwrnn":
+        small = [item for item in small if not item.startswith("model.hidden_size")]
+    overrides = ptb_overrides(data_dir, md5) + [f"model={model}", "trainer.fast_dev_run=true"] + small
+    train(compose_train(tmp_path / "run", overrides))
+    results = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and math.isfinite(results["test/bpc"])
+
+
+def test_bidirectional_model_is_refused_in_one_line(tmp_path, corpus):
+    data_dir, md5 = corpus
+    overrides = ptb_overrides(data_dir, md5) + ["model=lstm", "model.bidirectional=true", "trainer.fast_dev_run=true"]
+    with pytest.raises(Exception) as error:
+        train(compose_train(tmp_path / "run", overrides))
+    assert "bidirectional" in one_line(error)
+
+
+@pytest.fixture(scope="module")
+def trained_char_run(tmp_path_factory, corpus):
+    """A short LSTM training on the tiny char corpus: (run directory, unigram entropy of val in bits)."""
+    data_dir, md5 = corpus
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    overrides = ptb_overrides(data_dir, md5) + [
+        "model=lstm", "model.hidden_size=48", "objective.embedding_size=16", "task.max_epochs=6",
+        "task.datamodule.batch_size=8", "task.seq_len=20", "optimizer.lr=0.01", "objective.reset_probability=0.1",
+        "task.datamodule.variable_length=true"]
+    train(compose_train(run_dir, overrides))
+    module = datamodule(data_dir, md5)
+    counts = torch.bincount(module.ids["val"], minlength=len(module.vocabulary)).double()
+    p = counts[counts > 0] / counts.sum()
+    return run_dir, float(-(p * p.log2()).sum())
+
+
+def test_short_training_beats_the_unigram_entropy(trained_char_run):
+    run_dir, unigram_bits = trained_char_run
+    results = __import__("json").loads((run_dir / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert results["val/bpc_best"] < 0.6 * unigram_bits, (results["val/bpc_best"], unigram_bits)
+    assert results["test/bpc"] < 0.6 * unigram_bits
+
+
+def test_generate_samples_vocabulary_tokens_reproducibly(trained_char_run, corpus):
+    from generate import generate, load_language_model
+    run_dir, _ = trained_char_run
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain types only
+    vocabulary = checkpoint["vocabulary"]
+    assert isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)
+    outputs = [io.StringIO() for _ in range(3)]
+    first = generate(str(ckpt), prompt="the cat", length=60, temperature=1.0, seed=5, out=outputs[0])
+    again = generate(str(ckpt), prompt="the cat", length=60, temperature=1.0, seed=5, out=outputs[1])
+    other = generate(str(ckpt), prompt="the cat", length=60, temperature=1.0, seed=6, out=outputs[2])
+    assert len(first) == 60 and set(first) <= set(vocabulary)
+    assert first == again and outputs[0].getvalue() == outputs[1].getvalue() and first != other
+    assert outputs[0].getvalue().startswith("the cat")
+    assert load_language_model(ckpt).vocabulary == vocabulary
+
+
+@pytest.mark.slow  # three interpreter starts
+def test_generate_py_streams_from_the_command_line(trained_char_run):
+    run_dir, _ = trained_char_run
+    args = [f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "prompt=the", "length=30", "temperature=0.5",
+            "seed=1"]
+    first, second = run_script("generate.py", args), run_script("generate.py", args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == second.stdout and first.stdout.startswith("the") and len(first.stdout) > 20
+    missing = run_script("generate.py", ["ckpt_path=/nonexistent.ckpt"])
+    assert missing.returncode != 0 and missing.stderr.strip().startswith("error: ckpt_path")
