@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
 from lightning_modules.base import SequenceObjective
-from lightning_modules.pipeline import build_network
+from lightning_modules.run.build import build_network
 from tests.conftest import CONF, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

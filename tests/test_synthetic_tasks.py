@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from datamodules.synthetic import (CopyMemoryDataModule, CopyMemoryDataset, GenerationDataModule, ParityDataModule,
                                    ParityDataset, generation_waveform, memoryless_baseline)
 from lightning_modules.labelling import SequenceLabellingModule
-from lightning_modules.pipeline import UserError, build
+from lightning_modules.run import UserError
+from lightning_modules.run.build import build
 from lightning_modules.regression import SequenceRegressionModule
 from src.networks import RecurrentNetwork
 from tests.conftest import compose_train
@@ -164,7 +165,7 @@ def test_per_step_task_rejects_last_readout(tmp_path):
 
 @pytest.mark.parametrize("model", ["indrnn", "res_indrnn", "dense_indrnn"])
 def test_copy_memory_indrnn_bound_counts_every_step_the_network_sees(tmp_path, model):
-    from lightning_modules.pipeline import build_network
+    from lightning_modules.run.build import build_network
     cfg = compose_train(tmp_path / "run", ["task=copy_memory", "task.seq_len=80", f"model={model}"])
     bounds = [m.u_bound for m in build_network(cfg).modules() if hasattr(m, "u_bound")]
     expected = cfg.model.layer.magnitude ** (1 / 100)  # MAG^(1/T) over T + 20 = 100 steps, not the delay 80

@@ -1,6 +1,7 @@
-"""train.py and eval.py driven through Hydra as a user would: every model, a real training run,
-results.json, TensorBoard, checkpoints, eval, multirun, DDP and every bad-input error."""
+"""train.py and eval.py driven through Hydra as a user would: every model on every kind of task, a real
+training run, results.json, TensorBoard, checkpoints, eval, multirun, DDP and every bad-input error."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.adding import BASELINE_MSE
-from lightning_modules.pipeline import UserError, train
+from datamodules.synthetic import memoryless_baseline
+from lightning_modules.run import UserError, train
 from lightning_modules.regression import SequenceRegressionModule
+from lightning_modules.run.build import build_network
+from src.layers import Bidirectional, IndRNN
+from src.networks import DenseIndRNN, ResidualIndRNN
 from tests.conftest import QUICK, compose_train, run_script
+from tests.mnist_files import write_tiny_mnist
 
 MODELS = ["rnn", "irnn", "lstm", "gru", "indrnn", "res_indrnn", "dense_indrnn", "cwrnn", "leaky_rnn", "skip_rnn",
           "jordan", "narx", "tdnn"]
@@ -24,25 +30,99 @@ def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+# Every model on every kind of task, through the training pipeline as train.py runs it: one batch of
+# each stage (fast_dev_run). The task's overrides keep sequences short; its metric must be reported.
+TASK_RUNS = {
+    "adding": (["task.seq_len=20"], "test/mse"),                          # regression, readout last
+    "generation": (["task.seq_len=40"], "test/mse"),                      # per-step regression
+    "copy_memory": (["task.seq_len=10"], "test/acc"),                     # per-step labelling
+    "parity": (["task.seq_len=12"], "test/acc"),                          # per-step labelling
+    "reverse": (["task.seq_len=4", "task.network.context_size=16",
+                 "task.network.embedding_size=8"], "test/seq_acc"),  # encoder-decoder
+    "mnist_rows": ([], "test/acc"),                                       # classification (tiny local files)
+}
+
+
+def small(model: str) -> str:
+    """``model`` at a test-sized width."""
+    return "model.growth_rate=4" if model == "dense_indrnn" else "model.hidden_size=16"
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory) -> list[str]:
+    """Overrides reading tiny MNIST files (tests/mnist_files.py) from a local data_dir, no download."""
+    data_dir = tmp_path_factory.mktemp("data")
+    md5 = write_tiny_mnist(data_dir / "mnist", train=200, test=60)
+    return [f"paths.data_dir={data_dir}", "task.datamodule.download=false",
+            "task.datamodule.md5={" + ",".join(f"{name}:{value}" for name, value in md5.items()) + "}"]
+
+
+@pytest.mark.parametrize("task", list(TASK_RUNS))
 @pytest.mark.parametrize("model", MODELS)
-def test_fast_dev_run_every_model(train_cfg, tmp_path, model):
-    train(train_cfg([f"model={model}", "trainer.fast_dev_run=true"]))
+def test_every_model_runs_every_task(tmp_path, tiny_mnist, model, task):
+    overrides, metric = TASK_RUNS[task]
+    if task == "mnist_rows":
+        overrides = overrides + tiny_mnist
+    train(compose_train(tmp_path / "run", [f"task={task}", f"model={model}", small(model), *overrides,
+                                           "task.datamodule.batch_size=8", "trainer=cpu", "trainer.fast_dev_run=true",
+                                           "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0",
+                                           "logger=csv"]))
     results = read_results(tmp_path / "run")
-    assert results["status"] == "finished" and results["model"] == model and results["task"] == "adding"
-    assert results["params"] > 0 and "test/mse" in results
+    assert results["status"] == "finished" and results["model"] == model and results["task"] == task
+    assert results["params"] > 0 and math.isfinite(results[metric])
+    if metric.endswith("acc"):
+        assert 0.0 <= results[metric] <= 1.0
+    if task == "reverse":
+        assert 0.0 <= results["test/acc"] <= 1.0  # teacher-forced per-token accuracy
+    if task == "copy_memory":
+        assert results["test/loss_ratio"] == pytest.approx(results["test/loss"] / memoryless_baseline(10), rel=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.layer.batch_norm=after", "model.dropout=0.1", "model.layer.input_init=kaiming_a8"],
-    ["model.layer.batch_norm=before", "model.layer.batch_norm_stats=per_step", "model.layer.bidirectional=true"],
-    ["model.layer.projection=conv1d", "model.layer.nonlinearity=tanh", "optimizer.weight_decay=1e-4"],
-    ["callbacks=official_indrnn", "trainer.gradient_clip_val=10", "trainer.gradient_clip_algorithm=value"],
-    ["model=res_indrnn", "model.num_blocks=1", "model.hidden_size=16"],
-    ["model=dense_indrnn", "model.growth_rate=4", "model.block_config=[2,1]"],
-], ids=["bn-after", "bn-per-step-bidirectional", "conv1d-tanh", "official-schedule", "residual", "dense"])
-def test_indrnn_options_train_through_hydra(train_cfg, tmp_path, overrides):
-    train(train_cfg(overrides + ["task.max_epochs=2"]))
-    assert read_results(tmp_path / "run")["status"] == "finished"
+def indrnn_layers(network: torch.nn.Module) -> list[IndRNN]:
+    return [module for module in network.modules() if isinstance(module, IndRNN)]
+
+
+# Each option must reach the network that trains: checked on the network the run's config builds,
+# whose parameters and buffers are exactly those of the trained checkpoint.
+INDRNN_OPTIONS = {
+    "bn-after": (["model.layer.batch_norm=after", "model.dropout=0.1", "model.layer.input_init=kaiming_a8"],
+                 lambda net: net.dropout.p == 0.1 and all(
+                     layer.norm_after is not None and layer.norm_before is None and layer.input_init == "kaiming_a8"
+                     for layer in indrnn_layers(net))),
+    "bn-per-step-bidirectional": (
+        ["model.layer.batch_norm=before", "model.layer.batch_norm_stats=per_step", "model.layer.bidirectional=true"],
+        lambda net: len(indrnn_layers(net)) == 4 and sum(isinstance(m, Bidirectional) for m in net.modules()) == 2
+        and all(layer.norm_before.stats == "per_step" and layer.norm_after is None for layer in indrnn_layers(net))),
+    "conv1d-tanh": (["model.layer.projection=conv1d", "model.layer.nonlinearity=tanh", "optimizer.weight_decay=1e-4"],
+                    lambda net: all(isinstance(layer.projection, torch.nn.Conv1d) and layer.projection.kernel_size == (3,)
+                                    and layer.recurrence.nonlinearity == "tanh" for layer in indrnn_layers(net))),
+    "official-schedule": (["callbacks=official_indrnn", "trainer.gradient_clip_val=10",
+                           "trainer.gradient_clip_algorithm=value"],
+                          lambda net: len(indrnn_layers(net)) == 2),
+    "residual": (["model=res_indrnn", "model.num_blocks=1", "model.hidden_size=16"],
+                 lambda net: isinstance(net, ResidualIndRNN) and len(net.blocks) == 1
+                 and all(layer.hidden_size == 16 for layer in indrnn_layers(net))),
+    "dense": (["model=dense_indrnn", "model.growth_rate=4", "model.block_config=[2,1]"],
+              lambda net: isinstance(net, DenseIndRNN) and [len(block) for block in net.blocks] == [2, 1]),
+}
+
+
+@pytest.mark.parametrize("option", list(INDRNN_OPTIONS))
+def test_indrnn_options_train_through_hydra(train_cfg, tmp_path, option):
+    overrides, built_as_asked = INDRNN_OPTIONS[option]
+    cfg = train_cfg(overrides + ["task.max_epochs=2"])
+    network = build_network(cfg)
+    assert built_as_asked(network), network
+    train(cfg)
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "finished"
+    trained = torch.load(results["best_checkpoint"], weights_only=True)["state_dict"]
+    assert {key: value.shape for key, value in trained.items()} == {
+        f"net.{key}": value.shape for key, value in network.state_dict().items()}
+    if option == "official-schedule":
+        assert results["steps"] > 0 and cfg.callbacks.plateau_reload.patience == 10
+    if option == "conv1d-tanh":
+        assert cfg.optimizer.weight_decay == 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +238,11 @@ def test_impossible_value_is_one_line_without_traceback(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.hidden_size=-1", "model: hidden_size must be a positive integer, got -1"),
     ("model.num_layers=0", "model: num_layers must be a positive integer, got 0"),
-    ("task.seq_len=1", "task: adding problem: seq_len must be an integer >= 2"),
-    ("task.readout=all", "task adding: one target per sequence, so task.readout must be 'last' or 'mean'"),
+    ("task.seq_len=1", "task.datamodule: adding problem: seq_len must be an integer >= 2"),
+    ("task.readout=all", "objective: sequence regression: one target per sequence, so task.readout must be 'last' "
+                         "or 'mean', not 'all'"),
     ("model.layer.nonlinearity=sigmoid", "model: unknown IndRNN nonlinearity 'sigmoid'"),
-    ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
+    ("model.dropout=1.0", "model: dropout must be a number in [0.0, 1.0)"),
 ])
 def test_impossible_values_fail_before_training(train_cfg, tmp_path, override, message):
     with pytest.raises(UserError) as error:
@@ -213,15 +294,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(train_cfg, tmp_path, mon
 
 @pytest.mark.parametrize("flag", ["model.bidirectional=true", "model.layer.bidirectional=true"])
 def test_bidirectional_model_on_a_causal_task_is_rejected(train_cfg, flag):
-    with pytest.raises(UserError, match=f"a bidirectional model sees the future: set {flag.split('=')[0]}=false"):
+    with pytest.raises(UserError, match=r"^objective: the task is causal \(task.causal=true\).*a bidirectional model "
+                                        r"sees the future .*: set model.bidirectional=false and "
+                                        r"model.layer.bidirectional=false$"):
         train(train_cfg(["task.causal=true", flag]))
-
-
-@pytest.mark.parametrize("task", ["copy_memory", "parity"])
-@pytest.mark.parametrize("model", MODELS)
-def test_every_model_runs_on_the_sequence_to_sequence_tasks(tmp_path, model, task):
-    overrides = [f"model={model}", f"task={task}", "task.seq_len=12", "trainer=cpu", "trainer.fast_dev_run=true",
-                 "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
-    train(compose_train(tmp_path / "run", overrides))
-    results = read_results(tmp_path / "run")
-    assert results["status"] == "finished" and "test/acc" in results
