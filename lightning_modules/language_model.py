@@ -269,7 +269,7 @@ class LanguageModel(SequenceObjective):
 # Evaluation and generation without Lightning -------------------------------------------------------
 
 def dynamic_evaluate(model: LanguageModel, datamodule, lr: float = 1e-4, decay: float = 0.0, rms: bool = False,
-                     split: str = "test", epsilon: float = 1e-8) -> dict:
+                     split: str = "test", device: str | torch.device | None = None, epsilon: float = 1e-8) -> dict:
     """Dynamic evaluation (Krause et al., 2018): score each window of a split, then adapt to it.
 
     The split is read as in the papers' protocol (its loader: test batch 1, validation batch 10, the
@@ -288,11 +288,14 @@ def dynamic_evaluate(model: LanguageModel, datamodule, lr: float = 1e-4, decay: 
         decay: pull towards the trained weights per step, in [0, 1).
         rms: scale the steps by the gradients' running RMS.
         split: "test" or "val".
+        device: where to run (None: where ``model`` is).
 
     Returns:
         ``{"{split}/dynamic_loss": mean nats, "{split}/dynamic_bpc" or "..._ppl": value,
         "{split}/dynamic_tokens": count}``.
     """
+    if not isinstance(model, LanguageModel):
+        raise ValueError(f"dynamic_eval=true needs a language model's checkpoint, got a {type(model).__name__} run")
     check_fraction("dynamic_eval lr", lr, 0.0, math.inf)
     check_fraction("dynamic_eval decay", decay)
     check_choice("dynamic_eval split", split, ("val", "test"))
@@ -300,7 +303,7 @@ def dynamic_evaluate(model: LanguageModel, datamodule, lr: float = 1e-4, decay: 
         datamodule.prepare_data()
         datamodule.setup("test")
     windows = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    adapted = copy.deepcopy(model)
+    adapted = copy.deepcopy(model).to(device if device is not None else model.device)
     adapted.eval()
     params = [p for p in adapted.parameters() if p.requires_grad]
     initial = [p.detach().clone() for p in params]

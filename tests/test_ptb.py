@@ -96,7 +96,7 @@ def language_model(vocab: int, layer: str = "lstm", embedding: int = 8, hidden: 
                          embedding_size=embedding, level=kwargs.pop("level", "char"), tie_weights=tie, **kwargs)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread for these small models: on a shared 2-core machine, torch's default two
     threads per process made each step ~25x slower (measured: 0.76 s vs 0.028 s for an LSTM step)."""
@@ -527,6 +527,37 @@ def test_generate_samples_vocabulary_tokens_reproducibly(trained_char_run, corpu
     assert first == again and outputs[0].getvalue() == outputs[1].getvalue() and first != other
     assert outputs[0].getvalue().startswith("the cat")
     assert load_language_model(ckpt).vocabulary == vocabulary
+
+
+def evaluate_checkpoint(ckpt: Path, output_dir: Path, overrides: list[str]) -> dict:
+    """eval.py's work in this process: eval.yaml composed with ``overrides``, then the driver's evaluate."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+    from lightning_modules.run import evaluate, register_resolvers
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", "trainer=cpu", "trainer.enable_model_summary=false",
+                                         f"paths.log_dir={output_dir}", *overrides], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir / "eval")
+        del cfg.hydra
+    return evaluate(cfg)
+
+
+def test_eval_dynamic_evaluation_option(trained_char_run, tmp_path):
+    run_dir, _ = trained_char_run
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    static = evaluate_checkpoint(ckpt, tmp_path / "a", ["dynamic_eval=true", "dynamic_eval_lr=0"])
+    assert static["test/dynamic_loss"] == pytest.approx(static["test/loss"], rel=1e-5)  # lr 0: plain evaluation
+    assert static["test/dynamic_bpc"] == pytest.approx(static["test/bpc"], rel=1e-5)
+    adapted = evaluate_checkpoint(ckpt, tmp_path / "b", ["dynamic_eval=true", "dynamic_eval_lr=0.003",
+                                                         "dynamic_eval_decay=0.01", "dynamic_eval_rms=true"])
+    assert math.isfinite(adapted["test/dynamic_bpc"]) and adapted["test/dynamic_bpc"] != static["test/bpc"]
+    assert adapted["test/bpc"] == pytest.approx(static["test/bpc"], rel=1e-6)  # the static score is unchanged
 
 
 @pytest.mark.slow  # three interpreter starts
