@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.download import DownloadError
 from lightning_modules.base import NonFiniteLossError
+from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import log_hparams, write_results
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
                                          build_objective, build_trainer, choice, count_parameters,
@@ -314,6 +315,13 @@ def evaluate(cfg: DictConfig) -> dict:
     except DownloadError as err:
         raise UserError(one_line(err)) from err
     metrics = {key: float(value) for key, value in tested[0].items()}
+    if cfg.get("dynamic_eval"):  # language models: Krause et al.'s dynamic evaluation (conf/eval.yaml)
+        try:
+            metrics.update(dynamic_evaluate(objective, datamodule, lr=cfg.dynamic_eval_lr,
+                                            decay=cfg.dynamic_eval_decay, rms=cfg.dynamic_eval_rms,
+                                            device=trainer.strategy.root_device))
+        except ValueError as err:
+            raise UserError(one_line(err)) from err
     # Checkpoints from before the driver stored its config choices: the training run's results.json has them.
     choices = stored.get("choices") or read_results(checkpoint_run_dir(ckpt_path))
     output_dir = Path(run_cfg.paths.output_dir)
