@@ -8,16 +8,32 @@ import torch
 from src.state import State, map_state
 
 
-def to_time_major(input: torch.Tensor, batch_first: bool, input_size: int, layer: str) -> tuple[torch.Tensor, bool]:
-    """Return ``input`` as (T, B, I) and whether it was unbatched (T, I)."""
+def to_time_major(input: torch.Tensor, batch_first: bool, input_size: int, layer: str,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    """Return ``input`` as (T, B, I) and whether it was unbatched (T, I).
+
+    With ``dtype`` (the layer's parameters' dtype), an input of another floating dtype is a one-line
+    ValueError: every kernel backend then fails the same way (numba's would be a long TypingError).
+    """
     if input.dim() not in (2, 3) or input.shape[-1] != input_size:
         raise ValueError(
             f"{layer} expects input of shape (T, B, {input_size}), (B, T, {input_size}) with batch_first, "
             f"or (T, {input_size}) unbatched; got {tuple(input.shape)}"
         )
+    if dtype is not None and input.dtype != dtype and not _autocast_enabled(input):
+        raise ValueError(f"{layer} got {input.dtype} input but its parameters are {dtype}: convert the input "
+                         f"(input.to({dtype})) or the layer (layer.to({input.dtype}))")
     if input.dim() == 2:
         return input.unsqueeze(1), True
     return (input.transpose(0, 1) if batch_first else input), False
+
+
+def _autocast_enabled(input: torch.Tensor) -> bool:
+    """Under autocast (mixed precision) inputs and parameters differ in dtype by design."""
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
 
 
 def from_time_major(output: torch.Tensor, batch_first: bool, unbatched: bool) -> torch.Tensor:

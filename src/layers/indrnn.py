@@ -76,8 +76,11 @@ class IndRNNRecurrence(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        bound = self.u_bound or 1.0
+        # long_memory: U(1/b, b). For b < 1 (e.g. language modelling's 0.99) that range is empty; every unit
+        # then starts at the bound, the longest memory it allows.
         low, high = {"uniform01": (0.0, 1.0), "uniform_bound": (0.0, self.u_bound),
-                     "long_memory": (1.0 / (self.u_bound or 1.0), self.u_bound)}[self.recurrent_init]
+                     "long_memory": (min(1.0 / bound, bound), max(1.0 / bound, bound))}[self.recurrent_init]
         nn.init.uniform_(self.weight_hh, low, high)
         self.constrain_parameters_()
 
@@ -245,7 +248,8 @@ class IndRNN(nn.Module):
         return x if self.projection is None else self.projection(x)
 
     def forward(self, input: torch.Tensor, state=None):
-        x, unbatched = to_time_major(input, self.batch_first, self.input_size, "IndRNN")
+        x, unbatched = to_time_major(input, self.batch_first, self.input_size, "IndRNN",
+                                     dtype=self.recurrence.weight_hh.dtype)
         h0, past_inputs, step = self._unpack(batched_state(state, unbatched), x)
         recurrence = self.recurrence
         if isinstance(self.projection, nn.Linear) and self.norm_before is None:

@@ -66,7 +66,6 @@ class LeakyRNN(nn.Module):
         check_choice("LeakyRNN nonlinearity", nonlinearity, NONLINEARITIES)
         check_choice("LeakyRNN alpha_mode", alpha_mode, ALPHA_MODES)
         low, high = 0.0, 1.0
-        strict = alpha_mode == "learned"
         if alpha_groups is not None:
             groups = [float(a) for a in alpha_groups]
             if not groups or hidden_size % len(groups):
@@ -77,10 +76,11 @@ class LeakyRNN(nn.Module):
             values = [float(a) for a in alpha_range]
             if len(values) != 2 or values[0] > values[1]:
                 raise ValueError(f"alpha_range must be (low, high) with low <= high, got {list(alpha_range)}")
-        bad = [a for a in values if not (low < a < high if strict else low <= a <= high)]
+        # Learned alphas live in (0, 1) as sigmoid(logit); a value of 0 or 1 (e.g. the default range's 0.0)
+        # starts at the logit bound, alpha = sigmoid(-+12), instead of being refused.
+        bad = [a for a in values if not low <= a <= high]
         if bad:
-            bounds = "in (0, 1) for alpha_mode=learned" if strict else "in [0, 1]"
-            raise ValueError(f"alpha values must be {bounds}, got {values}")
+            raise ValueError(f"alpha values must be in [0, 1], got {values}")
         self.alpha_mode, self.nonlinearity, self.batch_first = alpha_mode, nonlinearity, batch_first
         self.alpha_range = tuple(float(a) for a in alpha_range)
         self.alpha_groups = None if alpha_groups is None else tuple(values)
@@ -106,7 +106,7 @@ class LeakyRNN(nn.Module):
         """Weights as torch.nn.RNN; alpha drawn again from ``alpha_range`` (or set from ``alpha_groups``)."""
         init_uniform_((self.weight_ih, self.weight_hh, self.bias), self.hidden_size)
         if self.alpha_mode == "learned":
-            self.alpha_logit.copy_(torch.logit(self._initial_alpha(self.alpha_logit)))
+            self.alpha_logit.copy_(torch.logit(self._initial_alpha(self.alpha_logit)).clamp(-LOGIT_BOUND, LOGIT_BOUND))
             self.constrain_parameters_()
         else:
             self.alpha_value.copy_(self._initial_alpha(self.alpha_value))
