@@ -170,18 +170,19 @@ class OnlineLearning:
         self._start(batch)
         total_steps = batch.inputs.shape[1]
         span = min(self.update_every or total_steps, self.chunk_size)
-        total_loss, since_update = batch.inputs.new_zeros(()), 0
+        total_loss, since_update, pending = batch.inputs.new_zeros(()), 0, False
         for start in range(0, total_steps, span):
             chunk = batch.inputs[:, start:start + span]
             loss, _ = self.rtrl.accumulate(chunk, self._chunk_loss(batch.targets, start, chunk.shape[1], total_steps))
             if loss is not None:
                 self.check_training_loss(loss)
-                total_loss = total_loss + loss
+                total_loss, pending = total_loss + loss, True
             since_update += chunk.shape[1]
-            if self.update_every is not None and since_update >= self.update_every:
+            # No step where no loss has arrived since the last one (e.g. a "last" readout mid-sequence).
+            if pending and self.update_every is not None and since_update >= self.update_every:
                 self._update()
-                since_update = 0
-        if since_update:
+                since_update, pending = 0, False
+        if pending:
             self._update()
         batch_size = batch.inputs.shape[0]
         self.log("train/loss", total_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
