@@ -1,13 +1,19 @@
-"""Recurrent layers, each following torch.nn.RNN's contract: ``forward(input, hx=None) -> (output, h_n)``.
+"""Recurrent layers, each keeping the state contract (:mod:`src.state`): ``forward(input, state=None)
+-> (output, state)``, where the returned state holds everything needed to continue the sequence, so
+one call over T steps equals chunks of any length with the state passed back.
 
-Elman (``torch.nn.RNN``), LSTM and GRU are torch's own fused modules; the layers here add the
-architectures torch lacks.
+States: IndRNN, IRNN, Leaky, Jordan and torch.nn.RNN/GRU a tensor (1, B, H) (torch.nn.RNN's hx, also
+accepted positionally); LSTM (h, c); IndRNN with a conv1d projection or per-step batch norm an
+:class:`IndRNNState` (h, last inputs, step); Clockwork a :class:`ClockworkState` (h, step); SkipRNN the
+last max(delays) states (D, B, H); TDNN the last receptive_field - 1 inputs; NARX (y_past, x_past).
+:class:`Bidirectional` wraps any of them and refuses a carried state. Elman (``torch.nn.RNN``),
+LSTM and GRU are torch's own fused modules; the layers here add the architectures torch lacks.
 """
 from src.layers.batch_norm import TimeBatchNorm
 from src.layers.bidirectional import Bidirectional
-from src.layers.clockwork import ClockworkRNN
+from src.layers.clockwork import ClockworkRNN, ClockworkState
 from src.layers.common import apply_constraints
-from src.layers.indrnn import IndRNN, IndRNNRecurrence
+from src.layers.indrnn import IndRNN, IndRNNRecurrence, IndRNNState
 from src.layers.irnn import IRNN
 from src.layers.jordan import JordanRNN
 from src.layers.leaky import LeakyRNN
@@ -15,5 +21,5 @@ from src.layers.narx import NARX
 from src.layers.skip import SkipRNN
 from src.layers.tdnn import TDNN
 
-__all__ = ["NARX", "TDNN", "Bidirectional", "ClockworkRNN", "IRNN", "IndRNN", "IndRNNRecurrence", "JordanRNN",
-           "LeakyRNN", "SkipRNN", "TimeBatchNorm", "apply_constraints"]
+__all__ = ["NARX", "TDNN", "Bidirectional", "ClockworkRNN", "ClockworkState", "IRNN", "IndRNN", "IndRNNRecurrence",
+           "IndRNNState", "JordanRNN", "LeakyRNN", "SkipRNN", "TimeBatchNorm", "apply_constraints"]

@@ -60,6 +60,9 @@ class EncoderDecoder(nn.Module):
         check_positive_int("vocab_size", vocab_size)
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("context_size", context_size)
+        if isinstance(model, nn.Module):
+            raise ValueError("encoder-decoder: model is a factory that builds both networks (e.g. a functools.partial "
+                             "of a network class); pass networks already built as encoder=... and decoder=...")
         if (model is None) == (encoder is None or decoder is None):
             raise ValueError("encoder-decoder: give either model (a network factory that builds both) or both "
                              "encoder and decoder")
