@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from datamodules.mnist import make_permutation
-from lightning_modules.pipeline import train
+from lightning_modules.run import train
 from tests.conftest import compose_train, run_script
 from tests.mnist_files import serve_directory, write_tiny_mnist
 
