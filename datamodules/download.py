@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # streaming block: bounded memory whatever the file size
 
 
+class DataError(ValueError):
+    """A data file is corrupt, truncated or not in its format. The message is one line naming the file
+    and the fix; the run driver reports it without a traceback."""
+
+
 class DownloadError(RuntimeError):
     """Files are missing or corrupt and could not be fetched. The message is one line; the parts are
     kept as attributes.

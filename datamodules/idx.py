@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.download import DataError
+
 GZIP_MAGIC = b"\x1f\x8b"
 
 # IDX type byte -> big-endian element type.
@@ -39,10 +41,10 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip_module.decompress(data)
     except EOFError:
-        raise ValueError(f"{path}: truncated gzip stream (the download was probably cut short); "
+        raise DataError(f"{path}: truncated gzip stream (the download was probably cut short); "
                          f"delete the file to fetch it again") from None
     except (OSError, zlib.error) as error:
-        raise ValueError(f"{path}: corrupt gzip data ({error}); delete the file to fetch it again") from None
+        raise DataError(f"{path}: corrupt gzip data ({error}); delete the file to fetch it again") from None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -57,25 +59,25 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes, shorter than the 4-byte magic)")
+        raise DataError(f"{path}: not an IDX file (only {len(data)} bytes, shorter than the 4-byte magic)")
     magic = int.from_bytes(data[:4], "big")
     type_code, ndim = data[2], data[3]
     if data[:2] != b"\x00\x00" or type_code not in IDX_TYPES or ndim == 0:
-        raise ValueError(f"{path}: not an IDX file (magic 0x{magic:08x}; expected 0x00000801 for labels, "
+        raise DataError(f"{path}: not an IDX file (magic 0x{magic:08x}; expected 0x00000801 for labels, "
                          f"0x00000803 for images, or 0x0000TTDD with a known type byte TT)")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated: the header needs {header} bytes for {ndim} dimensions "
+        raise DataError(f"{path}: truncated: the header needs {header} bytes for {ndim} dimensions "
                          f"but the file has {len(data)}")
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = IDX_TYPES[type_code]
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     available = len(data) - header
     if available < expected:
-        raise ValueError(f"{path}: truncated: header says {_shape_text(dims)} ({expected} bytes) "
+        raise DataError(f"{path}: truncated: header says {_shape_text(dims)} ({expected} bytes) "
                          f"but {available} bytes follow")
     if available > expected:
-        raise ValueError(f"{path}: size mismatch: header says {_shape_text(dims)} ({expected} bytes) "
+        raise DataError(f"{path}: size mismatch: header says {_shape_text(dims)} ({expected} bytes) "
                          f"but {available} bytes follow")
     array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header).reshape(dims)
     # astype copies: the result is native-endian and writable (torch.from_numpy warns on read-only).

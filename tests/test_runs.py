@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.results import PROJECT_METRICS
@@ -277,3 +278,23 @@ def test_hparams_declare_every_project_metric_and_smoke_tests_leave_no_run(tmp_p
     train(compose_train(tmp_path / "smoke", QUICK + ["trainer.fast_dev_run=true"]))
     assert read_results(tmp_path / "smoke")["status"] == "finished"
     assert not (tmp_path / "smoke" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_data_file_without_checksum_is_one_line(tmp_path, damage):
+    from lightning_modules.run import UserError
+    from tests.mnist_files import write_tiny_mnist
+    from datamodules.mnist import ALL_FILES, TRAIN_IMAGES
+
+    md5 = write_tiny_mnist(tmp_path / "data" / "mnist")
+    path = tmp_path / "data" / "mnist" / TRAIN_IMAGES
+    path.write_bytes(path.read_bytes()[:300] if damage == "truncate" else os.urandom(300))
+    cfg = compose_train(tmp_path / "run", [*QUICK[4:], "task=mnist_rows", f"paths.data_dir={tmp_path / 'data'}",
+                                           "task.datamodule.download=false"])
+    with open_dict(cfg):
+        cfg.task.datamodule.md5 = {name: None for name in ALL_FILES}  # checksums off: the parser must catch it
+    assert md5
+    with pytest.raises(UserError) as error:
+        train(cfg)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+    assert read_results(tmp_path / "run")["status"] == "failed"

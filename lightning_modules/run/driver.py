@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.download import DownloadError
+from datamodules.download import DataError, DownloadError
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import log_hparams, write_results
@@ -238,7 +238,7 @@ def train(cfg: DictConfig) -> float | None:
     except RunInterrupted as err:
         _write_final(record, output_dir, started)
         raise
-    except (UserError, DownloadError) as err:
+    except (UserError, DownloadError, DataError) as err:
         record.update(status="failed", error=one_line(err))
         return _fail(record, output_dir, started, err if isinstance(err, UserError) else UserError(one_line(err)), err)
     except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl-C, or Lightning's own exit on one
@@ -312,7 +312,7 @@ def evaluate(cfg: DictConfig) -> dict:
     try:
         tested = trainer.test(objective, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False,
                               weights_only=True)
-    except DownloadError as err:
+    except (DownloadError, DataError) as err:
         raise UserError(one_line(err)) from err
     metrics = {key: float(value) for key, value in tested[0].items()}
     if cfg.get("dynamic_eval"):  # language models: Krause et al.'s dynamic evaluation (conf/eval.yaml)
