@@ -120,17 +120,18 @@ class NTUSkeletons(Dataset):
         self.labels = torch.as_tensor(labels[self.rows].astype(np.int64))
         self.steps, self.train, self.samplings, self.center = steps, train, samplings, center
         self.rotate_degrees, self.random_length, self.seed = rotate_degrees, random_length, seed
-        self._file, self._pid, self._rng = None, None, None
+        self._file, self._pid, self._rng, self._frames = None, None, None, None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getstate__(self) -> dict:
         # Workers get their own handle (opened on first use): an open h5py file cannot be pickled.
-        return {**self.__dict__, "_file": None, "_pid": None, "_rng": None}
+        return {**self.__dict__, "_file": None, "_pid": None, "_rng": None, "_frames": None}
 
     def _skeletons(self):
-        """The ``skeletons`` dataset of this process's own open file handle."""
+        """The ``skeletons`` frames through this process's own file handle: the h5py dataset, or for a
+        contiguous dataset (compression=none) a read-only np.memmap of its bytes; either slices as (F, 2, 25, 3)."""
         if self._pid != os.getpid():
             import h5py
 
@@ -139,7 +140,13 @@ class NTUSkeletons(Dataset):
             self._pid = os.getpid()
             # Seeded from torch's per-worker seed (Lightning's seed_everything(workers=True) sets it).
             self._rng = np.random.default_rng(torch.initial_seed())
-        return self._file["skeletons"]
+            dataset = self._file["skeletons"]
+            self._frames = dataset
+            if dataset.chunks is None and dataset.compression is None and dataset.id.get_offset() is not None:
+                # Contiguous (compression=none): slice the file's bytes directly, without h5py per sample.
+                self._frames = np.memmap(self.path, dtype=dataset.dtype, mode="r", offset=dataset.id.get_offset(),
+                                         shape=dataset.shape)
+        return self._frames
 
     def sample(self, frames: np.ndarray, steps: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
         """float32 (steps, 150) from one sample's frames (F, 2, 25, 3)."""
