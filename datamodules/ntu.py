@@ -54,10 +54,11 @@ WITHOUT_MISSING_SIZES = {"cross_subject": (40091, 16487), "cross_view": (37646, 
 DEFAULT_RAW = "nturgbd_skeletons_s001_to_s017.zip"
 
 
-def sample_frame_indices(length: int, steps: int, rng: np.random.Generator) -> np.ndarray:
-    """Which frames of a ``length``-frame sequence fill ``steps`` steps: int64 (steps,), -1 = zero padding.
+def sample_frame_indices(lengths, steps: int, uniforms: np.ndarray) -> np.ndarray:
+    """Which frames of each sequence fill ``steps`` steps: int64 (N, steps), -1 = zero padding.
 
-    The official IndRNN code's rules:
+    ``lengths`` (N,) frames per sequence (>= 1); ``uniforms`` (N, steps + 1) draws in [0, 1) (the only
+    randomness: the same draws give the same frames). The official IndRNN code's rules, per sequence:
       * length >= 2 * steps: ``seg = length // steps`` frames per segment, one random frame in each
         (the last segment also takes the remainder);
       * steps < length < 2 * steps: a random contiguous window, starting in [0, length - steps);
@@ -65,27 +66,40 @@ def sample_frame_indices(length: int, steps: int, rng: np.random.Generator) -> n
         zeros elsewhere; when that offset leaves too few steps, a random part of the sequence that fits
         is used (so a 20-frame sequence at 20 steps starts at step 0-4, its first/last frames cut).
     """
-    if length < 1:
-        raise ValueError(f"a sequence needs at least one frame, got length {length}")
-    indices = np.full(steps, -1, dtype=np.int64)
-    per_segment = length // steps
-    if per_segment == 1 and length > steps:
-        start = int(rng.integers(length - steps))
-        indices[:] = np.arange(start, start + steps)
-    elif length <= steps:
-        start = int(rng.integers(max(steps - length, int(0.25 * steps), 1)))
-        end = min(steps, start + length)
-        first = int(rng.integers(start + length - steps)) if start + length > steps else 0
-        indices[start:end] = np.arange(first, first + end - start)
-    else:
-        indices[:-1] = per_segment * np.arange(steps - 1) + rng.integers(per_segment, size=steps - 1)
-        indices[-1] = per_segment * (steps - 1) + rng.integers(length - per_segment * (steps - 1))
+    lengths = np.atleast_1d(np.asarray(lengths, dtype=np.int64))
+    if (lengths < 1).any():
+        raise ValueError(f"a sequence needs at least one frame, got length {int(lengths.min())}")
+    count, step = len(lengths), np.arange(steps)
+
+    def draw(column: int, bound: np.ndarray) -> np.ndarray:  # uniform integers in [0, bound)
+        return np.minimum((uniforms[:, column] * bound).astype(np.int64), bound - 1)
+
+    indices = np.full((count, steps), -1, dtype=np.int64)
+    per_segment = lengths // steps
+    # Long: one random frame in each segment; the last segment runs to the end.
+    long = per_segment >= 2
+    seg = per_segment[long, None]
+    last = lengths[long] - seg[:, 0] * (steps - 1)
+    bound = np.where(step < steps - 1, seg, last[:, None])
+    indices[long] = seg * step + np.minimum((uniforms[long, :steps] * bound).astype(np.int64), bound - 1)
+    # Medium: a random window.
+    medium = (per_segment == 1) & (lengths > steps)
+    indices[medium] = draw(0, lengths - steps)[medium, None] + step
+    # Short: zero-padding at a random offset, cropped when the offset leaves too few steps.
+    short = lengths <= steps
+    start = draw(0, np.maximum(np.maximum(steps - lengths, int(0.25 * steps)), 1))
+    overrun = start + lengths - steps
+    first = np.where(overrun > 0, draw(1, np.maximum(overrun, 1)), 0)
+    inside = (step >= start[:, None]) & (step < np.minimum(steps, start + lengths)[:, None])
+    shifted = first[:, None] + step - start[:, None]
+    indices[short] = np.where(inside, shifted, -1)[short]
     return indices
 
 
-def rotate_vertical(frames: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate joints (..., 3) about the vertical (y) axis by ``angle`` radians, in place; returns ``frames``."""
-    cos, sin = math.cos(angle), math.sin(angle)
+def rotate_vertical(frames: np.ndarray, angle) -> np.ndarray:
+    """Rotate joints (..., 3) about the vertical (y) axis by ``angle`` radians (a number, or an array
+    that broadcasts against frames[..., 0]), in place; returns ``frames``."""
+    cos, sin = np.cos(angle), np.sin(angle)
     x, z = frames[..., 0].copy(), frames[..., 2].copy()
     frames[..., 0] = cos * x + sin * z
     frames[..., 2] = cos * z - sin * x
@@ -144,42 +158,57 @@ class NTUSkeletons(Dataset):
             self._frames = dataset
             if dataset.chunks is None and dataset.compression is None and dataset.id.get_offset() is not None:
                 # Contiguous (compression=none): slice the file's bytes directly, without h5py per sample.
+                # (A plain ndarray view of the map: numpy's memmap subclass adds overhead to every index.)
                 self._frames = np.memmap(self.path, dtype=dataset.dtype, mode="r", offset=dataset.id.get_offset(),
-                                         shape=dataset.shape)
+                                         shape=dataset.shape).view(np.ndarray)
         return self._frames
 
-    def sample(self, frames: np.ndarray, steps: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
-        """float32 (steps, 150) from one sample's frames (F, 2, 25, 3)."""
-        indices = sample_frame_indices(len(frames), steps, rng)
-        picked = np.zeros((steps, MAX_BODIES, NUM_JOINTS, 3), dtype=np.float32)
-        valid = indices >= 0
-        picked[valid] = frames[indices[valid]]
-        if self.center or (augment and self.rotate_degrees):
-            tracked = np.any(picked != 0, axis=(2, 3))[..., None, None]  # (steps, 2, 1, 1): zeros stay zeros
-            if self.center:  # the spine of the first body in the first frame where it is tracked
-                first = np.flatnonzero(np.any(frames[:, 0] != 0, axis=(1, 2)))
-                if len(first):
-                    picked -= frames[first[0], 0, SPINE_JOINT]
-            if augment and self.rotate_degrees:
-                rotate_vertical(picked, math.radians(rng.uniform(-self.rotate_degrees, self.rotate_degrees)))
-            picked *= tracked
-        return picked.reshape(steps, FEATURES)
+    def _uniforms(self, indices: list[int], count: int, steps: int) -> np.ndarray:
+        """(B * count, steps + 1) draws: fresh ones in training; in evaluation seeded by each sample's
+        row, so every evaluation (any batch size, any worker) samples the same frames."""
+        if self.train:
+            return self._rng.random((len(indices) * count, steps + 1))
+        return np.concatenate([np.random.default_rng((self.seed, int(self.rows[i]))).random((count, steps + 1))
+                               for i in indices])
 
     def __getitems__(self, indices: list[int]) -> SequenceBatch:
-        skeletons = self._skeletons()
+        frames = self._skeletons()
         steps = self.steps
         if self.train and self.random_length is not None:
             steps = int(self._rng.integers(self.random_length[0], self.random_length[1] + 1))
         count = 1 if self.train else self.samplings
-        inputs = np.empty((len(indices), count, steps, FEATURES), dtype=np.float32)
-        for position, index in enumerate(indices):
-            offset, length = int(self.offsets[index]), int(self.lengths[index])
-            frames = skeletons[offset:offset + length].astype(np.float32, copy=False)
-            rng = self._rng if self.train else np.random.default_rng((self.seed, int(self.rows[index])))
-            for k in range(count):
-                inputs[position, k] = self.sample(frames, steps, rng, augment=self.train)
-        batch = torch.from_numpy(inputs if count > 1 else inputs[:, 0])
-        return SequenceBatch(batch, self.labels[torch.as_tensor(indices, dtype=torch.long)])
+        rows = np.repeat(np.asarray(indices, dtype=np.int64), count)   # (N,) = B * K sequences
+        offsets, lengths = self.offsets[rows], self.lengths[rows]
+        picked = sample_frame_indices(lengths, steps, self._uniforms(indices, count, steps))  # (N, T)
+        valid = picked >= 0
+        where = offsets[:, None] + np.maximum(picked, 0)                # (N, T) frame numbers in the file
+        if isinstance(frames, np.ndarray):  # memory-mapped: one gather for the whole batch
+            gathered = frames[where.ravel()].reshape(*where.shape, MAX_BODIES, NUM_JOINTS, 3)
+        else:                               # h5py (compressed chunks): one read per sample
+            gathered = np.stack([frames[o:o + n][p] for o, n, p in zip(offsets, lengths, np.maximum(picked, 0))])
+        sequences = gathered.astype(np.float32) * valid[..., None, None, None]  # (N, T, 2, 25, 3), padding zeros
+        if self.center or (self.train and self.rotate_degrees):
+            tracked = np.any(sequences != 0, axis=(3, 4))[..., None, None]     # missing bodies stay zeros
+            if self.center:
+                sequences -= self._centres(frames, offsets, lengths)[:, None, None, None, :]
+            if self.train and self.rotate_degrees:
+                angles = np.radians(self._rng.uniform(-self.rotate_degrees, self.rotate_degrees, len(rows)))
+                rotate_vertical(sequences, angles[:, None, None, None])
+            sequences *= tracked
+        inputs = torch.from_numpy(sequences.reshape(len(indices), count, steps, FEATURES))
+        return SequenceBatch(inputs if count > 1 else inputs[:, 0],
+                             self.labels[torch.as_tensor(indices, dtype=torch.long)])
+
+    @staticmethod
+    def _centres(frames, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(N, 3): the first body's spine joint in the first frame where that body is tracked."""
+        centres = np.asarray(frames[offsets.tolist()] if isinstance(frames, np.ndarray) else
+                             np.stack([frames[o] for o in offsets]), dtype=np.float32)[:, 0, SPINE_JOINT]
+        for n in np.flatnonzero(~centres.any(axis=1)):  # rare: the first body appears later
+            sample = np.asarray(frames[offsets[n]:offsets[n] + lengths[n]], dtype=np.float32)[:, 0]
+            tracked = np.flatnonzero(sample.any(axis=(1, 2)))
+            centres[n] = sample[tracked[0], SPINE_JOINT] if len(tracked) else 0.0
+        return centres
 
     def __getitem__(self, index: int) -> SequenceBatch:
         if not -len(self) <= index < len(self):

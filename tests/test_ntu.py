@@ -314,8 +314,18 @@ def test_split_sizes_are_compared_with_the_published_ones(tmp_path, caplog):
 
 
 def draws(length: int, count: int = 400, steps: int = 20) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return np.stack([sample_frame_indices(length, steps, rng) for _ in range(count)])
+    uniforms = np.random.default_rng(0).random((count, steps + 1))
+    return sample_frame_indices(np.full(count, length), steps, uniforms)
+
+
+def test_sampling_a_mixed_batch_applies_each_rule_per_sequence():
+    lengths = np.array([5, 20, 30, 300])
+    uniforms = np.random.default_rng(3).random((4, 21))
+    mixed = sample_frame_indices(lengths, 20, uniforms)
+    for row, length in enumerate(lengths):
+        np.testing.assert_array_equal(mixed[row], sample_frame_indices([length], 20, uniforms[row:row + 1])[0])
+    assert (mixed < lengths[:, None]).all() and (mixed[2:] >= 0).all()
+    np.testing.assert_array_equal(sample_frame_indices(lengths, 20, uniforms), mixed)  # same draws, same frames
 
 
 def test_sampling_pads_a_5_frame_sequence_at_a_random_offset():
