@@ -199,6 +199,7 @@ def train(cfg: DictConfig) -> float | None:
             write_results(output_dir, record)
 
         with GracefulStop(trainer, recorder) as stop:
+            recorder.signal_guard = stop
             trainer.fit(objective, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None,
                             weights_only=True)
         checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint)), None)

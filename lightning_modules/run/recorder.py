@@ -78,6 +78,7 @@ class RunRecorder(pl.Callback):
         self.best: dict | None = None   # {"step", "epoch", "val/...": value}
         self.saved_step: int | None = None
         self.stop_requested = False
+        self.signal_guard = None  # the driver's GracefulStop, re-armed once Lightning has set its handlers
 
     @property
     def last_checkpoint(self) -> Path:
@@ -98,6 +99,10 @@ class RunRecorder(pl.Callback):
             return True
         best = self.best[self.monitor]
         return value < best if self.mode == "min" else value > best
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signal_guard is not None:
+            self.signal_guard.reinstall()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -6,8 +6,10 @@ current step finishes, Lightning validates (it does when asked to stop early), t
 writes ``last.ckpt``, and the driver writes results.json with status ``interrupted`` and exits with
 128 + the signal number (130 for SIGINT, 143 for SIGTERM). A second SIGINT interrupts at once.
 
-Under SLURM with Lightning's auto-requeue, SIGUSR1 is left to Lightning (it saves a checkpoint and
-requeues the job); Lightning chains its SIGTERM handler to this one.
+Lightning registers its own SIGTERM handler when fit starts (it raises an exception at the next
+batch, before anything is saved); :meth:`GracefulStop.reinstall` puts this one back once training
+starts (the run recorder calls it from ``on_train_start``). Under SLURM with Lightning's
+auto-requeue, SIGUSR1 and SIGTERM are left to Lightning (it saves a checkpoint and requeues the job).
 """
 from __future__ import annotations
 
@@ -30,11 +32,19 @@ class GracefulStop:
         self._previous: dict[int, object] = {}
 
     def _signals(self) -> list[int]:
-        wanted = [signal.SIGINT, signal.SIGTERM]
         on_slurm = "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+        wanted = [signal.SIGINT] if on_slurm else [signal.SIGINT, signal.SIGTERM]
         if hasattr(signal, "SIGUSR1") and not on_slurm:
             wanted.append(signal.SIGUSR1)
         return wanted
+
+    def reinstall(self) -> None:
+        """Take the signals back from the handlers Lightning installed when fit started."""
+        for signum in self._previous:
+            try:
+                signal.signal(signum, self._handle)
+            except ValueError:
+                return
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
