@@ -109,7 +109,7 @@ class OnlineLearning:
     (:class:`StreamRegressionModule`) keeps RTRL's state and sensitivities across batches.
     """
 
-    def __init__(self, *args, rtrl_mode: str = "exact", update_every: int | None = None, chunk_size: int = 1000,
+    def __init__(self, *args, rtrl_mode: str = "exact", update_every: int | None = None, chunk_size: int = 100,
                  sensitivity_backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.update_every = None if update_every is None else check_positive_int("learning.update_every", update_every)
