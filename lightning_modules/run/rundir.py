@@ -115,22 +115,23 @@ def run_dir(log_dir: str, task: str, model: str, ckpt_path: str | None = None) -
     return _CLAIMED[key]
 
 
-def sweep_dir(log_dir: str) -> str:
-    """Resolver behind ``hydra.sweep.dir``: a new unique folder for the sweep's job directories."""
-    key = ("sweep", str(log_dir))
+def _claim_dated(kind: str, folder: Path) -> str:
+    """Claim ``folder/<date>/<time>`` once per process and kind (a cached resolver may run again)."""
+    key = (kind, str(folder))
     if key not in _CLAIMED:
         day, time = _stamp()
-        _CLAIMED[key] = str(claim_dir(Path(log_dir) / "multirun" / day / time))
+        _CLAIMED[key] = str(claim_dir(folder / day / time))
     return _CLAIMED[key]
+
+
+def sweep_dir(log_dir: str) -> str:
+    """Resolver behind ``hydra.sweep.dir``: a new unique folder for the sweep's job directories."""
+    return _claim_dated("sweep", Path(log_dir) / "multirun")
 
 
 def eval_dir(log_dir: str) -> str:
     """Resolver behind eval.py's ``hydra.run.dir``: a new unique folder under ``<log_dir>/eval``."""
-    key = ("eval", str(log_dir))
-    if key not in _CLAIMED:
-        day, time = _stamp()
-        _CLAIMED[key] = str(claim_dir(Path(log_dir) / "eval" / day / time))
-    return _CLAIMED[key]
+    return _claim_dated("eval", Path(log_dir) / "eval")
 
 
 def register_resolvers() -> None:
