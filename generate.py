@@ -105,7 +105,8 @@ def main(argv: list[str]) -> None:
             raise UserError(f"unknown option {unknown[0]}; options: {', '.join(DEFAULTS)}")
         if not args.ckpt_path:
             raise UserError("ckpt_path is required: python generate.py ckpt_path=outputs/<run>/checkpoints/best.ckpt")
-        generate(str(args.ckpt_path), str(args.prompt or ""), args.length, args.temperature, args.seed, str(args.device))
+        generate(str(args.ckpt_path), str(args.prompt or ""), args.length, args.temperature, args.seed,
+                 str(args.device))
     except UserError as err:
         sys.exit(f"error: {err}")
 

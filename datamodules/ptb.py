@@ -19,7 +19,6 @@ each epoch and may have the official random lengths (:func:`window_lengths`).
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tarfile
@@ -32,11 +31,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.download import DownloadError, download_file, ensure_files, md5sum
+from datamodules.download import DataError, DownloadError, download_file, ensure_files, md5sum
 from src.batch import SequenceBatch
 from src.checks import check_choice, check_fraction, check_int, check_positive_int
-
-log = logging.getLogger(__name__)
 
 LEVELS = ("word", "char")
 SPLITS = ("train", "val", "test")
@@ -102,7 +99,7 @@ def encode(tokens: list[str], vocabulary: list[str], source: str) -> torch.Tenso
     for token in tokens:
         position = index.get(token, unk)
         if position is None:
-            raise ValueError(f"PTB: {source} has the token {token!r}, which the training split lacks, and the "
+            raise DataError(f"PTB: {source} has the token {token!r}, which the training split lacks, and the "
                              f"vocabulary has no {UNK}")
         ids.append(position)
     return torch.tensor(ids, dtype=torch.long)
@@ -244,7 +241,8 @@ class PTBDataModule(pl.LightningDataModule):
         self.timeout = float(check_fraction("PTB timeout", timeout, 0.0, math.inf, closed_low=False))
         mirrors = DEFAULT_MIRRORS if mirrors is None else mirrors
         if isinstance(mirrors, (str, bytes)) or not len(mirrors) or not all(isinstance(m, str) and m for m in mirrors):
-            raise ValueError(f"PTB: mirrors must be a non-empty list of URLs (or null for the defaults), got {mirrors!r}")
+            raise ValueError(f"PTB: mirrors must be a non-empty list of URLs (or null for the defaults), "
+                             f"got {mirrors!r}")
         self.mirrors = [str(m) for m in mirrors]
         overrides = dict(md5.items()) if md5 is not None else {}
         unknown = sorted(set(overrides) - set(MD5) - {ARCHIVE})
@@ -352,7 +350,7 @@ class PTBDataModule(pl.LightningDataModule):
         tokens = {split: read_tokens(self.folder / FILES[self.level][split], self.level) for split in SPLITS}
         vocabulary = build_vocabulary(tokens["train"])
         if self.vocab_size is not None and len(vocabulary) != self.vocab_size:
-            raise ValueError(f"PTB: task.vocab_size is {self.vocab_size} but {FILES[self.level]['train']} has "
+            raise DataError(f"PTB: task.vocab_size is {self.vocab_size} but {FILES[self.level]['train']} has "
                              f"{len(vocabulary)} distinct tokens (with {EOS}); set task.vocab_size={len(vocabulary)}")
         self.vocabulary = vocabulary
         self.ids = {split: encode(tokens[split], vocabulary, FILES[self.level][split]) for split in SPLITS}

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from lightning_modules.base import SequenceObjective, check_causal
-from src.batch import SequenceBatch, as_batch
+from src.batch import as_batch
 from src.layers.common import apply_constraints
 from src.checks import check_choice, check_fraction, check_positive_int
 from src.networks import TimeSharedDropout
@@ -210,8 +210,8 @@ class LanguageModel(SequenceObjective):
         self.check_training_loss(loss)
         self._window = batch.inputs.shape[1]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tokens)
-        self.log(f"train/{self.metric_name}", nll_to_metric(float(loss.detach()), self.level), on_step=True, on_epoch=False,
-                 batch_size=tokens)
+        self.log(f"train/{self.metric_name}", nll_to_metric(float(loss.detach()), self.level), on_step=True,
+                 on_epoch=False, batch_size=tokens)
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:

@@ -195,7 +195,8 @@ def test_tokens_of_both_levels(corpus):
     assert words.ids["train"].numel() == sum(len(line.split()) + 1 for line in word_lines)
     assert Counter(words.vocabulary[i] for i in words.ids["train"].tolist())[EOS] == len(word_lines)
     assert "<unk>" in words.vocabulary and EOS in words.vocabulary
-    assert "_" in chars.vocabulary and EOS in chars.vocabulary and all(len(t) == 1 for t in chars.vocabulary if t != EOS)
+    assert "_" in chars.vocabulary and EOS in chars.vocabulary
+    assert all(len(token) == 1 for token in chars.vocabulary if token != EOS)
     first = chars.vocabulary
     decoded = "".join(" " if first[i] == "_" else ("\n" if first[i] == EOS else first[i])
                       for i in chars.ids["train"][:200].tolist())
@@ -244,18 +245,23 @@ def test_variable_window_lengths_follow_the_official_rule():
 
 # Truncated BPTT ----------------------------------------------------------------------------------
 
+def assert_windows_equal_one_pass(model: LanguageModel, tokens: torch.Tensor, window: int = 8) -> None:
+    """Logits of ``tokens`` (B, T) read in windows with the detached state carried == one pass (float64)."""
+    whole, _ = model(tokens)
+    state, pieces = None, []
+    for chunk in tokens.split(window, dim=1):
+        logits, state = model(chunk, state)
+        pieces.append(logits)
+        state = detach_state(state)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("layer", ["lstm", "gru", "indrnn", "rnn"])
 def test_carried_state_equals_one_pass_and_no_gradient_crosses_windows(layer):
     torch.manual_seed(1)
     model = language_model(20, layer).double().eval()
     tokens = torch.randint(0, 20, (3, 24))
-    whole, _ = model(tokens)
-    state, pieces = None, []
-    for chunk in tokens.split(8, dim=1):
-        logits, state = model(chunk, state)
-        pieces.append(logits)
-        state = detach_state(state)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+    assert_windows_equal_one_pass(model, tokens)
     # Gradients: window 2's loss, from window 1's detached state, reaches nothing of window 1.
     model.train()
     first_embedded = model.embed(tokens[:, :8]).detach().requires_grad_(True)
@@ -286,14 +292,7 @@ def test_every_model_carries_its_state_across_windows(model):
         cfg.model.layer.batch_norm, cfg.model.layer.batch_norm_stats = "before", "per_step"
     torch.manual_seed(0)
     lm = LanguageModel(instantiate(cfg.model), optimizer=None, vocab_size=11, embedding_size=8).double().eval()
-    tokens = torch.randint(0, 11, (3, 24))
-    whole, _ = lm(tokens)
-    state, pieces = None, []
-    for chunk in tokens.split(8, dim=1):
-        logits, state = lm(chunk, state)
-        pieces.append(logits)
-        state = detach_state(state)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+    assert_windows_equal_one_pass(lm, torch.randint(0, 11, (3, 24)))
 
 
 def test_training_step_carries_a_detached_state_and_resets(corpus):
