@@ -29,9 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.download import DownloadError
-from datamodules.mnist import collate_batched
 from datamodules.ntu_convert import FORMAT, MAX_BODIES, META_FIELDS, NUM_JOINTS
-from datamodules.splits import SplitDataModule
+from datamodules.splits import SplitDataModule, collate_batched
 from src.batch import SequenceBatch
 from src.checks import check_choice, check_fraction, check_non_negative_int, check_positive_int
 
@@ -242,7 +241,7 @@ class NTUDataModule(SplitDataModule):
         num_workers: DataLoader worker processes; each opens the file itself.
     """
 
-    task = "NTU RGB+D"
+    benchmark = "NTU RGB+D"
     collate_fn = staticmethod(collate_batched)  # the dataset returns whole batches
 
     def __init__(self, path: str, split: str = "cross_subject", steps: int = 20, val_fraction: float = 0.05,
@@ -251,21 +250,21 @@ class NTUDataModule(SplitDataModule):
                  num_workers: int = 4) -> None:
         super().__init__(batch_size, num_workers)
         if path is None or str(path) == "":
-            raise ValueError(f"{self.task}: path must name the HDF5 file; {missing_file_message('data/ntu/ntu60.h5')}")
-        check_choice(f"{self.task}: split", split, SPLITS)
-        check_positive_int(f"{self.task}: steps", steps)
-        check_fraction(f"{self.task}: val_fraction", val_fraction, closed_low=False)
-        check_non_negative_int(f"{self.task}: split_seed", split_seed)
-        check_positive_int(f"{self.task}: val_samplings", val_samplings)
-        check_positive_int(f"{self.task}: test_samplings", test_samplings)
+            raise ValueError(f"{self.benchmark}: path must name the HDF5 file; {missing_file_message('data/ntu/ntu60.h5')}")
+        check_choice(f"{self.benchmark}: split", split, SPLITS)
+        check_positive_int(f"{self.benchmark}: steps", steps)
+        check_fraction(f"{self.benchmark}: val_fraction", val_fraction, closed_low=False)
+        check_non_negative_int(f"{self.benchmark}: split_seed", split_seed)
+        check_positive_int(f"{self.benchmark}: val_samplings", val_samplings)
+        check_positive_int(f"{self.benchmark}: test_samplings", test_samplings)
         if not isinstance(center, bool):
-            raise ValueError(f"{self.task}: center must be true or false, got {center!r}")
-        check_fraction(f"{self.task}: rotate_degrees", rotate_degrees, 0.0, 180.0, closed_high=True)
+            raise ValueError(f"{self.benchmark}: center must be true or false, got {center!r}")
+        check_fraction(f"{self.benchmark}: rotate_degrees", rotate_degrees, 0.0, 180.0, closed_high=True)
         if random_length is not None:
             bounds = list(random_length) if not isinstance(random_length, (str, bytes)) else []
             if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bounds) \
                     or bounds[0] > bounds[1]:
-                raise ValueError(f"{self.task}: random_length must be [low, high] with 1 <= low <= high, or null, "
+                raise ValueError(f"{self.benchmark}: random_length must be [low, high] with 1 <= low <= high, or null, "
                                  f"got {random_length!r}")
             random_length = (bounds[0], bounds[1])
         self.path, self.split_name, self.steps = Path(path), split, steps
@@ -325,7 +324,7 @@ class NTUDataModule(SplitDataModule):
         test_rows = np.flatnonzero(usable & ~training)
         val_count = math.ceil(self.val_fraction * len(train_rows))
         if not 0 < val_count < len(train_rows) or not len(test_rows):
-            raise ValueError(f"{self.task} {name}: {self.path} gives {len(train_rows)} training and {len(test_rows)} "
+            raise ValueError(f"{self.benchmark} {name}: {self.path} gives {len(train_rows)} training and {len(test_rows)} "
                              f"test samples (validation {val_count}); every split needs samples: is it the right file?")
         order = np.random.default_rng(self.split_seed).permutation(len(train_rows))
         return {"train": np.sort(train_rows[order[val_count:]]), "val": np.sort(train_rows[order[:val_count]]),
@@ -333,7 +332,7 @@ class NTUDataModule(SplitDataModule):
 
     def _log_sizes(self) -> None:
         sizes = self.sizes
-        line = f"{self.task} {self.split_name}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}"
+        line = f"{self.benchmark} {self.split_name}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}"
         published = PUBLISHED_SIZES.get(self.split_name)
         if published is None:
             log.info("%s", line)
@@ -356,7 +355,7 @@ class NTUDataModule(SplitDataModule):
             return
         meta = self.read_metadata()
         if len(meta["label"]) and int(meta["label"].max()) >= self.num_classes:
-            raise ValueError(f"{self.task} {self.split_name}: {self.path} has action {int(meta['label'].max()) + 1}, "
+            raise ValueError(f"{self.benchmark} {self.split_name}: {self.path} has action {int(meta['label'].max()) + 1}, "
                              f"beyond the split's {self.num_classes} classes; use an NTU-120 split")
         rows = self.split_rows(meta)
         common = dict(offsets=meta["offset"], lengths=meta["length"], labels=meta["label"], steps=self.steps,

@@ -459,7 +459,7 @@ def test_indrnn_learns_synthetic_actions_well_above_chance(learnable, tmp_path):
     _, path = learnable
     train(compose_train(tmp_path / "run", QUICK_NTU + [
         f"task.datamodule.path={path}", "optimizer.lr=0.005", "task.max_epochs=15", "task.datamodule.batch_size=8",
-        "task.datamodule.val_fraction=0.2", "task.datamodule.num_workers=2"]))
+        "task.datamodule.val_fraction=0.2", "task.datamodule.num_workers=2", "task.datamodule.center=true"]))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "finished"
     assert results["test/acc"] >= 0.6, results  # 5 actions: chance is 0.2
