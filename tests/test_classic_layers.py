@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from lightning_modules.pipeline import train
+from lightning_modules.run import train
 from src.layers.common import apply_constraints
 from src.state import state_tensors
 from src.layers.jordan import JordanRNN
