@@ -44,6 +44,11 @@ device) -> nn.Module``; a new layer is one line there (the module must follow to
 contract with ``batch_first=True``: ``forward(x) -> (output, state)``).
 
 Shapes are named ``T{T}_B{B}_I{I}_H{H}``; any such name is accepted by ``--shapes``.
+``--precision`` applies to every implementation alike: ``fp32`` (default: full float32 matmuls and
+convolutions, TF32 off), ``tf32`` (``torch.backends.cuda.matmul.allow_tf32`` and cuDNN's
+``allow_tf32`` on, float32 matmul precision "high"; a no-op on CPU) or ``bf16`` (every pass under
+``torch.autocast`` with bfloat16, on either device; torch's CPU LSTM/GRU need a CPU with
+bfloat16 instructions for it, oneDNN refuses them otherwise).
 ``--json FILE`` writes ``{shape: {impl: {"fwd_bwd_ms": ..., "fwd_ms": ..., "peak_mem_mb": ...}}}``.
 """
 from __future__ import annotations
@@ -206,8 +211,26 @@ def _cuda_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def set_precision(precision: str) -> None:
+    """TF32 on for "tf32", off otherwise (matmuls and cuDNN); "bf16" is autocast, see :func:`autocast`."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def autocast(precision: str, device: torch.device):
+    """bfloat16 autocast for "bf16", else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def measure(factory: Factory, shape: Shape, device: torch.device, warmup: int, repeats: int,
-            budget_s: float) -> dict[str, float]:
+            budget_s: float, precision: str = "fp32") -> dict[str, float]:
     """fwd_bwd_ms, fwd_ms and peak_mem_mb of the layer ``factory`` builds, on one shape."""
     torch.manual_seed(0)
     layer = factory(shape.I, shape.H, device)
@@ -222,11 +245,12 @@ def measure(factory: Factory, shape: Shape, device: torch.device, warmup: int, r
 
     def fwd_bwd() -> None:
         clear_grads()
-        output = layer(x)[0]
-        output.backward(grad_output)
+        with autocast(precision, device):
+            output = layer(x)[0]
+        output.backward(grad_output.to(output.dtype))
 
     def fwd() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             layer(x)
 
     fwd_bwd_ms = _median_ms(fwd_bwd, device, warmup, repeats, budget_s / 2)
@@ -240,16 +264,18 @@ def measure(factory: Factory, shape: Shape, device: torch.device, warmup: int, r
 
 
 def run(shapes: list[str], impls: list[str], device: str = "cpu", warmup: int = 2, repeats: int = 10,
-        budget_s: float = 10.0, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+        budget_s: float = 10.0, progress: Callable[[str], None] | None = None,
+        precision: str = "fp32") -> dict[str, dict[str, dict[str, float]]]:
     """Measure every implementation on every shape: ``{shape: {impl: {metric: value}}}``."""
     dev = torch.device(device)
+    set_precision(precision)
     parsed = [parse_shape(name) for name in shapes]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for shape in parsed:
         results[shape.name] = {}
         for impl in impls:
             started = time.perf_counter()
-            results[shape.name][impl] = measure(IMPLS[impl], shape, dev, warmup, repeats, budget_s)
+            results[shape.name][impl] = measure(IMPLS[impl], shape, dev, warmup, repeats, budget_s, precision)
             if progress is not None:
                 row = results[shape.name][impl]
                 progress(f"{shape.name} {impl}: fwd+bwd {row['fwd_bwd_ms']:.2f} ms, fwd {row['fwd_ms']:.2f} ms, "
@@ -306,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"implementations to run (default: all of {', '.join(IMPLS)})")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per measurement (median; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (default), tf32 (CUDA matmuls/cuDNN) or bf16 (autocast), for every implementation")
     parser.add_argument("--budget-s", type=float, default=10.0,
                         help="seconds of timed passes per implementation and shape, half for fwd+bwd and half "
                              "for fwd; a measurement stops there once it has 3 passes (default 10)")
@@ -336,12 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {args.device} ({name}), indrnn backend auto -> "
           f"{resolve_backend('auto', device)} (numba {'yes' if numba_available() else 'no'}), "
-          f"warmup {args.warmup}, median of <= {args.repeats} repeats", flush=True)
+          f"precision {args.precision}, warmup {args.warmup}, median of <= {args.repeats} repeats", flush=True)
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
 
-    results = run(shapes, impls, args.device, args.warmup, args.repeats, args.budget_s, progress)
+    results = run(shapes, impls, args.device, args.warmup, args.repeats, args.budget_s, progress, args.precision)
     print(format_table(results), flush=True)
     if args.json:
         path = Path(args.json)

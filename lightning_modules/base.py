@@ -19,8 +19,16 @@ from src.layers.common import apply_constraints
 STAGES = ("train", "val", "test")
 
 
+# Training losses held before they are checked for NaN/inf at the latest (see check_training_loss).
+MAX_UNCHECKED_LOSSES = 1000
+
+
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stops before the bad step is applied."""
+    """The training loss became NaN or infinite (``step``: the first step it was, when known)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def bidirectional_modules(net: nn.Module) -> list[str]:
@@ -129,32 +137,72 @@ class SequenceObjective(pl.LightningModule):
         predictions = self(batch.inputs, batch.lengths)
         predictions, targets = self.valid_steps(predictions, batch.targets, batch.lengths)
         loss = self.loss(predictions, targets)
+        batch_size = batch.inputs.shape[0]
+        metric = self.metrics[f"{stage}_metric"]
         if stage == "train":
             self.check_training_loss(loss)
-        metric = self.metrics[f"{stage}_metric"]
+            self.log_loss(stage, loss, batch_size)
+            if self.logging_step():  # a per-step metric costs kernels (and syncs): only when it is written
+                metric(predictions.detach(), targets)
+                self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
+            return loss
         metric(predictions.detach(), targets)
-        batch_size = batch.inputs.shape[0]
         self.log_loss(stage, loss, batch_size)
-        if stage == "train":
-            self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
-        else:
-            self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}/{self.metric_name}", metric, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
 
+    def logging_step(self) -> bool:
+        """True when Lightning writes this training step's scalars to the loggers (every
+        ``trainer.log_every_n_steps`` steps, on the last step, in fast_dev_run); True outside a Trainer."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(trainer.fast_dev_run) or connector is None or bool(connector.should_update_logs)
+
     def log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
-        """``train/loss`` every step; ``val/loss`` and ``test/loss`` as the batch-size-weighted epoch mean."""
+        """``train/loss`` on logging steps (:meth:`logging_step`); ``val/loss`` and ``test/loss`` as the
+        batch-size-weighted epoch mean."""
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            if self.logging_step():
+                self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         else:
             self.losses[f"{stage}_loss"](loss, weight=batch_size)
             self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
 
     def check_training_loss(self, loss: torch.Tensor) -> None:
-        """Stop with NonFiniteLossError before a NaN or infinite loss reaches the weights."""
-        if not torch.isfinite(loss):
+        """Stop with NonFiniteLossError once a training loss was NaN or infinite, naming its step.
+
+        Without a host-device synchronisation per step: each step's loss is kept (detached, no
+        kernel) and they are read together, one synchronisation, only on logging steps, on an
+        epoch's last step and before each validation. A non-finite loss can so update the weights
+        for up to ``trainer.log_every_n_steps`` steps before the run stops as diverged; validation
+        also refuses non-finite weights before any checkpoint of them is written."""
+        if not hasattr(self, "_recent_losses"):
+            self._recent_losses: list[tuple[int, torch.Tensor]] = []
+        self._recent_losses.append((self.global_step, loss.detach()))
+        trainer = self._trainer
+        if (self.logging_step() or trainer is None or trainer.is_last_batch
+                or len(self._recent_losses) >= MAX_UNCHECKED_LOSSES):
+            self.raise_if_loss_was_nonfinite()
+
+    def raise_if_loss_was_nonfinite(self) -> None:
+        """Raise NonFiniteLossError if a training loss since the last check was NaN or infinite."""
+        recent, self._recent_losses = getattr(self, "_recent_losses", []), []
+        if not recent:
+            return
+        values = torch.stack([loss.reshape(()).float() for _, loss in recent]).cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            step, value = recent[int(bad[0])][0], values[int(bad[0])].item()
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)")
+                f"training loss is {value} at step {step} (epoch {self.current_epoch}); "
+                "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=...)", step=step)
+
+    def on_validation_start(self) -> None:
+        # A non-finite training loss since the last logging step must not reach a checkpoint.
+        if not self.trainer.sanity_checking:
+            self.raise_if_loss_was_nonfinite()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

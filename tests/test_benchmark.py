@@ -95,3 +95,11 @@ def test_command_line(tmp_path):
     check_results(json.loads(path.read_text()), [TINY], list(IMPLS))
     assert "fwd_bwd_ms" in done.stdout and "x_vs_lstm" in done.stdout
     assert "USDT:" not in done.stderr  # the profiler's banner is filtered out
+
+
+@pytest.mark.parametrize("precision, impls", [("tf32", ["indrnn", "lstm"]), ("bf16", ["indrnn", "indrnn_reference"])])
+def test_precision_option_applies_to_every_implementation(precision, impls):
+    # (torch's CPU LSTM has no bfloat16 kernel on CPUs without bf16 instructions: not run here under bf16)
+    results = main([*QUICK, "--impls", *impls, "--precision", precision])
+    check_results(results, [TINY], impls)
+    recurrence.set_precision("fp32")  # leave torch's global matmul settings as the other tests expect
