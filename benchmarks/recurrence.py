@@ -370,9 +370,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         print(f"  {line}", file=sys.stderr, flush=True)
 
     results = run(shapes, impls, args.device, args.warmup, args.repeats, args.budget_s, progress, args.precision)
-    print(format_table(results), flush=True)
-    if args.json:
-        path = Path(args.json)
+    return report(results, format_table(results), args.json)
+
+
+def report(results: dict, table: str, json_path: str | os.PathLike | None) -> dict:
+    """Print a benchmark's table; write its results as JSON to ``json_path`` if given (every benchmark)."""
+    print(table, flush=True)
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `src` importable without 
 
 import torch  # noqa: E402
 
-from benchmarks.recurrence import _cpu_peak_bytes, _cuda_peak_bytes, _synchronize  # noqa: E402
+from benchmarks.recurrence import _cpu_peak_bytes, _cuda_peak_bytes, _synchronize, report  # noqa: E402
 from src.layers import IndRNN  # noqa: E402
 from src.learning import RTRL  # noqa: E402
 from src.networks import RecurrentNetwork  # noqa: E402
@@ -141,13 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[str(steps)][method] = row
             print(f"  T={steps} {method}: {row['ms']:.1f} ms, peak {row['peak_mem_mb']:.2f} MiB",
                   file=sys.stderr, flush=True)
-    print(format_table(results), flush=True)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {path}")
-    return results
+    return report(results, format_table(results), args.json)
 
 
 if __name__ == "__main__":
