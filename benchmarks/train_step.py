@@ -49,13 +49,10 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable wi
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from lightning_modules.run.build import (build_callbacks, build_loggers, build_network, build_objective,  # noqa: E402
+from lightning_modules.run.build import (build_callbacks, compose_config, build_loggers, build_network, build_objective,  # noqa: E402
                                          build_trainer, instantiate_node)
 from src.batch import SequenceBatch  # noqa: E402
 
@@ -71,15 +68,7 @@ DISTINCT_BATCHES = 8  # synthetic batches, cycled: enough that no step reuses th
 
 def compose_run(overrides: list[str], output_dir: Path) -> DictConfig:
     """train.yaml composed with ``overrides`` as train.py would, writing into ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir.parent)
-        del cfg.hydra
-    return cfg
+    return compose_config(overrides, output_dir)
 
 
 class SyntheticBatches(Dataset):

@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from lightning_modules.run import register_resolvers
+from lightning_modules.run.build import compose_config
 
 register_resolvers()  # as train.py does before Hydra composes (${add:...}, run directories)
 
@@ -34,15 +32,7 @@ QUICK = [
 
 def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
     """train.yaml composed with ``overrides``, with Hydra's runtime set up as under ``python train.py``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir.parent)
-        del cfg.hydra
-    return cfg
+    return compose_config(overrides, output_dir)
 
 
 @pytest.fixture

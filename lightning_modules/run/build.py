@@ -2,14 +2,17 @@
 trainer. Every failure to build is a one-line :class:`UserError` naming the config group."""
 from __future__ import annotations
 
-import logging
+import os
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_modules.run.errors import UserError, one_line, optimizer_error
@@ -114,9 +117,27 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     return build_datamodule(cfg), build_objective(cfg, build_network(cfg), plain_config(cfg))
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides: list[str], output_dir: str | os.PathLike, config_name: str = "train") -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` as train.py would, Hydra's runtime set up,
+    writing into ``output_dir`` (for tests, benchmarks and notebooks; resolvers must be registered)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    output_dir = Path(output_dir)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir.parent)
+        del cfg.hydra
+    return cfg
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["build", "build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
-           "build_trainer", "choice", "count_parameters", "instantiate_node", "objective_node", "plain_config"]
+__all__ = ["CONFIG_DIR", "build", "build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
+           "build_trainer", "choice", "compose_config", "count_parameters", "instantiate_node", "objective_node", "plain_config"]
