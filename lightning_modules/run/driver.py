@@ -230,7 +230,9 @@ def train(cfg: DictConfig) -> float | None:
         return None if best is None else float(best)
     except NonFiniteLossError as err:
         saved = [name for name in ("best.ckpt", LAST_CHECKPOINT) if (output_dir / CHECKPOINT_DIR / name).is_file()]
-        record.update(status="diverged", error=one_line(err), steps=getattr(trainer, "global_step", 0),
+        # The step whose loss was first non-finite (checked without a per-step sync, so training may be a few ahead).
+        step = err.step if getattr(err, "step", None) is not None else getattr(trainer, "global_step", 0)
+        record.update(status="diverged", error=one_line(err), steps=step,
                       **{f"{name}_checkpoint": existing(str(output_dir / CHECKPOINT_DIR / f"{name}.ckpt"))
                          for name in ("best", "last")})
         where = (f"results.json and the last good checkpoints ({', '.join(saved)}) are in {output_dir}" if saved
