@@ -144,7 +144,7 @@ def _launch_config(columns: int) -> tuple[int, int]:
     return (512, 4) if columns >= 65536 else (128, 1)
 
 
-def _step_count(steps: int):
+def loop_count(steps: int):
     """The kernels' loop count T. Under the interpreter a numpy integer: the interpreter passes it to
     the kernel as is, whereas it wraps a Python int in a 1-element array that ``range`` cannot take
     (triton 3.6's ``int(array)`` raises TypeError on numpy >= 2.4). Compiled kernels get the int."""
@@ -170,7 +170,7 @@ def _launch_forward(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, code: in
     block, warps = _launch_config(columns)
     with _device_guard(z):
         _forward_kernel[(triton.cdiv(columns, block),)](
-            z, u, h0, out, _step_count(steps), columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
+            z, u, h0, out, loop_count(steps), columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -186,7 +186,7 @@ def _launch_backward(grad_out, out, u, h0, code: int, grad_clip: float | None = 
         block, warps = _launch_config(columns)
         with _device_guard(out):
             _backward_kernel[(triton.cdiv(columns, block),)](
-                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, _step_count(steps), columns, hidden,
+                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, loop_count(steps), columns, hidden,
                 (steps - 1) * columns, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
                 CLIP=grad_clip is not None, BLOCK=block, num_warps=warps)
     return grad_z, grad_u_partial.sum(0).to(u.dtype), grad_h0

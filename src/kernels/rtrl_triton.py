@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from src.kernels.indrnn_triton import loop_count  # the loop count as the interpreter needs it
+
 try:  # triton is optional: CPU-only installs never load this backend.
     import triton
     import triton.language as tl
@@ -98,7 +100,7 @@ def sensitivity_chunk_triton(carry, gain, inputs, direct, grad_h, s_diag, s_weig
     block_i = min(32, triton.next_power_of_2(n_inputs))
     grid = (batch, triton.cdiv(hidden, block_h), triton.cdiv(n_inputs, block_i))
     _chunk_kernel[grid](carry, gain, inputs, direct, grad, s_diag, s_weight, part_diag, part_weight,
-                        steps, batch, hidden, n_inputs, N_DIAG=n_diag, HAS_GRAD=grad_h is not None,
+                        loop_count(steps), batch, hidden, n_inputs, N_DIAG=n_diag, HAS_GRAD=grad_h is not None,
                         BLOCK_H=block_h, BLOCK_I=block_i)
     if grad_h is not None:
         grad_weight.add_(part_weight.sum(dim=0))
