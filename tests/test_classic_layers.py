@@ -86,7 +86,7 @@ def test_hx_is_the_state_before_the_first_step_and_is_checked(name):
     (lambda: LeakyRNN(I, H, alpha_mode="slow"), "unknown LeakyRNN alpha_mode"),
     (lambda: LeakyRNN(I, H, alpha_range=(0.9, 0.1)), "low <= high"),
     (lambda: LeakyRNN(I, H, alpha_range=(0.0, 1.5)), r"in \[0, 1\]"),
-    (lambda: LeakyRNN(I, H, alpha_mode="learned", alpha_range=(0.0, 0.5)), r"in \(0, 1\) for alpha_mode=learned"),
+    (lambda: LeakyRNN(I, H, alpha_mode="learned", alpha_range=(0.5, 1.5)), r"alpha values must be in \[0, 1\]"),
     (lambda: LeakyRNN(I, H, alpha_groups=[0.1, 0.2, 0.3]), "not a multiple of 3 groups"),
     (lambda: SkipRNN(I, H, delays=[]), "delays must be a non-empty list of integers >= 1"),
     (lambda: SkipRNN(I, H, delays=[1, 0]), "delays must be a non-empty list of integers >= 1"),
