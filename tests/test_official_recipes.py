@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_modules.callbacks import PlateauReloadBest
-from lightning_modules.pipeline import build_network
+from lightning_modules.run.build import build_network
 from src.layers import IndRNN
 from tests.conftest import compose_train
 
@@ -43,7 +43,7 @@ def test_residual_fc_layers_use_the_official_init(tmp_path):
 
 
 def test_official_weight_decay_rule_decays_batch_norm_scales(tmp_path):
-    from lightning_modules.pipeline import build
+    from lightning_modules.run.build import build
 
     cfg = compose_train(tmp_path, ["experiment=indrnn_pmnist_6layer", "task.datamodule.download=false"])
     objective = build(cfg)[1]
