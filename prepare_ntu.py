@@ -4,7 +4,7 @@
     python prepare_ntu.py raw=PATH/nturgb+d_skeletons exclude=NTU_RGBD_samples_with_missing_skeletons.txt
     python prepare_ntu.py --help
 
-The logic (parsing, body selection, HDF5 layout) is in datamodules/ntu_convert.py; see README.md.
+The logic is in datamodules/ntu_convert.py (HDF5 layout) and datamodules/ntu_skeleton.py (parsing, body selection); see README.md.
 """
 import sys
 

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.download import DownloadError
-from datamodules.ntu_convert import FORMAT, MAX_BODIES, META_FIELDS, NUM_JOINTS
+from datamodules.ntu_convert import FORMAT
+from datamodules.ntu_skeleton import MAX_BODIES, META_FIELDS, NUM_JOINTS
 from datamodules.splits import SplitDataModule, collate_batched
 from src.batch import SequenceBatch
 from src.checks import check_choice, check_fraction, check_non_negative_int, check_positive_int

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import ntu_convert
+from datamodules import ntu_convert, ntu_skeleton
 from datamodules.download import DownloadError
 from datamodules.ntu import (NTU60_TRAIN_PERFORMERS, NTU120_TRAIN_PERFORMERS, NTUDataModule, rotate_vertical,
                              sample_frame_indices)
@@ -117,7 +117,7 @@ def test_body_selection_keeps_the_two_most_active_ids_and_drops_noise_and_empty_
     frames = [[] for _ in range(2)]                     # two frames with nobody: dropped
     frames += [[(8, calm[t]), (7, active[t])] + ([(9, noise[t])] if t < 3 else []) for t in range(20)]
     frames += [[(9, noise[0])]]                         # only the noise ID: dropped with it
-    array = ntu_convert.skeleton_array(skeleton_text(frames))
+    array = ntu_skeleton.skeleton_array(skeleton_text(frames))
     assert array.shape == (20, 2, 25, 3)
     np.testing.assert_allclose(array[:, 0], active, atol=1e-6)   # most active first
     np.testing.assert_allclose(array[:, 1], calm, atol=1e-6)
