@@ -229,16 +229,16 @@ def train(cfg: DictConfig) -> float | None:
         best = record.get(f"{monitor}_best", record.get(monitor))
         return None if best is None else float(best)
     except NonFiniteLossError as err:
-        saved = [name for name in ("best.ckpt", LAST_CHECKPOINT) if (output_dir / CHECKPOINT_DIR / name).is_file()]
         # The step whose loss was first non-finite (checked without a per-step sync, so training may be a few ahead).
         step = err.step if getattr(err, "step", None) is not None else getattr(trainer, "global_step", 0)
         record.update(status="diverged", error=one_line(err), steps=step,
                       **{f"{name}_checkpoint": existing(str(output_dir / CHECKPOINT_DIR / f"{name}.ckpt"))
                          for name in ("best", "last")})
+        saved = [Path(record[key]).name for key in ("best_checkpoint", "last_checkpoint") if record[key]]
         where = (f"results.json and the last good checkpoints ({', '.join(saved)}) are in {output_dir}" if saved
                  else f"no checkpoint was saved before it; results.json is in {output_dir}")
         return _fail(record, output_dir, started, UserError(f"{one_line(err)} ({where})"), err)
-    except RunInterrupted as err:
+    except RunInterrupted:
         _write_final(record, output_dir, started)
         raise
     except (UserError, DownloadError, DataError) as err:
