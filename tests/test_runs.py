@@ -102,13 +102,15 @@ def test_sigterm_exits_143_with_status_interrupted(tmp_path):
 
 
 def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrupted_run(tmp_path):
+    # Twelve epochs: enough left after the first epoch's checkpoint that the kill lands mid-run on a fast machine.
+    settings = [*RESUMABLE, "task.max_epochs=12"]
     reference_dir = tmp_path / "reference"
-    completed = run_script("train.py", [*RESUMABLE, f"paths.log_dir={reference_dir}"])
+    completed = run_script("train.py", [*settings, f"paths.log_dir={reference_dir}"])
     assert completed.returncode == 0, completed.stderr[-3000:]
     reference = read_results(run_dir_of(reference_dir))
 
     log_dir = tmp_path / "killed"
-    process = start_train([*RESUMABLE, f"paths.log_dir={log_dir}"])
+    process = start_train([*settings, f"paths.log_dir={log_dir}"])
     # Killed without warning somewhere after the first epoch's checkpoint (kill -9: nothing can run).
     wait_for(lambda: (run_dir_of(log_dir) is not None and (run_dir_of(log_dir) / "checkpoints" / "last.ckpt").exists()
                       and progress(run_dir_of(log_dir)).get("epochs", 0) >= 1), what="the first epoch's checkpoint")
@@ -119,7 +121,7 @@ def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrup
     killed = read_results(run_dir)
     assert killed["status"] == "running" and killed["steps"] < reference["steps"]
 
-    resumed = run_script("train.py", [*RESUMABLE, f"paths.log_dir={log_dir}", f"ckpt_path={run_dir}"])
+    resumed = run_script("train.py", [*settings, f"paths.log_dir={log_dir}", f"ckpt_path={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in log_dir.glob("*/*")) == [run_dir.name]  # no second run directory
     results = read_results(run_dir)
