@@ -25,7 +25,7 @@ from datamodules.ptb import EOS, UNK  # noqa: E402
 from lightning_modules.language_model import LanguageModel, sample  # noqa: E402
 from lightning_modules.run import UserError, register_resolvers  # noqa: E402
 from lightning_modules.run.build import build_network, build_objective  # noqa: E402
-from lightning_modules.run.driver import load_our_checkpoint  # noqa: E402
+from lightning_modules.run.checkpoints import load_our_checkpoint  # noqa: E402
 
 DEFAULTS = {"ckpt_path": None, "prompt": "", "length": 200, "temperature": 1.0, "seed": 0, "device": "cpu"}
 

@@ -3,7 +3,9 @@
 Not a LightningModule: it builds the datamodule, the network and the objective, drives Lightning's
 Trainer and keeps the run's record (run directory, checkpoints, results.json). Modules:
 
-* :mod:`.driver`: ``train(cfg)`` and ``evaluate(cfg)``, read top to bottom.
+* :mod:`.driver`: ``train(cfg)``, read top to bottom.
+* :mod:`.evaluate`: ``evaluate(cfg)``, eval.py's run.
+* :mod:`.checkpoints`: which checkpoint a ``ckpt_path`` names, and loading one as data.
 * :mod:`.build`: instantiating each piece from its config group, with one-line errors.
 * :mod:`.rundir`: unique run directories, resuming into a run's own directory, the Hydra resolvers.
 * :mod:`.recorder`: ``last.ckpt`` always current, the best validation, random states, progress.
@@ -16,7 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from lightning_modules.run.driver import RunInterrupted, evaluate, train
+from lightning_modules.run.driver import RunInterrupted, train
+from lightning_modules.run.evaluate import evaluate
 from lightning_modules.run.errors import UserError
 from lightning_modules.run.rundir import register_resolvers
 

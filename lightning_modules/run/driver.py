@@ -1,4 +1,4 @@
-"""The run driver behind train.py and eval.py: read top to bottom, it is the flow of a run
+"""The run driver behind train.py: read top to bottom, it is the flow of a run
 (ARCHITECTURE.md): resume? -> datamodule -> network -> objective -> callbacks -> loggers -> trainer
 -> fit -> test the best checkpoint -> results.json and TensorBoard HParams.
 
@@ -19,19 +19,18 @@ import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules.download import DataError, DownloadError
 from lightning_modules.base import NonFiniteLossError
-from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import log_hparams, write_results
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
                                          build_objective, build_trainer, choice, count_parameters,
                                          plain_config)
 from lightning_modules.run.errors import UserError, one_line
 from lightning_modules.run.recorder import RunRecorder
+from lightning_modules.run.checkpoints import load_our_checkpoint
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_run_dir, resolve_checkpoint
 from lightning_modules.run.signals import GracefulStop
 
@@ -68,21 +67,6 @@ def read_results(output_dir: Path) -> dict:
         return json.loads((output_dir / "results.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def load_our_checkpoint(path: Path, what: str = "ckpt_path") -> dict:
-    """``torch.load`` (weights only) of a checkpoint written by train.py, or a one-line UserError."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, garbage, or a pickle with foreign classes: one message for all
-        reason = type(err).__name__
-        raise UserError(f"{what}={path} is not a checkpoint that train.py wrote (torch could not read it: "
-                        f"{reason}); pass a .ckpt file from <run>/checkpoints/") from err
-    run_config = checkpoint.get("hyper_parameters", {}).get("run_config") if isinstance(checkpoint, dict) else None
-    if not isinstance(run_config, dict):
-        raise UserError(f"{what}={path} is a PyTorch file but not a checkpoint of this project (it holds no run "
-                        f"config); pass a .ckpt file from <run>/checkpoints/")
-    return checkpoint
 
 
 class Resume:
@@ -269,71 +253,3 @@ def _fail(record: dict, output_dir: Path, started: float, error: UserError, caus
         log.error("job %s: %s", record.get("status"), one_line(error))
         return math.nan
     raise error from cause
-
-
-def evaluation_checkpoint(requested) -> Path:
-    """The checkpoint eval.py tests: a file, or a run directory's best.ckpt (else its last.ckpt)."""
-    if requested in (None, ""):
-        raise UserError("eval.py needs ckpt_path=PATH: a .ckpt file or a run directory (outputs/<day>/<run>)")
-    path = Path(str(requested)).expanduser()
-    if path.is_dir():
-        for name in ("best.ckpt", LAST_CHECKPOINT):
-            for candidate in (path / CHECKPOINT_DIR / name, path / name):
-                if candidate.is_file():
-                    return candidate.resolve()
-        raise UserError(f"ckpt_path={requested}: the directory holds no {CHECKPOINT_DIR}/best.ckpt or "
-                        f"{LAST_CHECKPOINT}")
-    if not path.is_file():
-        raise UserError(f"ckpt_path={requested}: no such file (pass outputs/<run>/checkpoints/best.ckpt or a run "
-                        f"directory)")
-    return path.resolve()
-
-
-# eval.py's own settings replace the training run's for these keys (merging would keep, e.g., the
-# training run's TensorBoard logger and write test points into its curves).
-EVAL_OWN_KEYS = ("trainer", "paths", "logger", "seed")
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    """Rebuild the run stored in ``cfg.ckpt_path``, test it, and write results.json into eval.py's own
-    run directory (never into the training run's); return the test metrics."""
-    started = time.time()
-    route_lightning_logs()
-    requested = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False, default=None)
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        requested = None
-    ckpt_path = evaluation_checkpoint(requested)
-    stored = load_our_checkpoint(ckpt_path)["hyper_parameters"]["run_config"]
-    run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
-    for key in EVAL_OWN_KEYS:
-        if key in cfg:
-            run_cfg[key] = cfg[key]
-    pl.seed_everything(run_cfg.seed, workers=True)
-    datamodule = build_datamodule(run_cfg)
-    objective = build_objective(run_cfg, build_network(run_cfg), dict(stored))
-    trainer = build_trainer(run_cfg, build_loggers(run_cfg), [])
-    try:
-        tested = trainer.test(objective, datamodule=datamodule, ckpt_path=str(ckpt_path), verbose=False,
-                              weights_only=True)
-    except (DownloadError, DataError) as err:
-        raise UserError(one_line(err)) from err
-    metrics = {key: float(value) for key, value in tested[0].items()}
-    if cfg.get("dynamic_eval"):  # language models: Krause et al.'s dynamic evaluation (conf/eval.yaml)
-        try:
-            metrics.update(dynamic_evaluate(objective, datamodule, lr=cfg.dynamic_eval_lr,
-                                            decay=cfg.dynamic_eval_decay, rms=cfg.dynamic_eval_rms,
-                                            device=trainer.strategy.root_device))
-        except ValueError as err:
-            raise UserError(one_line(err)) from err
-    # Checkpoints from before the driver stored its config choices: the training run's results.json has them.
-    choices = stored.get("choices") or read_results(checkpoint_run_dir(ckpt_path))
-    output_dir = Path(run_cfg.paths.output_dir)
-    record = {"status": "finished", "checkpoint": str(ckpt_path), "task": choices.get("task"),
-              "model": choices.get("model"), "experiment": choices.get("experiment"),
-              "training_run": str(checkpoint_run_dir(ckpt_path)), **metrics, "params": count_parameters(objective),
-              "seconds": round(time.time() - started, 2), "output_dir": str(output_dir.resolve())}
-    if trainer.is_global_zero:
-        write_results(output_dir, record)
-        print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
-        print(f"results written to {output_dir / 'results.json'}", flush=True)
-    return metrics
