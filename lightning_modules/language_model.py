@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from typing import Iterable
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from lightning_modules.base import SequenceObjective, check_causal
+from lightning_modules.carried_state import HostResetFlags
 from src.batch import as_batch
 from src.layers.common import apply_constraints
 from src.checks import check_choice, check_fraction, check_positive_int
@@ -64,7 +66,7 @@ def nll_to_metric(mean_nll: float, level: str) -> float:
     return mean_nll / LOG2 if level == "char" else math.exp(mean_nll)
 
 
-class LanguageModel(SequenceObjective):
+class LanguageModel(HostResetFlags, SequenceObjective):
     """Next-token prediction with truncated BPTT; logs ``{stage}/loss`` and ``{stage}/bpc`` (char) or
     ``{stage}/ppl`` (word), token-weighted, and ``val/bpc_best`` / ``val/ppl_best``.
 
@@ -173,16 +175,17 @@ class LanguageModel(SequenceObjective):
 
     # Carried state --------------------------------------------------------------------------------
 
-    @staticmethod
-    def reset_state(state, reset: torch.Tensor | None):
-        """The state to start a batch from: None where every stream resets, the state where none does.
+    def reset_state(self, state, reset: torch.Tensor | None):
+        """The state to start a batch from: None where every stream resets, the state where none does
+        (the flags as read on the host before the batch moved: :class:`HostResetFlags`).
 
         A reset of only some streams would need each layer's batch dimension, which the state formats
         do not name; the PTB loaders reset all streams together.
         """
-        if state is None or reset is None or not bool(reset.any()):
+        all_reset, any_reset = self.reset_flags(reset)
+        if state is None or reset is None or not any_reset:
             return state
-        if bool(reset.all()):
+        if all_reset:
             return None
         raise ValueError("language model: batch.reset restarts only some streams; a carried state can only be "
                          "reset for all streams at once")
@@ -201,7 +204,8 @@ class LanguageModel(SequenceObjective):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         batch = as_batch(batch)
         state = self.reset_state(self.train_state, batch.reset)
-        if self.reset_probability > 0 and float(torch.rand(())) < self.reset_probability:
+        # Python's generator (seeded by seed_everything, saved in checkpoints): no tensor read back per step.
+        if self.reset_probability > 0 and random.random() < self.reset_probability:
             state = None
         summed, state = self.summed_loss(batch.inputs, batch.targets, state)
         self.train_state = detach_state(state)  # values carry on; no gradient crosses into the next window
@@ -209,9 +213,11 @@ class LanguageModel(SequenceObjective):
         loss = summed / tokens
         self.check_training_loss(loss)
         self._window = batch.inputs.shape[1]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tokens)
-        self.log(f"train/{self.metric_name}", nll_to_metric(float(loss.detach()), self.level), on_step=True,
-                 on_epoch=False, batch_size=tokens)
+        if self.logging_step():  # tensors only, and only when they are written: no host sync per step
+            mean_nll = loss.detach()
+            metric = mean_nll / LOG2 if self.level == "char" else torch.exp(mean_nll)
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tokens)
+            self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=tokens)
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_modules.base import SequenceObjective
+from lightning_modules.carried_state import HostResetFlags, host_resets
 from lightning_modules.regression import SequenceRegressionModule
 from src.batch import SequenceBatch, as_batch
 from src.checks import check_positive_int
@@ -31,7 +32,7 @@ from src.learning import RTRL
 from src.state import detach_state
 
 
-class StreamRegressionModule(SequenceRegressionModule):
+class StreamRegressionModule(HostResetFlags, SequenceRegressionModule):
     """Per-step MSE over the steps with a finite target, on consecutive segments of B streams.
 
     Batches (:class:`src.batch.SequenceBatch`): inputs (B, T, I), targets (B, T, O) float, NaN at
@@ -61,9 +62,10 @@ class StreamRegressionModule(SequenceRegressionModule):
 
     def _carried_state(self, batch: SequenceBatch, stage: str):
         state = self.carried.get(stage)
-        if state is None or batch.reset is None or bool(batch.reset.all()):
+        all_reset, any_reset = self.reset_flags(batch.reset)
+        if state is None or batch.reset is None or all_reset:
             return None
-        if bool(batch.reset.any()):  # restart the streams that begin here
+        if any_reset:  # restart the streams that begin here
             keep = (~batch.reset).to(batch.inputs.dtype).view(1, -1, 1)
             state = [h * keep.to(h.device) for h in state]
         return state
@@ -124,9 +126,10 @@ class OnlineLearning:
     def _start(self, batch: SequenceBatch) -> None:
         batch_size = batch.inputs.shape[0]
         fresh = self.rtrl.hidden is None or self.rtrl.hidden[0].shape[0] != batch_size
-        if not self.streaming or fresh or batch.reset is None or bool(batch.reset.all()):
+        all_reset, any_reset = self.reset_flags(batch.reset) if isinstance(self, HostResetFlags) else host_resets(batch.reset)
+        if not self.streaming or fresh or batch.reset is None or all_reset:
             self.rtrl.reset(batch_size)
-        elif bool(batch.reset.any()):
+        elif any_reset:
             self.rtrl.reset_rows(batch.reset)
 
     def _chunk_loss(self, targets: torch.Tensor, start: int, steps: int, total: int) -> Callable:
@@ -185,12 +188,13 @@ class OnlineLearning:
         if pending:
             self._update()
         batch_size = batch.inputs.shape[0]
-        self.log("train/loss", total_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         metric = self.metrics["train_metric"]
-        if metric.update_count:
-            self.log(f"train/{self.metric_name}", metric.compute(), on_step=True, on_epoch=False,
-                     batch_size=batch_size)
-            metric.reset()
+        if self.logging_step():  # computing a metric reads it back: only on the steps that write it
+            self.log("train/loss", total_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            if metric.update_count:
+                self.log(f"train/{self.metric_name}", metric.compute(), on_step=True, on_epoch=False,
+                         batch_size=batch_size)
+        metric.reset()
         return total_loss
 
     def on_train_epoch_end(self) -> None:
