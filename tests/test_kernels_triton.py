@@ -64,9 +64,9 @@ def compare(T, B, H, activation, dtype=torch.float32, device="cuda", tol=None, p
 @needs_gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [(1, 2, 3), (37, 3, 50), (37, 5, 300), (16, 70, 1000)],
-                         ids=["T1", "T37-one-block", "T37-ragged", "wide-block512"])
+                         ids=["T1", "T37-one-block", "T37-ragged", "wide"])
 def test_float32_matches_float64_reference(activation, shape):
-    # B*H = 6, 150, 1500, 70000: none a multiple of BLOCK; the last one uses the 512-column blocks.
+    # B*H = 6, 150, 1500, 70000: none a multiple of BLOCK (128); T = 37, 16: partial and whole tiles.
     compare(*shape, activation)
 
 
@@ -120,20 +120,34 @@ import torch
 from src.kernels.reference import ACTIVATIONS
 from tests.test_kernels_triton import compare
 for activation in ACTIVATIONS:
-    for shape in [(1, 2, 3), (7, 3, 50), (5, 2, 70)]:  # B*H = 6, 150 (two 128-column blocks), 140
+    # B*H = 6, 150 (two 128-column blocks), 140; T = 17: two full 8-step tiles and a partial one.
+    for shape in [(1, 2, 3), (7, 3, 50), (5, 2, 70), (17, 2, 9)]:
         compare(*shape, activation, torch.float32, device="cpu")
     compare(4, 3, 5, activation, torch.bfloat16, device="cpu", param_dtype=torch.float32)
     compare(9, 3, 50, activation, torch.float32, device="cpu", grad_clip=0.5)  # per-step clipping active
+# RTRL's sensitivity kernel: tests/test_rtrl.py's comparison with the plain loop, on CPU tensors.
+from tests.test_rtrl import test_triton_sensitivity_kernel_equals_plain_loop as rtrl_check
+rtrl_check(0, (19, 3, 5, 4))  # (K, B, H, I): one tile
+rtrl_check(3, (6, 2, 70, 40))  # ragged 64 x 32 tiles, three diagonal sensitivities
 print("interpreter checks passed")
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernels_under_the_triton_cpu_interpreter():
-    # TRITON_INTERPRET must be set before triton is imported, hence a fresh interpreter process.
+def run_under_interpreter(script: str, timeout: int = 600) -> None:
+    """Run ``script`` (Python source that prints "checks passed" at its end) in a fresh interpreter with
+    TRITON_INTERPRET=1: the variable must be set before triton is imported, hence the new process."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "interpreter checks passed" in result.stdout
+    assert "checks passed" in result.stdout, result.stdout + result.stderr
+
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[dev]')")
+
+
+@needs_triton
+def test_kernels_under_the_triton_cpu_interpreter():
+    # Every Triton kernel (IndRNN, RTRL) against its reference, on CPU tensors; one process, one import.
+    run_under_interpreter(INTERPRETER_SCRIPT)

@@ -5,9 +5,13 @@ h_t = act(z_t + u * h_{t-1}) for t = 0..T-1 (h_{-1} = h0), with the shapes and c
 
 Kernel layout: the (B, H) state is flattened into B*H independent columns (column c is batch
 c // H, unit c % H). One Triton program owns BLOCK adjacent columns, keeps their state in
-registers and loops over time inside the kernel, so each pass is a single launch whatever T is,
-and every step reads/writes BLOCK contiguous elements (coalesced). The backward pass is the same
-loop run from t = T-1 down to 0 (equations as in :mod:`src.kernels.indrnn_cpu`):
+registers and loops over time inside the kernel, so each pass is a single launch whatever T is.
+Time is processed in tiles: the program loads a [BLOCK_T, BLOCK] tile of z (coalesced rows) one
+tile ahead of the one it is computing, runs the tile's BLOCK_T dependent steps in registers and
+stores the [BLOCK_T, BLOCK] output tile at once, so no step waits on a global-memory load (a
+one-step-per-load loop is bound by memory latency, not bandwidth). The backward pass is the same
+loop over tiles from the last (possibly partial) one back to the first (equations as in
+:mod:`src.kernels.indrnn_cpu`):
     delta_t = clip((g_t + u * delta_{t+1}) * f'(a_t))      (delta_T = 0)
     dL/dz_t = delta_t,  dL/du = sum_{t,b} delta_t * h_{t-1},  dL/dh0 = u * delta_0
 with f' read from the saved outputs: relu [h_t > 0], tanh 1 - h_t^2, identity 1, and clip the
@@ -77,71 +81,111 @@ if triton is not None:
         return d
 
     @triton.jit
-    def _forward_kernel(z_ptr, u_ptr, h0_ptr, out_ptr, T, BH, H,
-                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    def _row(tile, rows, i):
+        # Row i of a [BLOCK_T, BLOCK] register tile. Each thread holds whole columns of the tile (1-warp
+        # programs, see _launch_config), so this masked sum stays inside the thread: no memory access.
+        return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), axis=0)
+
+    @triton.jit
+    def _forward_kernel(z_ptr, u_ptr, h0_ptr, out_ptr, T, n_tiles, BH, H,
+                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < BH
-        u = tl.load(u_ptr + cols % H, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(h0_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        # Pointers advance by BH per step (64-bit pointer arithmetic), so T*B*H may exceed 2^31.
-        z_ptrs = z_ptr + cols
-        out_ptrs = out_ptr + cols
-        for _ in range(T):
-            a = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) + u * h
-            if ACTIVATION == 0:
-                h = tl.maximum(a, 0.0)
-            elif ACTIVATION == 1:
-                h = _tanh(a)
-            else:
-                h = a
-            tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask)
-            z_ptrs += BH
-            out_ptrs += BH
+        col_ok = cols < BH
+        rows = tl.arange(0, BLOCK_T)
+        u = tl.load(u_ptr + cols % H, mask=col_ok, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # Tile pointers advance by BLOCK_T*BH per tile (64-bit pointer arithmetic: T*B*H may exceed 2^31).
+        offsets = rows[:, None] * BH + cols[None, :]
+        z_ptrs = z_ptr + offsets
+        out_ptrs = out_ptr + offsets
+        tile = tl.load(z_ptrs, mask=(rows < T)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        t0 = 0
+        for _ in range(n_tiles):  # cdiv(T, BLOCK_T), computed by the launcher
+            # The next tile's load is issued before this tile's BLOCK_T dependent steps, which hide its
+            # latency: no step waits on global memory (beyond the first tile).
+            next_ok = ((t0 + BLOCK_T + rows) < T)[:, None] & col_ok[None, :]
+            following = tl.load(z_ptrs + BLOCK_T * BH, mask=next_ok, other=0.0).to(tl.float32)
+            out_tile = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
+            for i in tl.static_range(BLOCK_T):
+                a = _row(tile, rows, i) + u * h
+                if ACTIVATION == 0:
+                    h = tl.maximum(a, 0.0)
+                elif ACTIVATION == 1:
+                    h = _tanh(a)
+                else:
+                    h = a
+                out_tile = tl.where(rows[:, None] == i, h[None, :], out_tile)
+            # Steps past T (the last tile's padding) ran on z = 0 and are not stored.
+            tl.store(out_ptrs, out_tile.to(out_ptr.dtype.element_ty),
+                     mask=((t0 + rows) < T)[:, None] & col_ok[None, :])
+            tile = following
+            z_ptrs += BLOCK_T * BH
+            out_ptrs += BLOCK_T * BH
+            t0 += BLOCK_T
 
     @triton.jit
     def _backward_kernel(grad_ptr, out_ptr, u_ptr, h0_ptr, grad_z_ptr, grad_u_ptr, grad_h0_ptr,
-                         T, BH, H, last_row, clip, ACTIVATION: tl.constexpr, CLIP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         T, n_tiles, BH, H, last_tile_offset, last_tile_start, clip, ACTIVATION: tl.constexpr,
+                         CLIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < BH
-        u = tl.load(u_ptr + cols % H, mask=mask, other=0.0).to(tl.float32)
-        g_ptrs = grad_ptr + last_row + cols  # last_row = (T-1)*B*H, computed in Python (may be int64)
-        h_ptrs = out_ptr + last_row + cols
-        dz_ptrs = grad_z_ptr + last_row + cols
-        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)  # h_t, for f'(a_t)
+        col_ok = cols < BH
+        rows = tl.arange(0, BLOCK_T)
+        u = tl.load(u_ptr + cols % H, mask=col_ok, other=0.0).to(tl.float32)
+        # Tiles from the last (which may be partial) back to the first; last_tile_offset =
+        # last_tile_start * B * H, computed in Python (may be int64).
+        offsets = last_tile_offset + rows[:, None] * BH + cols[None, :]
+        g_ptrs = grad_ptr + offsets
+        h_ptrs = out_ptr + offsets
+        dz_ptrs = grad_z_ptr + offsets
+        ok = ((last_tile_start + rows) < T)[:, None] & col_ok[None, :]
+        g_tile = tl.load(g_ptrs, mask=ok, other=0.0).to(tl.float32)
+        h_tile = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
         carry = tl.zeros([BLOCK], dtype=tl.float32)  # u * delta_{t+1}
         grad_u = tl.zeros([BLOCK], dtype=tl.float32)
-        # Steps t = T-1 .. 1 read h_{t-1} from the outputs; step 0 (below) reads it from h0.
-        # Each loaded h_{t-1} is reused as h_t by the next step: one output load per step.
-        for _ in range(T - 1):
-            h_ptrs -= BH
-            h_prev = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-            delta = _delta(g + carry, h, clip, ACTIVATION, CLIP)
-            tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
-            grad_u += delta * h_prev
-            carry = u * delta
-            h = h_prev
-            g_ptrs -= BH
-            dz_ptrs -= BH
-        h_prev = tl.load(h0_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        delta = _delta(g + carry, h, clip, ACTIVATION, CLIP)
-        tl.store(dz_ptrs, delta.to(grad_z_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_u_ptr + cols, grad_u + delta * h_prev, mask=mask)
-        tl.store(grad_h0_ptr + cols, (u * delta).to(grad_h0_ptr.dtype.element_ty), mask=mask)
+        pending = tl.zeros([BLOCK], dtype=tl.float32)  # delta_{t+1}, waiting for h_t to add to grad_u
+        t0 = last_tile_start
+        for _ in range(n_tiles):  # cdiv(T, BLOCK_T), computed by the launcher
+            # Prefetch the previous tile (earlier steps) before running this one's steps.
+            previous_ok = ((t0 - BLOCK_T + rows) >= 0)[:, None] & col_ok[None, :]
+            g_previous = tl.load(g_ptrs - BLOCK_T * BH, mask=previous_ok, other=0.0).to(tl.float32)
+            h_previous = tl.load(h_ptrs - BLOCK_T * BH, mask=previous_ok, other=0.0).to(tl.float32)
+            dz_tile = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
+            for j in tl.static_range(BLOCK_T):
+                i = BLOCK_T - 1 - j
+                # Padding rows past T hold g = 0, h = 0 and the carry is still 0 there: delta = 0.
+                h = _row(h_tile, rows, i)
+                grad_u += pending * h  # delta_{t+1} * h_t
+                delta = _delta(_row(g_tile, rows, i) + carry, h, clip, ACTIVATION, CLIP)
+                dz_tile = tl.where(rows[:, None] == i, delta[None, :], dz_tile)
+                carry = u * delta
+                pending = delta
+            tl.store(dz_ptrs, dz_tile.to(grad_z_ptr.dtype.element_ty),
+                     mask=((t0 + rows) < T)[:, None] & col_ok[None, :])
+            g_tile, h_tile = g_previous, h_previous
+            g_ptrs -= BLOCK_T * BH
+            h_ptrs -= BLOCK_T * BH
+            dz_ptrs -= BLOCK_T * BH
+            t0 -= BLOCK_T
+        h0 = tl.load(h0_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(grad_u_ptr + cols, grad_u + pending * h0, mask=col_ok)  # delta_0 * h_{-1}
+        tl.store(grad_h0_ptr + cols, carry.to(grad_h0_ptr.dtype.element_ty), mask=col_ok)
+
+
+# Steps per tile: each program loads a [BLOCK_T, BLOCK] tile of z (of g and h backward) at once, one
+# tile ahead, and runs the BLOCK_T dependent steps in registers. gpu_check sweeps it (1 = one step
+# per load, the former kernel); module-level so that a benchmark can set it.
+BLOCK_T = 8
 
 
 def _launch_config(columns: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for ``columns`` = B*H independent recurrences.
 
-    Each step is a dependent chain of one load, one FMA and one store per column, so the kernel is
-    bound by memory latency; throughput comes from many resident programs. With 4 columns per thread
-    (one 16-byte float32 vector access), BLOCK = 128 * num_warps. Few columns (typical B*H of a few
-    thousand): BLOCK 128 on 1 warp, to spread over as many SMs as possible. Many columns: BLOCK 512
-    on 4 warps, since an SM holds at most 32 programs and 1-warp programs would leave it half full.
+    One warp per program, 4 adjacent columns per thread (one 16-byte float32 vector access per tile
+    row): each thread then holds whole columns of every [BLOCK_T, BLOCK] tile, so extracting a step's
+    row is in-thread arithmetic, and the many small programs spread over every SM.
     """
-    return (512, 4) if columns >= 65536 else (128, 1)
+    del columns  # the same configuration at every size; kept as the place to tune per size
+    return 128, 1
 
 
 def loop_count(steps: int):
@@ -170,7 +214,8 @@ def _launch_forward(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, code: in
     block, warps = _launch_config(columns)
     with _device_guard(z):
         _forward_kernel[(triton.cdiv(columns, block),)](
-            z, u, h0, out, loop_count(steps), columns, hidden, ACTIVATION=code, BLOCK=block, num_warps=warps)
+            z, u, h0, out, steps, loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden, ACTIVATION=code, BLOCK=block, BLOCK_T=BLOCK_T,
+            num_warps=warps)
     return out
 
 
@@ -184,11 +229,12 @@ def _launch_backward(grad_out, out, u, h0, code: int, grad_clip: float | None = 
     columns = batch * hidden
     if steps > 0 and columns > 0:
         block, warps = _launch_config(columns)
+        last_tile = (steps - 1) // BLOCK_T * BLOCK_T  # first step of the last (maybe partial) tile
         with _device_guard(out):
             _backward_kernel[(triton.cdiv(columns, block),)](
-                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, loop_count(steps), columns, hidden,
-                (steps - 1) * columns, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
-                CLIP=grad_clip is not None, BLOCK=block, num_warps=warps)
+                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, steps, loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden,
+                last_tile * columns, last_tile, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
+                CLIP=grad_clip is not None, BLOCK=block, BLOCK_T=BLOCK_T, num_warps=warps)
     return grad_z, grad_u_partial.sum(0).to(u.dtype), grad_h0
 
 
