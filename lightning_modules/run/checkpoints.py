@@ -1,17 +1,21 @@
 """Reading checkpoints that train.py wrote: which file a ``ckpt_path`` names for evaluation, and
-loading one as data (``weights_only=True``), with a one-line UserError for anything else."""
+loading one as data (``weights_only=True``, and a stored config that names only the project's own
+building blocks: :mod:`.allowlist`), with a one-line UserError for anything else."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from lightning_modules.run.allowlist import check_checkpoint_config
 from lightning_modules.run.errors import UserError
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 
 def load_our_checkpoint(path: Path, what: str = "ckpt_path") -> dict:
-    """``torch.load`` (weights only) of a checkpoint written by train.py, or a one-line UserError."""
+    """``torch.load`` (weights only) of a checkpoint written by train.py, or a one-line UserError; its
+    stored run config is checked against the allowlist here, so every reader (eval.py, generate.py,
+    dynamic evaluation, resume) gets a config that names no code outside the project's configs."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, garbage, or a pickle with foreign classes: one message for all
@@ -22,6 +26,7 @@ def load_our_checkpoint(path: Path, what: str = "ckpt_path") -> dict:
     if not isinstance(run_config, dict):
         raise UserError(f"{what}={path} is a PyTorch file but not a checkpoint of this project (it holds no run "
                         f"config); pass a .ckpt file from <run>/checkpoints/")
+    check_checkpoint_config(run_config, f"{what}={path}")
     return checkpoint
 
 
