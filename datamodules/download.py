@@ -25,7 +25,29 @@ CHUNK_BYTES = 1 << 20  # streaming block: bounded memory whatever the file size
 
 class DataError(ValueError):
     """A data file is corrupt, truncated or not in its format. The message is one line naming the file
-    and the fix; the run driver reports it without a traceback."""
+    and the fix; the run driver reports it without a traceback.
+
+    Raised in a DataLoader worker, it reaches the main process re-built by torch with the worker's
+    traceback as its message (``"Caught DataError in DataLoader worker process 0.\nOriginal Traceback
+    ..."``); the constructor recovers the original one-line message from that text, so the driver
+    still prints one line."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_worker_message(str(message)))
+
+
+def _worker_message(text: str) -> str:
+    """The original message of a DataError re-raised from a DataLoader worker (torch's
+    ``ExceptionWrapper.reraise`` text: header, traceback, then ``module.DataError: message``); any
+    other text unchanged."""
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    marker = f"{__name__}.DataError: "
+    position = text.rfind(marker)
+    if position < 0:
+        marker = "DataError: "
+        position = text.rfind(marker)
+    return text[position + len(marker):].strip() if position >= 0 else text
 
 
 class DownloadError(RuntimeError):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.download import ensure_files
+from datamodules.download import DataError, ensure_files
 from datamodules.idx import read_idx
 from datamodules.splits import SplitDataModule, collate_batched
 from src.checks import check_choice, check_fraction, check_int
@@ -215,14 +215,17 @@ class MNISTDataModule(SplitDataModule):
         ensure_files(self.folder, {images_name: None, labels_name: None}, dataset="MNIST",
                      remedy=f"call prepare_data() first (the Trainer does) or put them there ({self._where_from()})")
         images, labels = read_idx(self.folder / images_name), read_idx(self.folder / labels_name)
+        # DataError: the files are damaged (one line for the driver), not a programming error.
         if images.dtype != np.uint8 or images.shape[1:] != (ROWS, COLS):
-            raise ValueError(f"{self.folder / images_name}: expected uint8 images (N, {ROWS}, {COLS}), "
-                             f"got {images.dtype} {images.shape}; delete the file to fetch it again")
+            raise DataError(f"{self.folder / images_name}: expected uint8 images (N, {ROWS}, {COLS}), "
+                            f"got {images.dtype} {images.shape}; delete the file to fetch it again")
         if labels.dtype != np.uint8 or labels.shape != (len(images),):
-            raise ValueError(f"{self.folder / labels_name}: expected {len(images)} uint8 labels to match "
-                             f"{images_name}, got {labels.dtype} {labels.shape}; delete the files to fetch them again")
+            raise DataError(f"{self.folder / labels_name}: {labels.shape[0] if labels.ndim else 0} {labels.dtype} "
+                            f"labels for the {len(images)} images of {images_name} (expected {len(images)} uint8 "
+                            f"labels); the files do not belong together: delete both to fetch them again")
         if len(labels) and labels.max() >= NUM_CLASSES:
-            raise ValueError(f"{self.folder / labels_name}: label {labels.max()} is not a digit 0-9")
+            raise DataError(f"{self.folder / labels_name}: label {labels.max()} is not a digit 0-9; "
+                            f"delete the file to fetch it again")
         return torch.from_numpy(images.reshape(len(images), PIXELS)), torch.from_numpy(labels.astype(np.int64))
 
     def _split(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> MNISTSequences:

@@ -16,20 +16,28 @@ the sample's index so every evaluation sees the same ones, and the objective ave
 
 Each DataLoader worker (and each DDP rank) opens the HDF5 file itself on its first batch: h5py
 handles cannot be pickled, and only the frames of the requested samples are ever read.
+
+A damaged file is one line naming it and the fix (a :class:`DataError`), never a traceback: setup
+checks the layout (datasets, offsets, labels) and what the converter recorded in the manifest (the
+per-sample CRC-32s and the coordinates' range; ``verify="quick"`` checks 16 samples' CRCs,
+``"full"`` every sample's), and every batch read is checked for coordinates that cannot be a body
+(non-finite or beyond ``MAX_COORDINATE`` = 10 m), naming the sample.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.download import DownloadError
-from datamodules.ntu_convert import FORMAT
+from datamodules.download import DataError, DownloadError
+from datamodules.ntu_convert import FORMAT, MAX_COORDINATE, sample_checksum
 from datamodules.ntu_skeleton import MAX_BODIES, META_FIELDS, NUM_JOINTS
 from datamodules.splits import SplitDataModule, collate_batched
 from src.batch import SequenceBatch
@@ -52,6 +60,32 @@ NUM_CLASSES = {"cross_subject": 60, "cross_view": 60, "cross_subject120": 120, "
 PUBLISHED_SIZES = {"cross_subject": (40320, 16560), "cross_view": (37920, 18960)}
 WITHOUT_MISSING_SIZES = {"cross_subject": (40091, 16487), "cross_view": (37646, 18932)}
 DEFAULT_RAW = "nturgbd_skeletons_s001_to_s017.zip"
+MAX_ACTIONS = 120                        # NTU-120's actions; labels are action - 1
+VERIFY = ("quick", "full")
+QUICK_CHECKSUMS = 16                     # samples whose CRC-32 the quick check compares (first, last, spread)
+PER_SAMPLE_DATASETS = ("name", "offset", "length", "label", *META_FIELDS)
+
+
+def remake_command(path: str | Path) -> str:
+    """The command that writes the file again."""
+    return f"`python prepare_ntu.py raw=<folder of .skeleton files or {DEFAULT_RAW}> out={path} overwrite=true`"
+
+
+def open_hdf5(path: str | Path, **options):
+    """``h5py.File(path, "r")``; a file that HDF5 cannot open (truncated, damaged) or a converter's
+    temporary ``.partial`` file is a one-line DataError naming the file and the fix."""
+    import h5py
+
+    path = Path(path)
+    if path.name.startswith(".") and path.name.endswith((".partial", ".partial.frames")):
+        final = path.with_name(path.name[1:].split(".partial")[0])
+        raise DataError(f"{path} is the temporary file of a prepare_ntu.py conversion (still running, or interrupted); "
+                        f"set task.datamodule.path={final}, the file the conversion writes when it ends")
+    try:
+        return h5py.File(path, "r", **options)
+    except OSError as error:
+        raise DataError(f"{path}: HDF5 cannot read it ({' '.join(str(error).split())}): the file is truncated or "
+                        f"damaged (an interrupted copy?); copy it again or make it again: {remake_command(path)}") from None
 
 
 def sample_frame_indices(lengths, steps: int, uniforms: np.ndarray) -> np.ndarray:
@@ -147,10 +181,8 @@ class NTUSkeletons(Dataset):
         """The ``skeletons`` frames through this process's own file handle: the h5py dataset, or for a
         contiguous dataset (compression=none) a read-only np.memmap of its bytes; either slices as (F, 2, 25, 3)."""
         if self._pid != os.getpid():
-            import h5py
-
             # A 16 MB chunk cache: neighbouring samples share compressed chunks.
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=16 << 20)
+            self._file = open_hdf5(self.path, rdcc_nbytes=16 << 20)
             self._pid = os.getpid()
             # Seeded from torch's per-worker seed (Lightning's seed_everything(workers=True) sets it).
             self._rng = np.random.default_rng(torch.initial_seed())
@@ -186,6 +218,7 @@ class NTUSkeletons(Dataset):
             gathered = frames[where.ravel()].reshape(*where.shape, MAX_BODIES, NUM_JOINTS, 3)
         else:                               # h5py (compressed chunks): one read per sample
             gathered = np.stack([frames[o:o + n][p] for o, n, p in zip(offsets, lengths, np.maximum(picked, 0))])
+        self._check_coordinates(gathered, rows)
         sequences = gathered.astype(np.float32) * valid[..., None, None, None]  # (N, T, 2, 25, 3), padding zeros
         if self.center or (self.train and self.rotate_degrees):
             tracked = np.any(sequences != 0, axis=(3, 4))[..., None, None]     # missing bodies stay zeros
@@ -198,6 +231,27 @@ class NTUSkeletons(Dataset):
         inputs = torch.from_numpy(sequences.reshape(len(indices), count, steps, FEATURES))
         return SequenceBatch(inputs if count > 1 else inputs[:, 0],
                              self.labels[torch.as_tensor(indices, dtype=torch.long)])
+
+    def _check_coordinates(self, gathered: np.ndarray, rows: np.ndarray) -> None:
+        """One-line DataError if the frames read for this batch, (N, T, 2, 25, 3), hold a coordinate that
+        cannot be a body: non-finite, or beyond MAX_COORDINATE metres (one pass over the batch; a NaN makes
+        the maximum NaN, which fails the comparison)."""
+        if not gathered.size:
+            return
+        peak = np.abs(gathered).max()
+        if peak <= MAX_COORDINATE:
+            return
+        magnitude = np.abs(gathered.reshape(len(rows), -1).astype(np.float64))
+        bad = ~(magnitude <= MAX_COORDINATE)
+        sequence = int(np.flatnonzero(bad.any(axis=1))[0])
+        value = gathered.reshape(len(rows), -1)[sequence][bad[sequence]][0]
+        row = int(self.rows[rows[sequence]])
+        with open_hdf5(self.path) as h5:
+            name = h5["name"][row].decode(errors="replace")
+        raise DataError(f"{self.path}: sample {name} (row {row}) has the coordinate {value:g}, "
+                        f"{'not a number' if not np.isfinite(value) else f'beyond {MAX_COORDINATE:g} m'}: the file was "
+                        f"changed or damaged after conversion (task.datamodule.verify=full checks every sample); make it "
+                        f"again: {remake_command(self.path)}")
 
     @staticmethod
     def _centres(frames, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -215,6 +269,107 @@ class NTUSkeletons(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         batch = self.__getitems__([index % len(self)])
         return SequenceBatch(batch.inputs[0], batch.targets[0])
+
+
+def read_verified_metadata(path: str | Path, full: bool = False) -> dict[str, np.ndarray]:
+    """The file's per-sample arrays (offset, length, label, setup, camera, performer, ...) after checking
+    the file against its layout and against what the converter recorded.
+
+    Always: every per-sample dataset is there with one entry per sample, ``skeletons`` is (F, 2, 25, 3),
+    the samples' frames tile it back to back, labels are actions - 1 within NTU's 120; with a content
+    record in the manifest (converter version 2): the counts, the range of the coordinates within
+    +-MAX_COORDINATE metres, the CRC-32 of the per-sample checksums, and the CRC-32 of
+    ``QUICK_CHECKSUMS`` samples (``full``: of every sample, reading the whole file once).
+
+    Raises:
+        DataError: one line naming the file, what is wrong (the first bad sample) and the fix.
+    """
+    path = Path(path)
+    remake = f"make it again: {remake_command(path)}"
+    with open_hdf5(path) as h5:
+        missing = [key for key in ("skeletons", *PER_SAMPLE_DATASETS) if key not in h5]
+        if missing:
+            raise DataError(f"{path}: no {', '.join(repr(k) for k in missing)} dataset (it has {sorted(h5.keys())}): "
+                            f"the file is damaged or not from prepare_ntu.py; {remake}")
+        meta = {key: h5[key][:] for key in PER_SAMPLE_DATASETS}
+        skeletons = h5["skeletons"]
+        names = meta.pop("name")
+        count = len(names)
+        uneven = {key: len(values) for key, values in meta.items() if len(values) != count}
+        if uneven:
+            raise DataError(f"{path}: {count} sample names but {uneven}: the file is damaged; {remake}")
+        if skeletons.ndim != 4 or skeletons.shape[1:] != (MAX_BODIES, NUM_JOINTS, 3):
+            raise DataError(f"{path}: skeletons has shape {skeletons.shape}, expected (frames, {MAX_BODIES}, "
+                            f"{NUM_JOINTS}, 3): the file is damaged; {remake}")
+
+        def where(row: int) -> str:
+            return f"sample {names[row].decode(errors='replace')} (row {row})"
+
+        lengths, offsets = meta["length"].astype(np.int64), meta["offset"].astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if count else lengths
+        wrong = np.flatnonzero((lengths < 1) | (offsets != starts))
+        if len(wrong) or (count and int(starts[-1] + lengths[-1]) != skeletons.shape[0]):
+            detail = (f"{where(int(wrong[0]))} has offset {offsets[wrong[0]]} and length {lengths[wrong[0]]}"
+                      if len(wrong) else f"the samples end at frame {int(starts[-1] + lengths[-1])} of {skeletons.shape[0]}")
+            raise DataError(f"{path}: the samples' frames do not tile the skeletons ({detail}): the file is damaged; {remake}")
+        labels = meta["label"].astype(np.int64)
+        wrong = np.flatnonzero((labels < 0) | (labels >= MAX_ACTIONS) | (labels != meta["action"].astype(np.int64) - 1))
+        if len(wrong):
+            row = int(wrong[0])
+            raise DataError(f"{path}: {where(row)} has label {labels[row]} for action {meta['action'][row]} (labels are "
+                            f"action - 1, 0 to {MAX_ACTIONS - 1}): the file is damaged; {remake}")
+        _verify_content(path, h5, names, offsets, lengths, full, remake)
+    return meta
+
+
+def _verify_content(path: Path, h5, names: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, full: bool,
+                    remake: str) -> None:
+    """Compare the file with the manifest's content record (see :func:`read_verified_metadata`)."""
+    try:
+        manifest = json.loads(h5.attrs.get("manifest", "{}"))
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: its manifest is not JSON: the file is damaged; {remake}") from None
+    content = manifest.get("content") if isinstance(manifest, dict) else None
+    if not isinstance(content, dict) or "checksum" not in h5:
+        log.warning("%s was written by an older prepare_ntu.py (no checksums): its content cannot be verified; "
+                    "convert again to add them: %s", path, remake_command(path))
+        return
+    counts, skeletons = manifest.get("counts", {}), h5["skeletons"]
+    for key, actual in (("samples", len(names)), ("frames", skeletons.shape[0])):
+        if key in counts and counts[key] != actual:
+            raise DataError(f"{path}: {actual} {key} where prepare_ntu.py wrote {counts[key]}: the file was changed "
+                            f"or damaged after conversion; {remake}")
+    low, high = content.get("min"), content.get("max")
+    if low is not None and not (-MAX_COORDINATE <= low <= high <= MAX_COORDINATE):
+        raise DataError(f"{path}: prepare_ntu.py recorded coordinates from {low} to {high} m, beyond +-{MAX_COORDINATE:g} m: "
+                        f"not NTU skeletons in metres; {remake}")
+    checksums = h5["checksum"][:].astype("<u4")
+    if len(checksums) != len(names) or zlib.crc32(checksums.tobytes()) != content.get("checksum_of_checksums"):
+        raise DataError(f"{path}: its per-sample checksums differ from those prepare_ntu.py wrote: the file was changed "
+                        f"or damaged after conversion; {remake}")
+    if full:
+        rows = np.arange(len(names))
+    else:
+        rows = np.unique(np.linspace(0, len(names) - 1, min(QUICK_CHECKSUMS, len(names))).round().astype(np.int64))
+    # Read in blocks of consecutive samples (at most ~64k frames, ~40 MB in float32, or one sample).
+    block_start = 0
+    while block_start < len(rows):
+        block_end = block_start + 1
+        if full:
+            while (block_end < len(rows) and rows[block_end] == rows[block_end - 1] + 1
+                   and offsets[rows[block_end]] + lengths[rows[block_end]] - offsets[rows[block_start]] <= 1 << 16):
+                block_end += 1
+        first, last = rows[block_start], rows[block_end - 1]
+        frames = skeletons[offsets[first]:offsets[last] + lengths[last]]
+        for row in rows[block_start:block_end]:
+            sample = frames[offsets[row] - offsets[first]:offsets[row] - offsets[first] + lengths[row]]
+            actual = sample_checksum(sample)
+            if actual != int(checksums[row]):
+                option = "" if full else " (task.datamodule.verify=full checks every sample)"
+                raise DataError(f"{path}: sample {names[row].decode(errors='replace')} (row {row}) differs from what "
+                                f"prepare_ntu.py wrote (CRC-32 {actual:08x}, recorded {int(checksums[row]):08x}): the file "
+                                f"was changed or damaged after conversion{option}; {remake}")
+        block_start = block_end
 
 
 def missing_file_message(path: str | Path) -> str:
@@ -240,6 +395,9 @@ class NTUDataModule(SplitDataModule):
         random_length: [low, high]: training T drawn per batch in [low, high] (the papers' 10-30); null: off.
         batch_size: sequences per batch (official: 128).
         num_workers: DataLoader worker processes; each opens the file itself.
+        verify: how setup checks the file against the converter's manifest: "quick" (the layout, the
+            recorded range and the CRC-32 of 16 samples: milliseconds) or "full" (every sample's CRC-32:
+            reads the whole file once). Batches are always checked for impossible coordinates.
     """
 
     benchmark = "NTU RGB+D"
@@ -248,11 +406,12 @@ class NTUDataModule(SplitDataModule):
     def __init__(self, path: str, split: str = "cross_subject", steps: int = 20, val_fraction: float = 0.05,
                  split_seed: int = 0, val_samplings: int = 1, test_samplings: int = 20, center: bool = False,
                  rotate_degrees: float = 0.0, random_length: list[int] | None = None, batch_size: int = 128,
-                 num_workers: int = 4) -> None:
+                 num_workers: int = 4, verify: str = "quick") -> None:
         super().__init__(batch_size, num_workers)
         if path is None or str(path) == "":
             raise ValueError(f"{self.benchmark}: path must name the HDF5 file; {missing_file_message('data/ntu/ntu60.h5')}")
         check_choice(f"{self.benchmark}: split", split, SPLITS)
+        self.verify = check_choice(f"{self.benchmark}: verify", verify, VERIFY)
         check_positive_int(f"{self.benchmark}: steps", steps)
         check_fraction(f"{self.benchmark}: val_fraction", val_fraction, closed_low=False)
         check_non_negative_int(f"{self.benchmark}: split_seed", split_seed)
@@ -286,12 +445,15 @@ class NTUDataModule(SplitDataModule):
         """Nothing to download: check that the converted file is there (one line naming the command if not)."""
         self._check_file()
 
-    def _check_file(self) -> None:
-        if not self.path.is_file():
-            raise DownloadError(self.path.name, self.path.parent, [], message=missing_file_message(self.path))
-        import h5py
+    @property
+    def data_source(self) -> str:
+        """The file the batches come from (named when a loss turns non-finite)."""
+        return str(self.path)
 
-        with h5py.File(self.path, "r") as h5:
+    def _check_file(self) -> None:
+        if not self.path.is_file() and not self.path.name.endswith(".partial"):
+            raise DownloadError(self.path.name, self.path.parent, [], message=missing_file_message(self.path))
+        with open_hdf5(self.path) as h5:
             if h5.attrs.get("format") != FORMAT or not h5.attrs.get("complete", False):
                 raise DownloadError(self.path.name, self.path.parent, [], message=(
                     f"{self.path} is not a complete NTU skeleton file from prepare_ntu.py (format "
@@ -299,12 +461,10 @@ class NTUDataModule(SplitDataModule):
                     f"`python prepare_ntu.py raw=<folder or {DEFAULT_RAW}> out={self.path} overwrite=true`"))
 
     def read_metadata(self) -> dict[str, np.ndarray]:
-        """The file's per-sample arrays (offset, length, label, setup, camera, performer, ...), all small."""
+        """The file's per-sample arrays (offset, length, label, setup, camera, performer, ...), all small,
+        once the file passed the checks of :func:`read_verified_metadata` (``verify``)."""
         self._check_file()
-        import h5py
-
-        with h5py.File(self.path, "r") as h5:
-            return {key: h5[key][:] for key in ("offset", "length", "label", *META_FIELDS)}
+        return read_verified_metadata(self.path, full=self.verify == "full")
 
     def split_rows(self, meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of the train, val and test splits (sorted), by the split's protocol and the seeded hold-out."""
@@ -356,8 +516,9 @@ class NTUDataModule(SplitDataModule):
             return
         meta = self.read_metadata()
         if len(meta["label"]) and int(meta["label"].max()) >= self.num_classes:
-            raise ValueError(f"{self.benchmark} {self.split_name}: {self.path} has action {int(meta['label'].max()) + 1}, "
-                             f"beyond the split's {self.num_classes} classes; use an NTU-120 split")
+            raise DataError(f"{self.benchmark} {self.split_name}: {self.path} has action {int(meta['label'].max()) + 1}, "
+                            f"beyond the split's {self.num_classes} classes: an NTU-120 file; use an NTU-120 split "
+                            f"(task=ntu120_csub or ntu120_cset)")
         rows = self.split_rows(meta)
         common = dict(offsets=meta["offset"], lengths=meta["length"], labels=meta["label"], steps=self.steps,
                       center=self.center, seed=self.split_seed)

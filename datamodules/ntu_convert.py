@@ -23,23 +23,34 @@ HDF5 layout (version :data:`CONVERTER_VERSION`), see also README.md::
     setup, camera, performer, replication, action   (N,) int16   from the name (1-based, as NTU)
     label         (N,) int16      action - 1
     bodies        (N,) int8       bodies kept (1 or 2)
+    checksum      (N,) uint32     CRC-32 of each sample's frames as stored (its bytes in the file's dtype)
     attrs: format="ntu-rgbd-skeletons", converter_version, complete=True (set last),
-           manifest = JSON {counts, skipped [{name, reason, detail}], source, options, ...}
+           manifest = JSON {counts, skipped [{name, reason, detail}], source, options,
+                            content {checksum_of_checksums, min, max}, ...}
+
+What was written is recorded so that a reader can check the file (datamodules/ntu.py verifies it on
+first open): a CRC-32 per sample, a CRC-32 of those checksums and the coordinates' range in the
+manifest. Coordinates are metres in the Kinect's camera space: a sample with a coordinate beyond
+:data:`MAX_COORDINATE` (10 m; the sensor sees up to 8 m) or a non-finite one is skipped ("out of range").
 
 Bad files never stop a conversion: each is skipped with a reason (:data:`REASONS`), counted, listed in
 the manifest and in the summary table printed at the end. The file is written under a hidden
 temporary name next to ``out`` and renamed when complete, so an interrupted run leaves no file that
-looks finished; the next run removes the leftover and starts again.
+looks finished; the next run removes the leftover and starts again. One converter writes an output
+at a time: a lock file next to it (``.{name}.lock``, datamodules/filelock.py) refuses a second one in
+one line naming the first, and a lock left by a killed converter is taken over.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
 import time
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +58,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from datamodules.filelock import FileLock, LockHeld
 from datamodules.ntu_skeleton import (MAX_BODIES, META_FIELDS, NUM_JOINTS, SkeletonFormatError, parse_sample_name,
                                        skeleton_array)
 from src.checks import check_choice, check_non_negative_int, check_positive_int
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2          # 2: per-sample checksums and the value range in the manifest
+MAX_COORDINATE = 10.0          # metres: |x|, |y|, |z| beyond it are not a body the Kinect saw
 FORMAT = "ntu-rgbd-skeletons"
 CHUNK_FRAMES = 64              # HDF5 chunk: 64 frames (38 KB in float32), about one sample
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -64,7 +77,7 @@ EXPECTED_RAW = ("the folder of NTU RGB+D .skeleton files or the downloaded zip "
 # Why a sample can be skipped; the order is the summary table's.
 REASONS = ("excluded", "unknown file name", "duplicate", "empty file", "unreadable", "truncated",
            "wrong body count", "wrong joint count", "wrong field count", "non-numeric field", "trailing data",
-           "no skeleton")
+           "out of range", "no skeleton")
 
 
 class ConvertError(Exception):
@@ -152,9 +165,25 @@ def convert_file(item: SkeletonFile, min_body_frames: int = 11) -> tuple[str, np
     except UnicodeDecodeError as error:
         return item.name, None, "unreadable", f"not text (byte {error.start})"
     try:
-        return item.name, skeleton_array(text, min_body_frames), "", ""
+        array = skeleton_array(text, min_body_frames)
     except SkeletonFormatError as error:
         return item.name, None, error.reason, error.detail
+    problem = out_of_range(array)
+    if problem:
+        return item.name, None, "out of range", problem
+    return item.name, array, "", ""
+
+
+def out_of_range(array: np.ndarray) -> str:
+    """Why the coordinates of ``array`` (..., 3) cannot be a body (non-finite, or beyond ``MAX_COORDINATE``
+    metres), "" when they can."""
+    if not array.size:
+        return ""
+    finite = np.isfinite(array)
+    if not finite.all():
+        return f"{int((~finite).sum())} non-finite coordinates"
+    peak = float(np.abs(array).max())
+    return f"a coordinate of {peak:g} m (beyond {MAX_COORDINATE:g} m)" if peak > MAX_COORDINATE else ""
 
 
 def _convert_task(task: tuple[SkeletonFile, int]) -> tuple[str, np.ndarray | None, str, str]:
@@ -173,6 +202,28 @@ class _Samples:
     lengths: list[int] = field(default_factory=list)
     bodies: list[int] = field(default_factory=list)
     meta: dict[str, list[int]] = field(default_factory=lambda: {key: [] for key in META_FIELDS})
+    checksums: list[int] = field(default_factory=list)     # CRC-32 of each sample's stored bytes
+    low: float = math.inf                                  # the smallest and largest coordinate written
+    high: float = -math.inf
+
+    def content(self) -> dict:
+        """The manifest's record of what was written: the CRC-32 of the ``checksum`` dataset's bytes
+        (uint32 little-endian) and the coordinates' range (None without samples)."""
+        checksums = np.array(self.checksums, dtype="<u4")
+        return {"checksum": "crc32 per sample of its stored bytes, in the 'checksum' dataset",
+                "checksum_of_checksums": zlib.crc32(checksums.tobytes()),
+                "min": None if not self.checksums else float(self.low),
+                "max": None if not self.checksums else float(self.high)}
+
+
+def sample_checksum(frames: np.ndarray) -> int:
+    """CRC-32 of one sample's frames (F, 2, 25, 3) as stored (C order, the file's dtype, little-endian)."""
+    return zlib.crc32(np.ascontiguousarray(frames, dtype=frames.dtype.newbyteorder("<")).tobytes())
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file that lets one converter at a time write ``out``: hidden, next to it."""
+    return out.with_name(f".{out.name}.lock")
 
 
 def partial_path(out: Path) -> Path:
@@ -229,7 +280,34 @@ def convert(raw: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.
             seen.add(item.name)
             tasks.append((item, min_body_frames))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path(out), purpose=f"prepare_ntu.py converting into {out}").acquire()
+    except LockHeld as error:
+        raise ConvertError(f"out: another converter is writing {out}: {error}") from None
+    except OSError as error:
+        raise ConvertError(f"out: cannot write in {out.parent} ({_reason(error)}); choose out= in a folder you "
+                           f"can write, e.g. data/ntu/ntu60.h5") from None
+    try:
+        # Under the lock: a leftover is never the partial file of a converter still running.
+        if out.exists() and not overwrite:
+            raise ConvertError(f"out: {out} already exists; pass overwrite=true to replace it")
+        return _convert_locked(sources, out, tasks, found, skipped, workers, dtype, compression, min_body_frames,
+                               exclude, progress)
+    finally:
+        lock.release()
+
+
+def _reason(error: OSError) -> str:
+    """A short reason: "Permission denied", "No space left on device", ..."""
+    return " ".join(str(error.strerror or error or type(error).__name__).split())
+
+
+def _convert_locked(sources: list, out: Path, tasks: list, found: list, skipped: list[dict[str, str]], workers: int,
+                    dtype: str, compression: str, min_body_frames: int, exclude, progress: bool) -> dict:
+    """The conversion proper, with the output's lock held: write the partial file, the manifest, rename."""
+    import h5py
+
     partial = partial_path(out)
     for leftover in (partial, Path(f"{partial}.frames")):
         if leftover.exists():
@@ -239,6 +317,13 @@ def convert(raw: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.
     try:
         samples, total_frames = write_samples(partial, _results(tasks, workers), len(tasks), dtype, compression,
                                               progress, skipped)
+        if not samples.names:
+            counts = ", ".join(f"{n} {reason}" for reason, n in _reason_counts(skipped).items())
+            example = next((f"e.g. {e['name']}: {e['detail']}" for e in skipped if e["reason"] != "excluded"), "")
+            raise ConvertError(f"raw: none of the {len(found)} .skeleton files under {', '.join(map(str, sources))} "
+                               f"could be converted ({counts}{'; ' + example if example else ''}); nothing written "
+                               f"to {out}: check that raw= is NTU RGB+D's skeleton data and that the files are intact "
+                               f"(download them again)")
         manifest = {
             "format": FORMAT, "converter_version": CONVERTER_VERSION,
             "source": [str(Path(s).resolve()) for s in sources],
@@ -247,15 +332,19 @@ def convert(raw: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.
             "counts": {"files": len(found), "samples": len(samples.names), "frames": total_frames,
                        "skipped": len(skipped), **{reason: n for reason, n in _reason_counts(skipped).items()}},
             "skipped": skipped,
+            "content": samples.content(),
             "seconds": round(time.time() - start, 1),
         }
         with h5py.File(partial, "a") as h5:
             h5.attrs["manifest"] = json.dumps(manifest)
             h5.attrs["complete"] = True  # last: a file without it is never read
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as error:
         partial.unlink(missing_ok=True)  # Ctrl-C, a full disk, ...: no half file stays behind
         Path(f"{partial}.frames").unlink(missing_ok=True)
+        if isinstance(error, OSError):  # writing failed (a full disk, a read-only folder): one line
+            raise ConvertError(f"out: cannot write {partial} ({_reason(error)}); nothing was written: free space or "
+                               f"choose out= elsewhere") from None
         raise
     return manifest
 
@@ -329,6 +418,11 @@ def write_samples(path: str | os.PathLike, results: Iterable[tuple[str, np.ndarr
             samples.offsets.append(total_frames)
             samples.lengths.append(len(array))
             samples.bodies.append(int(np.any(array[:, 1] != 0)) + 1)
+            stored = array.astype(dtype, copy=False)
+            samples.checksums.append(sample_checksum(stored))
+            if len(stored):
+                samples.low = min(samples.low, float(stored.min()))
+                samples.high = max(samples.high, float(stored.max()))
             for key in META_FIELDS:
                 samples.meta[key].append(meta[key])
             total_frames += len(array)
@@ -354,6 +448,7 @@ def write_samples(path: str | os.PathLike, results: Iterable[tuple[str, np.ndarr
         for key in META_FIELDS:
             h5.create_dataset(key, data=np.array(samples.meta[key], dtype=np.int16))
         h5.create_dataset("label", data=np.array(samples.meta["action"], dtype=np.int16) - 1)
+        h5.create_dataset("checksum", data=np.array(samples.checksums, dtype="<u4"))
     return samples, total_frames
 
 

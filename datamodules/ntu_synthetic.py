@@ -110,9 +110,11 @@ def write_synthetic_hdf5(path: str | Path, samples: int = NTU60_SAMPLES, mean_fr
             yield name, array, "", ""
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_samples(path, results(), samples, dtype=dtype, progress=sys.stderr.isatty())
+    written, frames = write_samples(path, results(), samples, dtype=dtype, progress=sys.stderr.isatty())
     with h5py.File(path, "a") as h5:
-        h5.attrs["manifest"] = json.dumps({"source": "synthetic", "counts": {"samples": samples}})
+        # As the converter's manifest: the counts and the content record that the DataModule verifies.
+        h5.attrs["manifest"] = json.dumps({"source": "synthetic", "counts": {"samples": samples, "frames": frames},
+                                           "content": written.content()})
         h5.attrs["complete"] = True
     return path
 
