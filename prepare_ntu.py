@@ -4,75 +4,48 @@
     python prepare_ntu.py raw=PATH/nturgb+d_skeletons exclude=NTU_RGBD_samples_with_missing_skeletons.txt
     python prepare_ntu.py --help
 
-The logic is in datamodules/ntu_convert.py (HDF5 layout) and datamodules/ntu_skeleton.py (parsing, body selection); see README.md.
+key=value arguments as every entry point (lightning_modules/cli.py). The logic is in
+datamodules/ntu_convert.py (HDF5 layout) and datamodules/ntu_skeleton.py (parsing, body selection); see README.md.
 """
 import logging
 import sys
 
 from datamodules.ntu_convert import EXPECTED_RAW, ConvertError, convert, summary_table
+from lightning_modules.cli import CommandLineError, Option, as_bool, as_int, as_optional_str, help_text, parse, wants_help
 
-USAGE = """usage: python prepare_ntu.py raw=PATH[,PATH...] out=data/ntu/ntu60.h5 [key=value ...]
-  raw=PATH          folder of .skeleton files, or the downloaded zip (comma-separated for several)
-  out=FILE          HDF5 file to write (default data/ntu/ntu60.h5)
-  workers=N         parsing processes (default: one per CPU)
-  exclude=FILE      sample names to leave out, one per line (NTU's 302 samples with missing skeletons)
-  dtype=float32     or float16 (half the size)
-  compression=none  contiguous, memory-mapped by the loader (fastest); gzip or lzf: chunked, smaller
-  min_body_frames=11  body IDs tracked in fewer frames are noise
-  overwrite=false   true: replace an existing out file
-  progress=true     false: no progress bar"""
-OPTIONS = ("raw", "out", "workers", "exclude", "dtype", "compression", "min_body_frames", "overwrite", "progress")
-
-
-def _parse_bool(key: str, value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ConvertError(f"{key} must be true or false, got {value!r}")
-
-
-def _parse_int(key: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConvertError(f"{key} must be an integer, got {value!r}") from None
+COMMAND = "prepare_ntu.py"
+SUMMARY = "Convert NTU RGB+D .skeleton files (a folder or the downloaded zips) into one HDF5 file."
+OPTIONS = (
+    Option("raw", None, f"{EXPECTED_RAW}, comma-separated for several", required=True, metavar="PATH[,PATH...]"),
+    Option("out", "data/ntu/ntu60.h5", "HDF5 file to write"),
+    Option("workers", None, "parsing processes (default: one per CPU)", as_int, metavar="N"),
+    Option("exclude", None, "sample names to leave out, one per line (NTU's 302 samples with missing skeletons)",
+           as_optional_str, metavar="FILE"),
+    Option("dtype", "float32", "or float16 (half the size)"),
+    Option("compression", "none", "contiguous, memory-mapped by the loader (fastest); gzip or lzf: chunked, smaller"),
+    Option("min_body_frames", 11, "body IDs tracked in fewer frames are noise", as_int),
+    Option("overwrite", False, "true: replace an existing out file", as_bool),
+    Option("progress", True, "false: no progress bar", as_bool),
+)
 
 
 def parse_args(argv: list[str]) -> dict:
-    """``["raw=PATH", "out=FILE", ...]`` -> keyword arguments of :func:`convert` (ConvertError if bad)."""
-    options: dict[str, str] = {}
-    for argument in argv:
-        key, equals, value = argument.partition("=")
-        if not equals or key not in OPTIONS:
-            raise ConvertError(f"unknown argument {argument!r}; use key=value with key one of {OPTIONS}")
-        options[key] = value
-    if not options.get("raw"):
-        raise ConvertError(f"raw=PATH is required: {EXPECTED_RAW}")
-    kwargs: dict = {"raw": [p for p in options["raw"].split(",") if p], "out": options.get("out", "data/ntu/ntu60.h5")}
-    if "workers" in options:
-        kwargs["workers"] = _parse_int("workers", options["workers"])
-    if "min_body_frames" in options:
-        kwargs["min_body_frames"] = _parse_int("min_body_frames", options["min_body_frames"])
-    for key in ("overwrite", "progress"):
-        if key in options:
-            kwargs[key] = _parse_bool(key, options[key])
-    for key in ("exclude", "dtype", "compression"):
-        if key in options:
-            kwargs[key] = options[key] or None
+    """``["raw=PATH", "out=FILE", ...]`` -> keyword arguments of :func:`convert` (CommandLineError if bad)."""
+    kwargs = parse(argv, OPTIONS, COMMAND, bare_means="raw")
+    kwargs["raw"] = [path for path in kwargs["raw"].split(",") if path]
     return kwargs
 
 
 def main(argv: list[str]) -> int:
     """The ``prepare_ntu.py`` command: convert, print the summary table; 0 on success, 2 on bad arguments."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+    if not argv or wants_help(argv):
+        print(help_text(COMMAND, SUMMARY, OPTIONS))
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         kwargs = parse_args(argv)
         manifest = convert(**kwargs)
-    except (ConvertError, ValueError) as error:
+    except (CommandLineError, ConvertError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
