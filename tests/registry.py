@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from src.kernels import numba_available
-from src.layers import IRNN, NARX, TDNN, ClockworkRNN, IndRNN, JordanRNN, LeakyRNN, SkipRNN
+from src.layers import IRNN, LEM, NARX, TDNN, ClockworkRNN, CoRNN, IndRNN, JordanRNN, LeakyRNN, SkipRNN, UnICORNN
 from src.learning.diagonal import DiagonalLeakyRNN
 from src.networks import DenseIndRNN, RecurrentNetwork, ResidualIndRNN
 
@@ -88,6 +88,14 @@ LAYERS: dict[str, Case] = {
     "narx_no_input_delay": Case(functools.partial(NARX, I, H, input_delays=0, output_delays=1)),
     "tdnn": Case(functools.partial(TDNN, I, H, window=3, dilation=2)),
     "tdnn_window_1": Case(functools.partial(TDNN, I, H, window=1)),
+    # the oscillators (time steps large enough that the states move over the contract's 16 steps)
+    **{f"unicornn_{backend}": Case(functools.partial(UnICORNN, I, H, dt=0.6, alpha=0.3, backend=backend))
+       for backend in ["reference", "auto"] + (["cpu"] if numba_available() else [])},
+    "unicornn_uniform_init_no_alpha": Case(functools.partial(UnICORNN, I, H, dt=0.6, input_init="uniform")),
+    "cornn": Case(functools.partial(CoRNN, I, H, dt=0.3, gamma=0.4, epsilon=2.0)),
+    "cornn_undamped": Case(functools.partial(CoRNN, I, H, dt=0.2, gamma=1.0, epsilon=0.0, bias=False)),
+    "lem": Case(functools.partial(LEM, I, H, dt=0.8)),
+    "lem_no_bias": Case(functools.partial(LEM, I, H, dt=0.5, bias=False)),
     # IRNN and torch's own
     "irnn": Case(functools.partial(IRNN, I, H)),
     "rnn": Case(functools.partial(nn.RNN, I, H, nonlinearity="tanh")),
@@ -118,6 +126,12 @@ NETWORKS: dict[str, Case] = {
         ResidualIndRNN, functools.partial(IndRNN, magnitude=5.0, bound_steps=12, batch_norm="after"), I, OUT,
         hidden_size=H, num_blocks=2, readout="all", last_layer_kwargs={"recurrent_init": "long_memory"}),
         width=OUT, network=True),
+    "network_unicornn": Case(functools.partial(
+        _network, functools.partial(UnICORNN, dt=0.6, alpha=0.1), last_layer_kwargs={"dt": 0.9}), width=OUT,
+        network=True),
+    "network_cornn": Case(functools.partial(_network, functools.partial(CoRNN, dt=0.3)), width=OUT, network=True),
+    "network_lem": Case(functools.partial(_network, functools.partial(LEM, dt=0.7), dropout=0.2), width=OUT,
+                        network=True),
     "dense_indrnn": Case(functools.partial(
         DenseIndRNN, functools.partial(IndRNN, magnitude=5.0, bound_steps=12, batch_norm="after",
                                        batch_norm_stats="per_step"),

@@ -13,13 +13,17 @@ from src.layers.batch_norm import TimeBatchNorm
 from src.layers.bidirectional import Bidirectional
 from src.layers.clockwork import ClockworkRNN, ClockworkState
 from src.layers.common import apply_constraints
+from src.layers.cornn import CoRNN
 from src.layers.indrnn import IndRNN, IndRNNRecurrence, IndRNNState
 from src.layers.irnn import IRNN
 from src.layers.jordan import JordanRNN
 from src.layers.leaky import LeakyRNN
+from src.layers.lem import LEM
 from src.layers.narx import NARX
 from src.layers.skip import SkipRNN
 from src.layers.tdnn import TDNN
+from src.layers.unicornn import UnICORNN
 
-__all__ = ["NARX", "TDNN", "Bidirectional", "ClockworkRNN", "ClockworkState", "IRNN", "IndRNN", "IndRNNRecurrence",
-           "IndRNNState", "JordanRNN", "LeakyRNN", "SkipRNN", "TimeBatchNorm", "apply_constraints"]
+__all__ = ["LEM", "NARX", "TDNN", "Bidirectional", "ClockworkRNN", "ClockworkState", "CoRNN", "IRNN", "IndRNN",
+           "IndRNNRecurrence", "IndRNNState", "JordanRNN", "LeakyRNN", "SkipRNN", "TimeBatchNorm", "UnICORNN",
+           "apply_constraints"]

@@ -1,0 +1,120 @@
+"""LEM: long expressive memory (Rusch, Mishra, Erichson & Mahoney, ICLR 2022).
+
+A multiscale discretisation of a system of two coupled first-order ODEs, with two learned,
+input-dependent time-step gates:
+
+    dt_bar_t = dt * sigmoid(W_1 u_t + V_1 y_{t-1} + b_1)
+    dt_t     = dt * sigmoid(W_2 u_t + V_2 y_{t-1} + b_2)
+    z_t = (1 - dt_t) * z_{t-1} + dt_t * tanh(W_z u_t + V_z y_{t-1} + b_z)
+    y_t = (1 - dt_bar_t) * y_{t-1} + dt_bar_t * tanh(W_y u_t + V_y z_t + b_y)          (output y_t)
+
+(products elementwise; W_* (H, I), V_* (H, H); dt a fixed float, the largest step). As the official
+code, in its order: one input map (I -> 4H: [W_1; W_2; W_y; W_z]), one map of y (H -> 3H:
+[V_1; V_2; V_z]) and one of z (H -> H: V_y), each with a bias (b_z, b_y are the sums of two biases).
+:func:`lem_reference` is the same recurrence as a plain loop over given weights (the layer runs it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from src.checks import check_positive_int
+from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
+
+
+def lem_reference(drives: torch.Tensor, weight_y: torch.Tensor, bias_y: torch.Tensor | None, weight_z: torch.Tensor,
+                  bias_z: torch.Tensor | None, y0: torch.Tensor, z0: torch.Tensor,
+                  dt: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LEM recurrence as an autograd loop.
+
+    Args:
+        drives: the input map for every step, (T, B, 4H): [W_1 u, W_2 u, W_y u, W_z u] plus biases.
+        weight_y: [V_1; V_2; V_z] (3H, H), applied to y_{t-1}; bias_y (3H,) or None.
+        weight_z: V_y (H, H), applied to z_t; bias_z (H,) or None.
+        y0, z0: the state before the first step, (B, H) each.
+        dt: the largest time step.
+
+    Returns:
+        (y (T, B, H), z_{T-1} (B, H)).
+    """
+    y, z = y0, z0
+    outputs = []
+    for drive in drives.unbind(0):
+        gate_bar, gate, drive_y, drive_z = drive.chunk(4, dim=-1)
+        from_y = F.linear(y, weight_y, bias_y)
+        recurrent_bar, recurrent, recurrent_z = from_y.chunk(3, dim=-1)
+        step_bar = dt * torch.sigmoid(gate_bar + recurrent_bar)
+        step = dt * torch.sigmoid(gate + recurrent)
+        z = (1 - step) * z + step * torch.tanh(drive_z + recurrent_z)
+        y = (1 - step_bar) * y + step_bar * torch.tanh(drive_y + F.linear(z, weight_z, bias_z))
+        outputs.append(y)
+    return (torch.stack(outputs) if outputs else drives.new_zeros(*drives.shape[:2], y0.shape[-1])), z
+
+
+class LEM(nn.Module):
+    r"""One LEM layer (module docstring).
+
+    Args:
+        input_size: features per input step, I.
+        hidden_size: units, H.
+        dt: the largest time step (official EigenWorms recipe: 0.00017; psMNIST: 1).
+        batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        bias: biases of the three maps.
+
+    Initialisation as the official code: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+    State: a tuple (y, z), each (1, B, H), as torch.nn.LSTM's (h, c). None starts from zeros.
+
+    Shapes:
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (1, H) each).
+        output: (T, B, H) (or (B, T, H)): y at every step.
+    """
+
+    bidirectional = False  # one direction: Bidirectional wraps any layer
+
+    def __init__(self, input_size: int, hidden_size: int, dt: float = 1.0, batch_first: bool = False,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (math.isfinite(dt) and dt > 0):
+            raise ValueError(f"LEM dt must be a number > 0, got {dt!r}")
+        self.dt = float(dt)
+        self.batch_first = batch_first
+        self.input_map = nn.Linear(input_size, 4 * hidden_size, bias=bias)       # [W_1; W_2; W_y; W_z]
+        self.hidden_map = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)     # [V_1; V_2; V_z] on y
+        self.transform_z = nn.Linear(hidden_size, hidden_size, bias=bias)        # V_y on z
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros (y, z), each (1, B, H), in the dtype and device of ``like`` (default: the parameters)."""
+        like = self.transform_z.weight if like is None else like
+        return like.new_zeros(1, batch_size, self.hidden_size), like.new_zeros(1, batch_size, self.hidden_size)
+
+    def forward(self, input: torch.Tensor, state=None):
+        x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LEM",
+                                     dtype=self.transform_z.weight.dtype)
+        batch = x.shape[1]
+        state = batched_state(state, unbatched)
+        if state is None:
+            state = self.initial_state(batch, x)
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"LEM state must be a tuple (y, z) of two (1, {batch}, {self.hidden_size}) tensors, "
+                             f"got {type(state).__name__}")
+        y0, z0 = (check_state_tensor(s, (1, batch, self.hidden_size), "LEM", name)
+                  for s, name in zip(state, ("state y", "state z")))
+        ys, z_last = lem_reference(self.input_map(x), self.hidden_map.weight, self.hidden_map.bias,
+                                   self.transform_z.weight, self.transform_z.bias, y0[0], z0[0], self.dt)
+        new_state = (ys[-1:] if len(ys) else y0, z_last.unsqueeze(0))
+        return from_time_major(ys, self.batch_first, unbatched), unbatched_state(new_state, unbatched)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, dt={self.dt}, batch_first={self.batch_first}"
