@@ -1,0 +1,458 @@
+"""IndRNN in parallel over time, exactly: the clamp-affine scan (derivation: src/kernels/README.md).
+
+A relu or identity IndRNN step h_t = act(u * h_{t-1} + z_t) is the map h -> clamp(a h + b, lo, hi)
+with a = u, b = z_t and [lo, hi] = [0, inf] (relu) or [-inf, inf] (identity). Such maps are closed
+under composition, so all states are an inclusive scan over 4-tuples (a, b, lo, hi) applied to h0.
+The backward pass is again such a scan, run from the last step down: with m_t = 1[a_t > 0] (relu;
+1 for identity) and e_t = dL/dh_t, the gradient delta_t = dL/da_t of the pre-activation is
+    delta_t = clip(m_t * (e_t + u * delta_{t+1}))     (delta_T = 0; clip: [-c, c] or the identity)
+the map d -> clamp(m_t u d + m_t e_t, -c, c). Then dL/dz_t = delta_t,
+dL/du = sum_{t,b} delta_t h_{t-1}, dL/dh0 = u delta_0, as in :mod:`src.kernels.indrnn_cpu`.
+
+Two implementations, side by side:
+
+* :class:`IndRNNScanTorch`: the log-depth (Hillis-Steele) scan in plain PyTorch, any dtype and
+  device, O(T log T) work. It is the readable statement of the algebra and what the tests check the
+  fast kernels with; no speed intended.
+* :class:`IndRNNScanCPU`: the chunked scan with numba threads along time (numba's ``prange``; the
+  number of threads is ``numba.get_num_threads()``). Forward: thread 0 runs the first chunk step by
+  step from h0 while the other threads compose the maps of the later pieces (no stores, cheaper than
+  a step); one short serial pass carries the state across pieces through their maps; then every
+  thread runs its pieces step by step from the carried state. Backward: the same from the last step
+  down, on delta. Each piece's own steps run the sequential kernel's arithmetic, so the results
+  differ from :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` only by the rounding of the
+  carried state at piece boundaries (relative 1e-16 to 1e-15 in float64).
+
+tanh is not clamp-affine: :func:`scan_applies` is False and the dispatcher uses the sequential
+kernel. A piece whose composed slope u^L overflows (|u| > 1 over a long piece) is carried step by
+step instead, so the result stays exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, clip_code, contiguous_array, gradient_rows,
+                                     numba, numba_available)
+
+SCAN_ACTIVATIONS = ("relu", "identity")
+
+# Cost of composing one step's map relative to running the step (measured on a 2-core VM, float32,
+# H=128: composing reads z and stores nothing). The first chunk, run directly from h0 while the other
+# threads compose, gets the share that balances the two (see _piece_bounds).
+COMPOSE_COST_RATIO = 0.5
+# Below this many steps per thread the threads' start-up costs more than they save.
+MIN_STEPS_PER_THREAD = 64
+
+
+def scan_applies(activation: str) -> bool:
+    """Whether the recurrence is clamp-affine, i.e. has a scan: relu and identity (not tanh)."""
+    return activation in SCAN_ACTIVATIONS
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: a log-depth scan in plain PyTorch.
+
+def _bounds(activation: str, like: torch.Tensor, clip: float | None = None):
+    """(lo, hi) of one step's clamp, broadcastable to ``like``."""
+    if clip is not None:
+        return like.new_full((), -clip), like.new_full((), clip)
+    low = 0.0 if activation == "relu" else -math.inf
+    return like.new_full((), low), like.new_full((), math.inf)
+
+
+def compose(first, second):
+    """The map ``second o first`` of two clamp-affine maps (a, b, lo, hi): h -> clamp(a h + b, lo, hi).
+
+    a = a2 a1, b = a2 b1 + b2; the inner bounds map to a2 lo1 + b2 and a2 hi1 + b2 (swapped when
+    a2 < 0; both b2 when a2 = 0, never 0 * inf), then are clamped into [lo2, hi2] (equal bounds
+    where the intervals do not meet: a constant map). Tensors of any broadcastable shapes.
+    """
+    a1, b1, lo1, hi1 = first
+    a2, b2, lo2, hi2 = second
+    flat = a2 == 0
+    image_lo = torch.where(flat, b2, a2 * lo1 + b2)
+    image_hi = torch.where(flat, b2, a2 * hi1 + b2)
+    negative = a2 < 0
+    new_lo = torch.where(negative, image_hi, image_lo)
+    new_hi = torch.where(negative, image_lo, image_hi)
+    return (a2 * a1, a2 * b1 + b2, torch.clamp(new_lo, lo2, hi2), torch.clamp(new_hi, lo2, hi2))
+
+
+def apply_map(mapping, h: torch.Tensor) -> torch.Tensor:
+    """clamp(a h + b, lo, hi) for a map (a, b, lo, hi); h finite. A constant map (lo == hi) gives lo."""
+    a, b, lo, hi = mapping
+    value = torch.where(a == 0, b, a * h + b)
+    return torch.where(lo == hi, lo, torch.clamp(value, lo, hi))
+
+
+def inclusive_scan(maps):
+    """Prefix compositions along dim 0: out[t] = maps[t] o ... o maps[0], in ceil(log2 T) rounds."""
+    maps = tuple(maps)
+    steps = maps[0].shape[0]
+    offset = 1
+    while offset < steps:
+        earlier = tuple(m[:-offset] for m in maps)
+        later = tuple(m[offset:] for m in maps)
+        combined = compose(earlier, later)
+        maps = tuple(torch.cat([m[:offset], c]) for m, c in zip(maps, combined))
+        offset *= 2
+    return maps
+
+
+def scan_forward_torch(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str) -> torch.Tensor:
+    """All states (T, B, H) of h_t = act(z_t + u h_{t-1}) by the log-depth scan; z (T, B, H), u (H,), h0 (B, H)."""
+    if z.shape[0] == 0:
+        return z.new_empty(z.shape)
+    lo, hi = _bounds(activation, z)
+    maps = (u.expand_as(z), z, lo.expand_as(z), hi.expand_as(z))
+    return apply_map(inclusive_scan(maps), h0.unsqueeze(0))
+
+
+def scan_deltas_torch(grad_out, out, u, activation: str, grad_clip: float | None) -> torch.Tensor:
+    """delta_t = dL/da_t (T, B, H) by the reverse log-depth scan (see the module docstring)."""
+    active = out > 0 if activation == "relu" else torch.ones_like(out, dtype=torch.bool)
+    slope = torch.where(active, u.expand_as(out), torch.zeros_like(out))
+    offset = torch.where(active, grad_out, torch.zeros_like(out))  # a select: 0 * inf stays 0, as relu's backward
+    lo, hi = _bounds("identity", out, grad_clip)
+    maps = (slope.flip(0), offset.flip(0), lo.expand_as(out), hi.expand_as(out))
+    return apply_map(inclusive_scan(maps), out.new_zeros(out.shape[1:])).flip(0)
+
+
+def parameter_gradients(deltas, out, u, h0):
+    """(dL/du (H,), dL/dh0 (B, H)) from the deltas (T, B, H), the states (T, B, H) and h0 (B, H)."""
+    previous = torch.cat([h0.unsqueeze(0), out[:-1]])
+    return (deltas * previous).sum(dim=(0, 1)), u * deltas[0]
+
+
+class IndRNNScanTorch(torch.autograd.Function):
+    """h_t = act(z_t + u * h_{t-1}) (relu or identity) by the log-depth scan, forward and backward.
+
+    ``IndRNNScanTorch.apply(z, u, h0, activation, grad_clip=None)``: z (T, B, H), u (H,), h0 (B, H) ->
+    all states (T, B, H); ``grad_clip`` c clamps dL/da_t to [-c, c] at every step. Any dtype/device.
+    """
+
+    @staticmethod
+    def forward(ctx, z, u, h0, activation: str, grad_clip: float | None = None):
+        _check_activation(activation)
+        out = scan_forward_torch(z.detach(), u.detach(), h0.detach(), activation)
+        ctx.save_for_backward(out, u, h0)
+        ctx.activation, ctx.grad_clip = activation, grad_clip
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        out, u, h0 = ctx.saved_tensors
+        if out.shape[0] == 0:
+            return torch.zeros_like(out), torch.zeros_like(u), torch.zeros_like(h0), None, None
+        deltas = scan_deltas_torch(grad_out, out, u, ctx.activation, ctx.grad_clip)
+        grad_u, grad_h0 = parameter_gradients(deltas, out, u, h0)
+        return deltas, grad_u, grad_h0, None, None
+
+
+def _check_activation(activation: str) -> None:
+    if not scan_applies(activation):
+        raise ValueError(f"the IndRNN scan needs a clamp-affine activation {SCAN_ACTIVATIONS}, got {activation!r}; "
+                         "tanh runs on the sequential kernels (backend='auto')")
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU chunked scan (numba threads along time).
+
+if numba is not None:
+    import numpy as np
+
+    @numba.njit(inline="always")
+    def _times(u, h, zero):  # pragma: no cover - compiled
+        """u * h with 0 * inf = 0 (a step with u = 0 forgets its input, even an infinite bound)."""
+        return zero if u == zero else u * h
+
+    @numba.njit(cache=True, nogil=True)
+    def _forward_steps(z, u, h_in, activation, start, stop, out):  # pragma: no cover - compiled
+        """out[t] = act(z[t] + u * out[t-1]) for start <= t < stop, from out[start-1] = h_in (B, H).
+        The arithmetic of indrnn_cpu's forward loop, so each step rounds as it does."""
+        batch, hidden = z.shape[1], z.shape[2]
+        zero = z.dtype.type(0)
+        for t in range(start, stop):
+            previous = out[t - 1] if t > start else h_in
+            for b in range(batch):
+                z_t, h_t, h_prev = z[t, b], out[t, b], previous[b]
+                for j in range(hidden):
+                    h_t[j] = z_t[j] + u[j] * h_prev[j]
+                if activation == 0:
+                    for j in range(hidden):
+                        h_t[j] = max(h_t[j], zero)
+
+    @numba.njit(cache=True, nogil=True)
+    def _forward_compose(z, u, activation, start, stop, offset, low, high):  # pragma: no cover - compiled
+        """The map of steps start..stop-1 (its slope is u^(stop - start)): ``offset`` (B, H) the
+        unclamped state reached from 0, ``low``/``high`` (B, H) the images of -inf and +inf
+        (relu: trajectories of the step in extended arithmetic; identity: -inf/+inf). Stores nothing
+        per step, reads z once."""
+        batch, hidden = z.shape[1], z.shape[2]
+        zero, inf = z.dtype.type(0), z.dtype.type(np.inf)
+        for b in range(batch):
+            for j in range(hidden):
+                offset[b, j] = zero
+                low[b, j] = -inf
+                high[b, j] = inf
+        for t in range(start, stop):
+            for b in range(batch):
+                z_t, o_b, l_b, h_b = z[t, b], offset[b], low[b], high[b]
+                for j in range(hidden):
+                    o_b[j] = z_t[j] + u[j] * o_b[j]
+                if activation == 0:
+                    for j in range(hidden):
+                        u_j = u[j]
+                        l_b[j] = max(z_t[j] + _times(u_j, l_b[j], zero), zero)
+                        h_b[j] = max(z_t[j] + _times(u_j, h_b[j], zero), zero)
+
+    @numba.njit(inline="always")
+    def _apply(slope, offset, low, high, x, zero):  # pragma: no cover - compiled
+        """clamp(slope x + offset, min(low, high), max(low, high)); a constant map (low == high) gives low."""
+        if low == high:
+            return low
+        value = offset if slope == zero else slope * x + offset
+        lo, hi = (low, high) if low < high else (high, low)
+        return lo if value < lo else (hi if value > hi else value)
+
+    @numba.njit(cache=True, nogil=True)
+    def _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, start, stop, delta_next, grad_z,
+                        partial_u, delta_first):  # pragma: no cover - compiled
+        """indrnn_cpu's backward loop for steps stop-1 down to start, from delta_{stop} = ``delta_next``:
+        writes grad_z[t], adds delta_t h_{t-1} into ``partial_u`` (B, H), leaves delta_start in
+        ``delta_first`` (B, H)."""
+        batch, hidden = out.shape[1], out.shape[2]
+        zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
+        carry = np.empty((batch, hidden), dtype=out.dtype)  # u * delta_{t+1}
+        for b in range(batch):
+            for j in range(hidden):
+                carry[b, j] = delta_next[b, j] * u[j]
+        for t in range(stop - 1, start - 1, -1):
+            previous = out[t - 1] if t > 0 else h0
+            for b in range(batch):
+                g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+                h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
+                h_prev, p_b = previous[b], partial_u[b]
+                for j in range(hidden):
+                    delta = _delta(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
+                    d_t[j] = delta
+                    p_b[j] += delta * h_prev[j]
+                    c_b[j] = delta * u[j]
+        for b in range(batch):
+            for j in range(hidden):
+                delta_first[b, j] = grad_z[start, b, j] if stop > start else delta_next[b, j]
+
+    @numba.njit(inline="always")
+    def _delta(grad, carry, state, activation, zero, one, clip):  # pragma: no cover - compiled
+        """As indrnn_cpu.delta_of for relu (0) and identity (2)."""
+        if activation == 0:
+            delta = (grad + carry) if state > zero else zero
+        else:
+            delta = grad + carry
+        if clip > zero:
+            if delta > clip:
+                delta = clip
+            elif delta < -clip:
+                delta = -clip
+        return delta
+
+    @numba.njit(cache=True, nogil=True)
+    def _backward_compose(grad_out, batch_major, out, u, activation, clip, start, stop, slope, offset, low,
+                          high):  # pragma: no cover - compiled
+        """The map delta_{stop} -> delta_{start} of steps stop-1 down to start: ``slope`` (B, H) the
+        product of m_t u, ``offset`` the unclipped delta reached from 0, ``low``/``high`` the images of
+        -inf/+inf (clipped trajectories; without clipping -inf/+inf)."""
+        batch, hidden = out.shape[1], out.shape[2]
+        zero, one, inf = out.dtype.type(0), out.dtype.type(1), out.dtype.type(np.inf)
+        clip = out.dtype.type(clip)
+        for b in range(batch):
+            for j in range(hidden):
+                slope[b, j] = one
+                offset[b, j] = zero
+                low[b, j] = -inf
+                high[b, j] = inf
+        for t in range(stop - 1, start - 1, -1):
+            for b in range(batch):
+                g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+                h_t, s_b, o_b, l_b, hi_b = out[t, b], slope[b], offset[b], low[b], high[b]
+                if activation == 0:
+                    for j in range(hidden):
+                        active = h_t[j] > zero
+                        s_b[j] = s_b[j] * u[j] if active else zero
+                        o_b[j] = (g_t[j] + o_b[j] * u[j]) if active else zero
+                else:
+                    for j in range(hidden):
+                        s_b[j] = s_b[j] * u[j]
+                        o_b[j] = g_t[j] + o_b[j] * u[j]
+                if clip > zero:
+                    for j in range(hidden):
+                        u_j = u[j]
+                        l_b[j] = _delta(g_t[j], _times(u_j, l_b[j], zero), h_t[j], activation, zero, one, clip)
+                        hi_b[j] = _delta(g_t[j], _times(u_j, hi_b[j], zero), h_t[j], activation, zero, one, clip)
+
+    @numba.njit(cache=True, nogil=True)
+    def _carry_through(slope, offset, low, high, x, result):  # pragma: no cover - compiled
+        """result = the map (slope, offset, low, high) applied to x, all (B, H); False where a
+        non-constant map is not finite (an overflowed slope: the caller carries step by step)."""
+        zero = x.dtype.type(0)
+        finite = True
+        batch, hidden = x.shape
+        for b in range(batch):
+            for j in range(hidden):
+                value = _apply(slope[b, j], offset[b, j], low[b, j], high[b, j], x[b, j], zero)
+                if low[b, j] != high[b, j] and not (np.isfinite(slope[b, j]) and np.isfinite(offset[b, j])):
+                    finite = False
+                result[b, j] = value
+        return finite
+
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def _forward_parallel(z, u, h0, activation, bounds, threads, out, states, maps):  # pragma: no cover - compiled
+        """bounds (P + 1,): piece p covers steps bounds[p]..bounds[p+1]-1 (see _piece_bounds for the
+        schedule); states (P + 1, B, H): the state entering each piece; maps (P, 4, B, H) scratch."""
+        pieces = bounds.shape[0] - 1
+        batch, hidden = z.shape[1], z.shape[2]
+        # Phase 1: task 0 runs piece 0 from h0; tasks 1..threads-1 compose the later pieces.
+        per_composer = (pieces - 1 + threads - 2) // (threads - 1)
+        for task in numba.prange(threads):
+            if task == 0:
+                _forward_steps(z, u, h0, activation, bounds[0], bounds[1], out)
+            else:
+                first = 1 + (task - 1) * per_composer
+                for p in range(first, min(first + per_composer, pieces)):
+                    _forward_compose(z, u, activation, bounds[p], bounds[p + 1], maps[p, 1], maps[p, 2],
+                                     maps[p, 3])
+        # Phase 2 (serial, B*H values per piece): the state entering every piece.
+        states[1] = out[bounds[1] - 1]
+        redo = np.zeros(pieces, dtype=np.bool_)
+        for p in range(1, pieces - 1):
+            length = bounds[p + 1] - bounds[p]
+            for b in range(batch):
+                for j in range(hidden):
+                    maps[p, 0, b, j] = u[j] ** length
+            if not _carry_through(maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3], states[p], states[p + 1]):
+                _forward_steps(z, u, states[p], activation, bounds[p], bounds[p + 1], out)
+                states[p + 1] = out[bounds[p + 1] - 1]
+                redo[p] = True
+        # Phase 3: every piece after the first runs its steps from its entering state.
+        for p in numba.prange(1, pieces):
+            if not redo[p]:
+                _forward_steps(z, u, states[p], activation, bounds[p], bounds[p + 1], out)
+
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def _backward_parallel(grad_out, batch_major, out, u, h0, activation, clip, bounds, threads, grad_z,
+                           partial_u, deltas, maps, delta_first):  # pragma: no cover - compiled
+        """The forward schedule mirrored in time: piece P-1 (the last steps) runs from delta_T = 0 while
+        the others are composed; deltas[p] is delta at bounds[p + 1] entering piece p from above."""
+        pieces = bounds.shape[0] - 1
+        per_composer = (pieces - 1 + threads - 2) // (threads - 1)
+        last = pieces - 1
+        for task in numba.prange(threads):
+            if task == 0:
+                _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, bounds[last], bounds[last + 1],
+                                deltas[last], grad_z, partial_u[last], delta_first[last])
+            else:
+                first = (task - 1) * per_composer
+                for p in range(first, min(first + per_composer, last)):
+                    _backward_compose(grad_out, batch_major, out, u, activation, clip, bounds[p], bounds[p + 1],
+                                      maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3])
+        redo = np.zeros(pieces, dtype=np.bool_)
+        deltas[last - 1] = delta_first[last]
+        for p in range(last - 1, 0, -1):
+            if not _carry_through(maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3], deltas[p], deltas[p - 1]):
+                _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, bounds[p], bounds[p + 1],
+                                deltas[p], grad_z, partial_u[p], delta_first[p])
+                deltas[p - 1] = delta_first[p]
+                redo[p] = True
+        for p in numba.prange(0, last):
+            if not redo[p]:
+                _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, bounds[p], bounds[p + 1],
+                                deltas[p], grad_z, partial_u[p], delta_first[p])
+
+
+def _piece_bounds(steps: int, threads: int, ratio: float = COMPOSE_COST_RATIO) -> list[int]:
+    """Piece boundaries [0, b1, ..., steps] for the chunked scan on ``threads`` threads.
+
+    Phase 1 runs piece 0 (length L0) step by step on one thread while the other threads - 1 compose
+    the remaining R = steps - L0 steps; phase 3 runs those R steps on all threads. Balance:
+    L0 = ratio * R / (threads - 1), i.e. R = steps * (threads - 1) / (threads - 1 + ratio); R is cut
+    into threads * (threads - 1) pieces so that both phases share them out evenly.
+    """
+    rest = round(steps * (threads - 1) / (threads - 1 + ratio))
+    count = threads * (threads - 1)
+    first = steps - rest
+    return [0] + [first + (rest * k) // count for k in range(count + 1)]
+
+
+def parallel_threads(steps: int) -> int:
+    """Threads the chunked scan uses for ``steps`` steps: numba's, or 1 (run step by step) for short ones."""
+    if numba is None:
+        return 1
+    threads = numba.get_num_threads()
+    return threads if threads > 1 and steps >= MIN_STEPS_PER_THREAD * threads else 1
+
+
+def cpu_scan_applies(z: torch.Tensor, activation: str) -> bool:
+    """Whether :class:`IndRNNScanCPU` takes this input: numba, a CPU float32/float64 tensor, relu or identity."""
+    return numba_available() and z.device.type == "cpu" and z.dtype in NUMBA_DTYPES and scan_applies(activation)
+
+
+class IndRNNScanCPU(torch.autograd.Function):
+    """h_t = act(z_t + u * h_{t-1}) (relu or identity) by the chunked scan on numba threads.
+
+    ``IndRNNScanCPU.apply(z, u, h0, activation, grad_clip=None)``: z (T, B, H), u (H,), h0 (B, H) ->
+    all states (T, B, H); ``grad_clip`` c clamps dL/da_t to [-c, c] at every step. Check
+    :func:`cpu_scan_applies` first. With one thread (or short T) it runs step by step.
+    """
+
+    @staticmethod
+    def forward(ctx, z, u, h0, activation: str, grad_clip: float | None = None):
+        _check_activation(activation)
+        code = ACTIVATION_CODES[activation]
+        z_array, u_array, h0_array = (contiguous_array(t) for t in (z, u, h0))
+        steps = z_array.shape[0]
+        out = np.empty_like(z_array)
+        threads = parallel_threads(steps)
+        if threads == 1:
+            _forward_steps(z_array, u_array, h0_array, code, 0, steps, out)
+        else:
+            bounds = np.asarray(_piece_bounds(steps, threads), dtype=np.int64)
+            pieces = len(bounds) - 1
+            states = np.empty((pieces + 1,) + h0_array.shape, dtype=z_array.dtype)
+            maps = np.empty((pieces, 4) + h0_array.shape, dtype=z_array.dtype)
+            _forward_parallel(z_array, u_array, h0_array, code, bounds, threads, out, states, maps)
+        out = torch.from_numpy(out)
+        ctx.save_for_backward(out, u, h0)
+        ctx.activation_code, ctx.clip = code, clip_code(grad_clip)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        out, u, h0 = ctx.saved_tensors
+        out_array, u_array, h0_array = out.numpy(), contiguous_array(u), contiguous_array(h0)
+        grad_rows, batch_major = gradient_rows(grad_out)
+        steps = out_array.shape[0]
+        grad_z = np.empty_like(out_array)
+        threads = parallel_threads(steps)
+        bounds = (np.asarray(_piece_bounds(steps, threads)[::-1], dtype=np.int64) if threads > 1
+                  else np.asarray([0, steps], dtype=np.int64))
+        if threads > 1:  # mirrored: the first piece (run directly) holds the last steps
+            bounds = steps - bounds
+        pieces = len(bounds) - 1
+        shape = h0_array.shape
+        partial_u = np.zeros((pieces,) + shape, dtype=out_array.dtype)
+        deltas = np.zeros((pieces,) + shape, dtype=out_array.dtype)
+        delta_first = np.zeros((pieces,) + shape, dtype=out_array.dtype)
+        if threads == 1:
+            _backward_steps(grad_rows, batch_major, out_array, u_array, h0_array, ctx.activation_code, ctx.clip,
+                            0, steps, deltas[0], grad_z, partial_u[0], delta_first[0])
+        else:
+            maps = np.empty((pieces, 4) + shape, dtype=out_array.dtype)
+            _backward_parallel(grad_rows, batch_major, out_array, u_array, h0_array, ctx.activation_code, ctx.clip,
+                               bounds, threads, grad_z, partial_u, deltas, maps, delta_first)
+        grad_u = partial_u.sum(axis=(0, 1))
+        grad_h0 = delta_first[0] * u_array
+        return (torch.from_numpy(grad_z), torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None, None)
