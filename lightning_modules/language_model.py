@@ -95,6 +95,7 @@ class LanguageModel(HostResetFlags, SequenceObjective):
 
     best_mode = "min"
     readouts = ("all",)
+    learning_rules = ("bptt",)  # truncated BPTT over windows; the embedding is outside RTRL's diagonal layers
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, *, vocab_size: int, embedding_size: int,
                  level: str = "word", tie_weights: bool = False, embedding_dropout: float = 0.0,
@@ -201,7 +202,7 @@ class LanguageModel(HostResetFlags, SequenceObjective):
 
     # Steps ----------------------------------------------------------------------------------------
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def bptt_training_step(self, batch) -> torch.Tensor:
         batch = as_batch(batch)
         state = self.reset_state(self.train_state, batch.reset)
         # Python's generator (seeded by seed_everything, saved in checkpoints): no tensor read back per step.

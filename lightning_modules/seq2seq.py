@@ -59,6 +59,7 @@ class EncoderDecoderModule(SequenceObjective):
     """
 
     metric_name = "seq_acc"
+    learning_rules = ("bptt",)  # two networks and teacher forcing: RTRL's one diagonal stack does not apply
     best_mode = "max"
 
     def __init__(self, net, *args, **kwargs) -> None:

@@ -106,7 +106,7 @@ def test_one_chunk_and_many_chunks_agree_with_every_backend():
     net = make_net(indrnn("relu"), 1)
     inputs, targets, initial, weights = problem(60, 1)
     expected = bptt_gradients(net, inputs, targets, initial, weights)
-    backends = ["torch"] + (["cpu"] if numba_chunk_applies(inputs) else [])
+    backends = ["reference"] + (["cpu"] if numba_chunk_applies(inputs) else [])
     for backend in backends:
         for chunk in (1, 7, 60):
             got = rtrl_gradients(net, inputs, targets, initial, weights, chunk=chunk, backend=backend)
@@ -166,7 +166,7 @@ def run_chunk(read, state, backend):
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_numba_sensitivity_loop_equals_plain_loop(dtype, n_diag, with_grad):
     read, state = random_chunk(37, 3, 5, 4, n_diag, dtype, with_grad)
-    expected, got = run_chunk(read, state, "torch"), run_chunk(read, state, "cpu")
+    expected, got = run_chunk(read, state, "reference"), run_chunk(read, state, "cpu")
     tolerance = 1e-12 if dtype == torch.float64 else 1e-4
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=tolerance, atol=tolerance)
@@ -186,7 +186,7 @@ def test_triton_sensitivity_kernel_equals_plain_loop(n_diag, shape):
     device = _triton_cases()
     read, state = random_chunk(*shape, n_diag, torch.float32, True)
     move = {k: (v.to(device) if v is not None else None) for k, v in read.items()}
-    expected = run_chunk(read, state, "torch")
+    expected = run_chunk(read, state, "reference")
     got = run_chunk(move, {k: v.to(device) for k, v in state.items()}, "triton")
     for key in expected:
         torch.testing.assert_close(got[key].cpu(), expected[key], rtol=1e-4, atol=1e-4)

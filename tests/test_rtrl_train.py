@@ -12,7 +12,8 @@ import torch
 from datamodules.adding import BASELINE_MSE
 from datamodules.streaming import AddingStreams, StreamingAddingDataModule
 from lightning_modules.run import UserError, train
-from lightning_modules.rtrl import OnlineLearning, StreamRegressionModule
+from lightning_modules.learning import BPTT, RealTimeRecurrentLearning
+from lightning_modules.stream_regression import StreamRegressionModule
 from tests.conftest import compose_train
 
 SMALL_MODEL = ["model.num_layers=1", "model.hidden_size=32", "logger=csv"]
@@ -35,7 +36,7 @@ def train_losses(run_dir) -> list[float]:
 def test_rtrl_through_train_py_lowers_the_adding_loss(train_cfg, tmp_path):
     cfg = train_cfg(SMALL_MODEL + ["learning=rtrl", "task.datamodule.train_size=640", "task.datamodule.batch_size=32",
                                    "task.max_epochs=4", "optimizer.lr=0.01", "trainer.log_every_n_steps=1"])
-    assert cfg.objective._target_ == "lightning_modules.rtrl.rtrl_objective"
+    assert cfg.objective.learning_rule._target_ == "lightning_modules.learning.RealTimeRecurrentLearning"
     train(cfg)
     results = results_of(tmp_path / "run")
     assert results["status"] == "finished"
@@ -59,12 +60,23 @@ def test_rtrl_runs_on_the_labelling_tasks(train_cfg, tmp_path, task, overrides):
 
 
 def test_rtrl_objective_keeps_the_task_objective(tmp_path):
+    """learning=rtrl keeps the task's objective class and gives it the RTRL rule; no class is made at run time."""
     from lightning_modules.run.build import build
     for task, base in (("adding", "SequenceRegressionModule"), ("parity", "SequenceLabellingModule"),
                        ("streaming_adding", "StreamRegressionModule")):
         _, objective = build(compose_train(tmp_path / task, [f"task={task}", "learning=rtrl", "model.num_layers=1"]))
-        assert isinstance(objective, OnlineLearning) and type(objective).__mro__[2].__name__ == base
+        assert type(objective).__name__ == base and type(objective).__module__.startswith("lightning_modules.")
+        assert isinstance(objective.learning_rule, RealTimeRecurrentLearning)
         assert objective.automatic_optimization is False
+        _, objective = build(compose_train(tmp_path / f"{task}-bptt", [f"task={task}", "model.num_layers=1"]))
+        assert type(objective).__name__ == base and isinstance(objective.learning_rule, BPTT)
+        assert objective.automatic_optimization is True
+
+
+def test_objectives_refuse_rules_they_do_not_support(tmp_path):
+    from lightning_modules.run.build import build
+    with pytest.raises(UserError, match="learning=rtrl: EncoderDecoderModule trains with bptt only"):
+        build(compose_train(tmp_path / "s2s", ["task=reverse", "learning=rtrl"]))
 
 
 def test_rtrl_refuses_models_it_cannot_train_exactly(train_cfg):

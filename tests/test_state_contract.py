@@ -117,5 +117,3 @@ def test_a_network_state_has_one_entry_per_layer():
     with pytest.raises(ValueError, match=r"RecurrentNetwork state must be a list of 3 layer states \(one per layer\), "
                                          "got 2 entries"):
         network(torch.randn(B, 5, 3), states[:2])
-    x = torch.randn(B, 5, 3)
-    torch.testing.assert_close(network(x, states=states)[0], network(x, states)[0])  # the earlier keyword

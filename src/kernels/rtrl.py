@@ -13,7 +13,7 @@ the direct derivative of h_t with respect to p at fixed h_{t-1}, x_t (B, I) the 
 g_t (B, H) the gradient of the loss at step t with respect to h_t (zero where no loss arrives). The
 cost per step is O(B H I), like the forward pass; nothing of the past is stored.
 
-:func:`sensitivity_chunk` runs this update over K steps in place. Backends: ``"torch"`` (the plain
+:func:`sensitivity_chunk` runs this update over K steps in place. Backends: ``"reference"`` (the plain
 loop below: the reference every fused loop is tested against), ``"cpu"`` (numba,
 :mod:`src.kernels.rtrl_cpu`), ``"triton"`` (CUDA, :mod:`src.kernels.rtrl_triton`) and ``"auto"``
 (numba for CPU float32/float64 tensors where numba is installed, Triton on CUDA where it is
@@ -26,7 +26,8 @@ import torch
 from src.kernels.rtrl_cpu import numba_chunk_applies, sensitivity_chunk_numba
 from src.kernels.rtrl_triton import sensitivity_chunk_triton, triton_chunk_applies
 
-SENSITIVITY_BACKENDS = ("auto", "torch", "cpu", "triton")
+# The same vocabulary as the recurrence kernels (src/kernels/__init__.py): "reference" is the plain loop.
+SENSITIVITY_BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 def sensitivity_chunk_torch(carry, gain, inputs, direct, grad_h, s_diag, s_weight, grad_diag, grad_weight) -> None:
@@ -47,7 +48,7 @@ def resolve_sensitivity_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto":
         if numba_chunk_applies(tensor):
             return "cpu"
-        return "triton" if triton_chunk_applies(tensor) else "torch"
+        return "triton" if triton_chunk_applies(tensor) else "reference"
     if backend == "cpu" and not numba_chunk_applies(tensor):
         raise ValueError(f"RTRL backend 'cpu' needs numba and CPU float32/float64 tensors, got {tensor.device} "
                          f"{tensor.dtype}; use backend='auto'")

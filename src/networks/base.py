@@ -103,12 +103,8 @@ class SequenceNetwork(nn.Module):
     def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         raise NotImplementedError
 
-    def forward(self, inputs: torch.Tensor, state: list | None = None, lengths: torch.Tensor | None = None,
-                *, states: list | None = None) -> tuple[torch.Tensor, list]:
-        if states is not None:  # the earlier keyword name
-            if state is not None:
-                raise ValueError("pass the network's state once, as state=..., not also as states=...")
-            state = states
+    def forward(self, inputs: torch.Tensor, state: list | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         features, final_state = self.features(inputs, state)
         return self.head(read_out(features, self.readout, lengths)), final_state
 
