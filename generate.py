@@ -9,6 +9,7 @@ training text: into words (word level; unknown words become ``<unk>``) or into c
 level; a space is the ``_`` between words). A prompt of several lines (``\\n``) ends each with
 ``<eos>``; an empty prompt starts after an ``<eos>``. Output: words joined by spaces, characters
 with ``_`` shown as a space, ``<eos>`` as a new line. ``temperature=0`` picks the likeliest token.
+Arguments are ``key=value`` as every entry point's (lightning_modules/cli.py); ``--help`` lists them.
 """
 from __future__ import annotations
 
@@ -22,16 +23,44 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from datamodules.ptb import EOS, UNK  # noqa: E402
+from lightning_modules.cli import CommandLineError, Option, as_float, as_int, help_text, parse, wants_help  # noqa: E402
 from lightning_modules.language_model import LanguageModel, sample  # noqa: E402
-from lightning_modules.run import UserError, register_resolvers  # noqa: E402
+from lightning_modules.run import UserError  # noqa: E402
 from lightning_modules.run.build import build_network, build_objective  # noqa: E402
 from lightning_modules.run.checkpoints import load_our_checkpoint  # noqa: E402
 
-DEFAULTS = {"ckpt_path": None, "prompt": "", "length": 200, "temperature": 1.0, "seed": 0, "device": "cpu"}
+COMMAND = "generate.py"
+SUMMARY = "Sample text from a language model trained by train.py (task=ptb_char or ptb_word)."
+OPTIONS = (
+    Option("ckpt_path", None, "the checkpoint: outputs/<run>/checkpoints/best.ckpt", required=True, metavar="PATH"),
+    Option("prompt", "", "text the sample continues (empty: start after an end of sentence)", metavar="TEXT"),
+    Option("length", 200, "tokens to sample", as_int),
+    Option("temperature", 1.0, "softmax temperature; 0 picks the likeliest token", as_float),
+    Option("seed", 0, "seeds the sampling", as_int),
+    Option("device", "cpu", "cpu, cuda or cuda:N"),
+)
+
+
+def torch_device(device: str) -> torch.device:
+    """``device`` as a torch.device that exists here, or a one-line UserError."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"device={device} is not a device name; use device=cpu, cuda or cuda:N") from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device}: this machine has no CUDA device torch can use; use device=cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise UserError(f"device={device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1})")
+    if chosen.type not in ("cpu", "cuda"):
+        raise UserError(f"device={device}: generate.py runs on cpu or cuda")
+    return chosen
 
 
 def load_language_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> LanguageModel:
-    """The trained :class:`LanguageModel` of a checkpoint, in eval mode, with its ``vocabulary``."""
+    """The trained :class:`LanguageModel` of a checkpoint, in eval mode, with its ``vocabulary``; the
+    checkpoint's stored config is checked against the allowlist before anything is built."""
+    device = torch_device(str(device))
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"ckpt_path: no checkpoint at {path} (pass outputs/<run>/checkpoints/best.ckpt)")
@@ -96,20 +125,23 @@ def generate(ckpt_path: str, prompt: str = "", length: int = 200, temperature: f
     return tokens
 
 
-def main(argv: list[str]) -> None:
-    register_resolvers()
+def main(argv: list[str]) -> int:
+    """The ``generate.py`` command: 0 after sampling, 1 on a bad checkpoint or value, 2 on a bad command line."""
+    if wants_help(argv):
+        print(help_text(COMMAND, SUMMARY, OPTIONS))
+        return 0
     try:
-        args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv))
-        unknown = sorted(set(args) - set(DEFAULTS))
-        if unknown:
-            raise UserError(f"unknown option {unknown[0]}; options: {', '.join(DEFAULTS)}")
-        if not args.ckpt_path:
-            raise UserError("ckpt_path is required: python generate.py ckpt_path=outputs/<run>/checkpoints/best.ckpt")
-        generate(str(args.ckpt_path), str(args.prompt or ""), args.length, args.temperature, args.seed,
-                 str(args.device))
+        args = parse(argv, OPTIONS, COMMAND, bare_means="ckpt_path")
+    except CommandLineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        generate(**args)
     except UserError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
