@@ -116,6 +116,7 @@ def test_cpu_tensors_are_rejected_with_a_clear_error():
 
 
 INTERPRETER_SCRIPT = """
+FULL = {full}
 import torch
 from src.kernels.reference import ACTIVATIONS
 from tests.test_kernels_triton import compare
@@ -129,6 +130,9 @@ for activation in ACTIVATIONS:
 from tests.test_rtrl import test_triton_sensitivity_kernel_equals_plain_loop as rtrl_check
 rtrl_check(0, (19, 3, 5, 4))  # (K, B, H, I): one tile
 rtrl_check(3, (6, 2, 70, 40))  # ragged 64 x 32 tiles, three diagonal sensitivities
+# The dense kernel of the leaky / Clockwork / skip layers (tests/test_kernels_triton_layers.py).
+from tests.test_kernels_triton_layers import interpreter_checks
+interpreter_checks(full=FULL)
 print("interpreter checks passed")
 """
 
@@ -149,5 +153,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 
 @needs_triton
 def test_kernels_under_the_triton_cpu_interpreter():
-    # Every Triton kernel (IndRNN, RTRL) against its reference, on CPU tensors; one process, one import.
-    run_under_interpreter(INTERPRETER_SCRIPT)
+    # Every Triton kernel (IndRNN, RTRL, dense) against its reference, on CPU tensors; one process, one import.
+    run_under_interpreter(INTERPRETER_SCRIPT.format(full=False))
+
+
+@needs_triton
+@pytest.mark.slow
+def test_every_kernel_case_under_the_triton_cpu_interpreter():
+    # As above with every dense-kernel case and layer (float32, all activations, skip delays).
+    run_under_interpreter(INTERPRETER_SCRIPT.format(full=True))

@@ -294,3 +294,26 @@ class ClockworkFunction(torch.autograd.Function):
         return grad_x, grad_weight_ih, grad_bias, grad_weight, carry, None, None, None
 
 
+def clockwork_step_gates(periods: Sequence[int], module_size: int, steps: int, time_origin: int,
+                         like: torch.Tensor) -> torch.Tensor:
+    """(T, H) in ``like``'s dtype and device: 0 where a unit's module ticks at step t (absolute time
+    t + time_origin), 1 where it keeps its state: the ``lam`` of :mod:`src.kernels.dense_triton`."""
+    unit_period = torch.tensor(list(periods), device=like.device).repeat_interleave(module_size)
+    times = torch.arange(steps, device=like.device).unsqueeze(1) + time_origin
+    return (times % unit_period != 0).to(like.dtype)
+
+
+def clockwork_triton(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None, weight_hh: torch.Tensor,
+                     h0: torch.Tensor, periods: Sequence[int], nonlinearity: str = "tanh", time_origin: int = 0,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """All hidden states (T, B, H) by the persistent Triton kernel (:mod:`src.kernels.dense_triton`),
+    arguments as :func:`clockwork_reference`: the kept units are the kernel's lam = 1, the masked W_h its
+    one recurrent matrix; column blocks whose modules all rest are copied, not computed."""
+    from src.kernels.dense_triton import dense_recurrence_triton  # triton is optional
+
+    module_size = check_recurrence_args(x, weight_ih, bias, weight_hh, h0, periods, nonlinearity, time_origin)
+    if mask is None:
+        mask = clockwork_mask(weight_hh.shape[0], len(periods), x.device)
+    z = F.linear(x, weight_ih, bias)
+    gates = clockwork_step_gates(periods, module_size, x.shape[0], time_origin % math.lcm(*periods), weight_hh)
+    return dense_recurrence_triton(z, (weight_hh * mask).unsqueeze(0), h0.unsqueeze(0), gates, (1,), nonlinearity)

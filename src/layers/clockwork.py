@@ -25,7 +25,8 @@ from torch import nn
 
 from src.checks import check_choice, check_int_list, check_non_negative_int, check_positive_int
 from src.kernels import BACKENDS, clockwork_recurrence
-from src.kernels.clockwork import NONLINEARITIES, check_module_split, clockwork_mask
+from src.kernels.clockwork import NONLINEARITIES, check_module_split, clockwork_mask, clockwork_triton
+from src.kernels.dense_triton import resolve_dense_backend
 from src.layers.common import (batched_state, check_state_tensor, from_time_major, init_uniform_, to_time_major,
                                unbatched_state)
 
@@ -69,8 +70,11 @@ class ClockworkRNN(nn.Module):
         time_origin: absolute time t of the first step; module i runs at steps with t mod T_i == 0.
             0 (default): the first step updates every module; 1 (the paper's counting from 1):
             the first step updates only the modules with period 1.
-        backend: "auto"/"fused" (hand-written backward over the active modules only) or
-            "reference" (the dense masked autograd loop); see :data:`src.kernels.BACKENDS`.
+        backend: "auto"/"fused" (hand-written backward over the active modules only), "reference"
+            (the dense masked autograd loop) or "triton" (the persistent GPU kernel of
+            :mod:`src.kernels.dense_triton`: one launch per pass, resting modules copied); see
+            :data:`src.kernels.BACKENDS`. "auto" takes "triton" on CUDA where
+            :func:`src.kernels.dense_triton.resolve_dense_backend` allows it, else "fused".
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` (H, I), ``weight_hh`` (H, H) block-upper-triangular, ``bias`` (H,),
@@ -138,8 +142,14 @@ class ClockworkRNN(nn.Module):
                              f"ClockworkState(h, step), got {type(state).__name__}")
         check_state_tensor(h0, (1, batch, self.hidden_size), "ClockworkRNN", "hx")
         check_non_negative_int("ClockworkRNN state.step", step)
-        output = clockwork_recurrence(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
-                                      self.nonlinearity, step, self.backend, self.mask)
+        if self.backend == "triton" or (
+                self.backend == "auto" and resolve_dense_backend("auto", self.weight_hh, "ClockworkRNN") == "triton"):
+            resolve_dense_backend("triton", self.weight_hh, "ClockworkRNN")  # a one-line error where it cannot run
+            output = clockwork_triton(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
+                                      self.nonlinearity, step, self.mask)
+        else:
+            output = clockwork_recurrence(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
+                                          self.nonlinearity, step, self.backend, self.mask)
         final = ClockworkState(output[-1:], step + x.shape[0])
         return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 

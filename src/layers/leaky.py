@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from src.activations import activate
 from src.checks import check_choice, check_positive_int
+from src.kernels.dense_triton import DENSE_BACKENDS, dense_recurrence_triton, resolve_dense_backend
 from src.layers.common import initial_state, init_uniform_, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = ("tanh", "relu")
@@ -42,6 +43,9 @@ class LeakyRNN(nn.Module):
         nonlinearity: f, "tanh" or "relu".
         bias: learn the bias b.
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
+            :mod:`src.kernels.dense_triton`, hand-written backward) or "auto" (see
+            :func:`src.kernels.dense_triton.resolve_dense_backend`).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_hh`` U (H, H), ``bias`` b (H,), initialised like
@@ -59,11 +63,12 @@ class LeakyRNN(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, alpha_mode: str = "fixed",
                  alpha_range: Sequence[float] = (0.0, 0.95), alpha_groups: Sequence[float] | None = None,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 device=None, dtype=None) -> None:
+                 backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         check_choice("LeakyRNN nonlinearity", nonlinearity, NONLINEARITIES)
+        self.backend = check_choice("LeakyRNN backend", backend, DENSE_BACKENDS)
         check_choice("LeakyRNN alpha_mode", alpha_mode, ALPHA_MODES)
         low, high = 0.0, 1.0
         if alpha_groups is not None:
@@ -132,6 +137,11 @@ class LeakyRNN(nn.Module):
         h = initial_state(state, batch, self.hidden_size, unbatched, "LeakyRNN", like=x)
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         alpha = self.alpha
+        if resolve_dense_backend(self.backend, self.weight_hh, "LeakyRNN") == "triton":
+            # lam = alpha: the kernel's h = lam * h + (1 - lam) * f(...), the same update.
+            output = dense_recurrence_triton(z, self.weight_hh.unsqueeze(0), h.unsqueeze(0),
+                                             alpha.expand(x.shape[0], self.hidden_size), (1,), self.nonlinearity)
+            return sequence_and_final_state(output, self.batch_first, unbatched)
         keep, weight_hh_t = 1.0 - alpha, self.weight_hh.t()
         outputs = []
         for t in range(x.shape[0]):
@@ -143,4 +153,4 @@ class LeakyRNN(nn.Module):
     def extra_repr(self) -> str:
         alpha = f"alpha_groups={list(self.alpha_groups)}" if self.alpha_groups else f"alpha_range={self.alpha_range}"
         return (f"{self.input_size}, {self.hidden_size}, alpha_mode={self.alpha_mode!r}, {alpha}, "
-                f"nonlinearity={self.nonlinearity!r}, batch_first={self.batch_first}")
+                f"nonlinearity={self.nonlinearity!r}, batch_first={self.batch_first}, backend={self.backend!r}")

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from src.activations import activate
 from src.checks import check_choice, check_int_list, check_positive_int
+from src.kernels.dense_triton import DENSE_BACKENDS, dense_recurrence_triton, resolve_dense_backend
 from src.layers.common import (batched_state, check_state_tensor, from_time_major, init_uniform_, to_time_major,
                                unbatched_state)
 
@@ -42,6 +43,9 @@ class SkipRNN(nn.Module):
         nonlinearity: f, "tanh" or "relu".
         bias: learn the bias b.
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
+            :mod:`src.kernels.dense_triton`, hand-written backward) or "auto" (see
+            :func:`src.kernels.dense_triton.resolve_dense_backend`).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_hh`` (len(delays), H, H) with ``weight_hh[k]`` =
@@ -60,11 +64,12 @@ class SkipRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, delays: Sequence[int] = (1, 2, 4, 8),
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 device=None, dtype=None) -> None:
+                 backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.delays = check_delays(delays)
+        self.backend = check_choice("SkipRNN backend", backend, DENSE_BACKENDS)
         check_choice("SkipRNN nonlinearity", nonlinearity, NONLINEARITIES)
         self.nonlinearity, self.batch_first = nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
@@ -98,6 +103,11 @@ class SkipRNN(nn.Module):
                          (0, 0, 0, 0, memory - 1, 0))  # h_{-1} given, older states zero
         check_state_tensor(past, (memory, batch, self.hidden_size), "SkipRNN", "state (the last max(delays) states)")
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
+        if resolve_dense_backend(self.backend, self.weight_hh, "SkipRNN") == "triton":
+            no_leak = self.weight_hh.new_zeros(1, self.hidden_size).expand(x.shape[0], self.hidden_size)
+            output = dense_recurrence_triton(z, self.weight_hh, past, no_leak, self.delays, self.nonlinearity)
+            final = torch.cat([past, output])[-memory:]
+            return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
         weights = [w.t() for w in self.weight_hh]
         history = list(past.unbind(0))  # h_{-D}, ..., h_{-1}, then every new state
         for t in range(x.shape[0]):
@@ -111,4 +121,4 @@ class SkipRNN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, delays={list(self.delays)}, "
-                f"nonlinearity={self.nonlinearity!r}, batch_first={self.batch_first}")
+                f"nonlinearity={self.nonlinearity!r}, batch_first={self.batch_first}, backend={self.backend!r}")
