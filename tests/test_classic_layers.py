@@ -307,6 +307,26 @@ def test_tdnn_matches_the_delay_line_sum_and_checks_its_state():
         layer(x, torch.zeros(1, B, H))
 
 
+@pytest.mark.parametrize("window, dilation", [(1, 1), (3, 2), (4, 3)])
+def test_tdnn_gpu_convolution_equals_the_cpu_taps_in_float64(window, dilation):
+    # The CUDA path (one causal F.conv1d) against the CPU path (one matmul over stacked taps), values and
+    # gradients of the inputs, the carried past inputs, weight and bias, on a chunk that starts from a state.
+    from src.layers.tdnn import causal_conv, causal_taps
+
+    generator = torch.Generator().manual_seed(window)
+    memory = (window - 1) * dilation
+    padded = torch.randn(memory + 11, B, I, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(H, I, window, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(H, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(11, B, H, generator=generator, dtype=torch.float64)
+    results = []
+    for compute in (causal_taps, causal_conv):
+        output = compute(padded, weight, bias, dilation)
+        results.append((output, *torch.autograd.grad(output, (padded, weight, bias), grad)))
+    for taps, conv in zip(*results):
+        torch.testing.assert_close(conv, taps, rtol=1e-12, atol=1e-12)
+
+
 # --- configs and training --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

@@ -4,8 +4,9 @@
 
 Each output step sees its input at the ``window`` = p steps t, t - d, ..., t - (p - 1) d (d =
 ``dilation``), zeros before the first step: a Conv1d over time padded (p - 1) d steps on the left.
-It is computed as one matmul over the stacked taps (T, B, p I): on CPU, torch's Conv1d backward
-pass is about 25x slower than that at these sizes.
+On CPU it is computed as one matmul over the stacked taps (T, B, p I): torch's Conv1d backward
+pass is about 25x slower than that at these sizes; on CUDA as one causal ``F.conv1d`` (cuDNN)
+over the padded sequence, which reads each input once instead of p times. Neither loops over time.
 There is no recurrence; the layer's state is its window of past inputs (the last (p - 1) d of
 them), so a sequence cut into chunks continues exactly when the returned state is passed back.
 """
@@ -23,6 +24,21 @@ from src.layers.common import (batched_state, check_state_tensor, from_time_majo
                                unbatched_state)
 
 NONLINEARITIES = tuple(FUNCTIONS)
+
+
+def causal_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """Pre-activations (T, B, H) from ``padded`` (R - 1 + T, B, I) (the R - 1 past inputs first) and a
+    Conv1d ``weight`` (H, I, p): one matmul over the p stacked taps (T, B, p I). The CPU path."""
+    hidden, features, window = weight.shape
+    steps = padded.shape[0] - (window - 1) * dilation
+    taps = torch.cat([padded[j * dilation: j * dilation + steps] for j in range(window)], dim=-1)  # x_{t-(p-1-j)d}
+    return F.linear(taps, weight.permute(0, 2, 1).reshape(hidden, window * features), bias)
+
+
+def causal_conv(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """As :func:`causal_taps`, by one ``F.conv1d`` over (B, I, R - 1 + T) (cuDNN on CUDA; no padding: the
+    past inputs are the left context). The CUDA path."""
+    return F.conv1d(padded.permute(1, 2, 0), weight, bias, dilation=dilation).permute(2, 0, 1)
 
 
 class TDNN(nn.Module):
@@ -83,16 +99,15 @@ class TDNN(nn.Module):
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "TDNN")
-        steps, batch, p, d = x.shape[0], x.shape[1], self.window, self.dilation
+        batch, d = x.shape[1], self.dilation
         memory = self.receptive_field - 1
         past = batched_state(state, unbatched)
         if past is None:
             past = x.new_zeros(memory, batch, self.input_size)
         check_state_tensor(past, (memory, batch, self.input_size), "TDNN", "state (the last receptive_field - 1 inputs)")
         padded = torch.cat([past, x])  # (R - 1 + T, B, I): x_{-(R-1)}, ..., x_{T-1}
-        taps = torch.cat([padded[j * d: j * d + steps] for j in range(p)], dim=-1)  # block j: x_{t-(p-1-j)d}
-        weight = self.weight.permute(0, 2, 1).reshape(self.hidden_size, p * self.input_size)
-        output = activate(F.linear(taps, weight, self.bias), self.nonlinearity)  # (T, B, H)
+        compute = causal_conv if padded.is_cuda else causal_taps
+        output = activate(compute(padded, self.weight, self.bias, d), self.nonlinearity)  # (T, B, H)
         final = padded[padded.shape[0] - memory:]
         return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 
