@@ -25,28 +25,7 @@ from lightning_modules.classification import SequenceClassificationModule
 from lightning_modules.run import UserError, train
 from src.networks import RecurrentNetwork
 from tests.conftest import compose_train, run_script
-
-ACTIONS = (1, 2, 3, 4, 50)           # 50 ("punch/slap") is a two-person action: a second body
-PERFORMERS = (1, 2, 4, 3)            # 1, 2, 4 train (cross-subject), 3 tests
-CAMERAS = (1, 2)                     # 2 trains (cross-view), 1 tests
-
-
-def write_learnable_set(folder: Path, seed: int = 0) -> list[str]:
-    """5 actions x 4 performers x 2 cameras x 2 replications = 80 .skeleton files of 10-59 frames."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for action in ACTIONS:
-        for performer in PERFORMERS:
-            for camera in CAMERAS:
-                for replication in (1, 2):
-                    name = sample_name(1, camera, performer, replication, action)
-                    length = int(rng.integers(10, 60))
-                    (folder / f"{name}.skeleton").write_text(sample_text(action, length, performer, camera,
-                                                                         seed=replication))
-                    names.append(name)
-    return names
-
+from tests.ntu_files import write_learnable_set
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):

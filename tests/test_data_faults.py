@@ -1,0 +1,457 @@
+"""Every data fault is one line naming the file, what is wrong and the fix (issue 19, section 4), and the
+PTB character count (issue 23, section 3).
+
+Each case writes a tiny file in the real format (NTU HDF5 from the converter, PTB text, MNIST IDX),
+damages it as a user's disk or download would, and goes through the real path: the DataModule's
+setup and loaders (DataLoader workers included), the converter, the training driver; a few cases
+run the entry points as subprocesses, where the process boundary (what reaches stderr) is the point.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.download import DataError
+from datamodules.filelock import FileLock, LockHeld
+from datamodules.idx import write_idx
+from datamodules.mnist import MNISTDataModule, TRAIN_LABELS
+from datamodules.ntu import NTUDataModule
+from datamodules.ntu_convert import ConvertError, convert, lock_path, partial_path, write_samples
+from datamodules.ntu_synthetic import sample_name, sample_text
+from datamodules.ptb import EOS, FILES, PTBDataModule, read_tokens
+from lightning_modules.base import NonFiniteLossError
+from lightning_modules.classification import SequenceClassificationModule
+from lightning_modules.run import UserError, train
+from src.batch import SequenceBatch
+from src.networks import RecurrentNetwork
+from tests.conftest import ROOT, compose_train, run_script
+from tests.mnist_files import write_tiny_mnist
+from tests.ntu_files import write_learnable_set
+from tests.ptb_files import datamodule as ptb_datamodule
+from tests.ptb_files import language_model, write_corpus
+
+
+def one_line(error) -> str:
+    message = str(error.value if hasattr(error, "value") else error)
+    assert message and "\n" not in message, message
+    return message
+
+
+# NTU RGB+D ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ntu(tmp_path_factory):
+    """(raw folder, a converted HDF5 file) of 40 synthetic samples; tests damage copies of the file."""
+    root = tmp_path_factory.mktemp("ntu")
+    write_learnable_set(root / "raw", replications=(1,))
+    out = root / "ntu60.h5"
+    convert(root / "raw", out, workers=1, progress=False)
+    return root / "raw", out
+
+
+@pytest.fixture
+def ntu_copy(ntu, tmp_path):
+    """A fresh copy of the converted file, to damage."""
+    path = tmp_path / "ntu60.h5"
+    shutil.copy(ntu[1], path)
+    return path
+
+
+def ntu_module(path, **kwargs) -> NTUDataModule:
+    return NTUDataModule(str(path), **{"batch_size": 8, "num_workers": 0, "test_samplings": 2, **kwargs})
+
+
+def sample_bytes(path: Path, row: int) -> tuple[int, int, str]:
+    """(byte offset in the file, byte count, name) of sample ``row``'s frames in a contiguous file."""
+    with h5py.File(path, "r") as h5:
+        skeletons = h5["skeletons"]
+        frame = int(np.prod(skeletons.shape[1:])) * skeletons.dtype.itemsize
+        offset, length = int(h5["offset"][row]), int(h5["length"][row])
+        return skeletons.id.get_offset() + offset * frame, length * frame, h5["name"][row].decode()
+
+
+def overwrite(path: Path, position: int, data: bytes) -> None:
+    with open(path, "r+b") as file:
+        file.seek(position)
+        file.write(data)
+
+
+def quick_rows(path: Path) -> set[int]:
+    """The rows whose checksum the quick check reads (the datamodule's rule: 16 spread over the file)."""
+    from datamodules.ntu import QUICK_CHECKSUMS
+    with h5py.File(path, "r") as h5:
+        count = len(h5["name"])
+    return set(np.linspace(0, count - 1, min(QUICK_CHECKSUMS, count)).round().astype(int).tolist())
+
+
+def unchecked_training_row(path: Path) -> int:
+    """A row of the cross-subject training split (validation held out) that the quick check does not read."""
+    datamodule = ntu_module(path)
+    datamodule.setup("fit")
+    checked = quick_rows(path)
+    return next(int(row) for row in datamodule.splits["train"].rows if int(row) not in checked)
+
+
+def test_truncated_hdf5_is_one_line_naming_the_file_and_the_fix(ntu_copy):
+    size = ntu_copy.stat().st_size
+    with open(ntu_copy, "r+b") as file:
+        file.truncate(size // 2)
+    with pytest.raises(DataError) as error:
+        ntu_module(ntu_copy).setup("fit")
+    message = one_line(error)
+    assert str(ntu_copy) in message and "truncated" in message and "prepare_ntu.py" in message
+
+
+def test_training_on_a_truncated_file_through_the_driver_is_one_line(ntu_copy, tmp_path):
+    with open(ntu_copy, "r+b") as file:
+        file.truncate(ntu_copy.stat().st_size // 2)
+    cfg = compose_train(tmp_path / "run", ["task=ntu_cs", f"task.datamodule.path={ntu_copy}", "trainer=cpu",
+                                            "task.datamodule.num_workers=0"])
+    with pytest.raises(UserError) as error:  # train.py prints it as "error: ..." and exits 1
+        train(cfg)
+    assert str(ntu_copy) in one_line(error) and "prepare_ntu.py" in str(error.value)
+
+
+def test_a_partial_file_names_the_file_the_conversion_writes(ntu_copy):
+    partial = partial_path(ntu_copy)
+    ntu_copy.rename(partial)
+    with pytest.raises(DataError) as error:
+        ntu_module(partial).setup("fit")
+    message = one_line(error)
+    assert "temporary file of a prepare_ntu.py conversion" in message
+    assert f"task.datamodule.path={ntu_copy}" in message
+
+
+def test_a_missing_label_dataset_is_one_line(ntu_copy):
+    with h5py.File(ntu_copy, "r+") as h5:
+        del h5["label"]
+    with pytest.raises(DataError) as error:
+        ntu_module(ntu_copy).setup("fit")
+    message = one_line(error)
+    assert str(ntu_copy) in message and "'label'" in message and "overwrite=true" in message
+
+
+def test_a_label_of_200_is_one_line_naming_the_sample(ntu_copy):
+    with h5py.File(ntu_copy, "r+") as h5:
+        h5["label"][3] = 200
+        name = h5["name"][3].decode()
+    with pytest.raises(DataError) as error:
+        ntu_module(ntu_copy).setup("fit")
+    message = one_line(error)
+    assert str(ntu_copy) in message and f"sample {name} (row 3) has label 200" in message
+
+
+def test_converting_a_folder_where_every_file_is_bad_fails_and_writes_nothing(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for action in (1, 2, 3):
+        text = sample_text(action, 20, 1, 1)
+        (raw / f"{sample_name(1, 1, 1, 1, action)}.skeleton").write_text(text[:len(text) // 3])  # truncated
+    out = tmp_path / "ntu.h5"
+    with pytest.raises(ConvertError) as error:
+        convert(raw, out, workers=1, progress=False)
+    message = one_line(error)
+    assert "none of the 3 .skeleton files" in message and "3 truncated" in message and str(out) in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no file, no partial, no lock
+
+
+def test_prepare_ntu_on_only_bad_files_exits_non_zero_with_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / f"{sample_name(1, 1, 1, 1, 1)}.skeleton").write_text("")
+    (raw / f"{sample_name(1, 1, 1, 1, 2)}.skeleton").write_text("3\n1\nnot a body\n")
+    out = tmp_path / "ntu.h5"
+    result = run_script("prepare_ntu.py", [f"raw={raw}", f"out={out}", "workers=1", "progress=false"], timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: raw: none of the 2 .skeleton files"), result.stderr
+    assert not out.exists()
+
+
+def test_nonfinite_bytes_are_caught_by_the_batch_check_in_workers_and_by_the_full_verification(ntu_copy):
+    row = unchecked_training_row(ntu_copy)
+    position, count, name = sample_bytes(ntu_copy, row)
+    overwrite(ntu_copy, position, b"\xff" * count)  # 0xFF bytes: NaN in float32
+    with pytest.raises(DataError) as error:
+        ntu_module(ntu_copy, verify="full").setup("fit")
+    assert f"sample {name} (row {row}) differs from what prepare_ntu.py wrote" in one_line(error)
+    datamodule = ntu_module(ntu_copy, num_workers=1, batch_size=64)  # quick: this sample is not one it reads
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:  # raised in a DataLoader worker, re-raised here by torch
+        for _ in datamodule.train_dataloader():
+            pass
+    message = one_line(error)
+    assert message.startswith(f"{ntu_copy}: sample {name} (row {row}) has the coordinate nan, not a number")
+    assert "verify=full" in message and "prepare_ntu.py" in message
+
+
+def test_coordinates_of_a_million_metres_are_refused_when_read(ntu_copy):
+    row = unchecked_training_row(ntu_copy)
+    with h5py.File(ntu_copy, "r+") as h5:
+        offset, length = int(h5["offset"][row]), int(h5["length"][row])
+        h5["skeletons"][offset:offset + length, 0, 3, 0] = 1e6  # one joint's x in every frame
+        name = h5["name"][row].decode()
+    datamodule = ntu_module(ntu_copy, batch_size=64)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        for _ in datamodule.train_dataloader():
+            pass
+    assert f"sample {name} (row {row}) has the coordinate 1e+06, beyond 10 m" in one_line(error)
+
+
+def test_the_quick_check_compares_checksums_and_the_recorded_range(ntu_copy, tmp_path):
+    first = min(quick_rows(ntu_copy))
+    position, count, name = sample_bytes(ntu_copy, first)
+    pristine = ntu_copy.read_bytes()
+    overwrite(ntu_copy, position + 4, np.float32(0.5).tobytes())  # a plausible value: only the checksum tells
+    with pytest.raises(DataError) as error:
+        ntu_module(ntu_copy).setup("fit")
+    assert f"sample {name} (row {first}) differs from what prepare_ntu.py wrote" in one_line(error)
+    # A file whose converter recorded coordinates beyond the physical range (not metres): refused at setup.
+    scaled = tmp_path / "millimetres.h5"
+    ntu_copy.write_bytes(pristine)
+    with h5py.File(ntu_copy, "r") as h5:
+        names = [n.decode() for n in h5["name"][:]]
+        arrays = [h5["skeletons"][o:o + n] * 1000 for o, n in zip(h5["offset"][:], h5["length"][:])]
+        manifest = json.loads(h5.attrs["manifest"])
+    samples, frames = write_samples(scaled, ((n, a, "", "") for n, a in zip(names, arrays)), len(names))
+    with h5py.File(scaled, "a") as h5:
+        manifest.update(content=samples.content(), counts={**manifest["counts"], "frames": frames})
+        h5.attrs["manifest"], h5.attrs["complete"] = json.dumps(manifest), True
+    with pytest.raises(DataError) as error:
+        ntu_module(scaled).setup("fit")
+    assert "beyond +-10 m: not NTU skeletons in metres" in one_line(error)
+
+
+def test_the_converter_records_checksums_and_ranges_and_skips_impossible_coordinates(ntu, tmp_path):
+    _, out = ntu
+    with h5py.File(out, "r") as h5:
+        manifest = json.loads(h5.attrs["manifest"])
+        checksums = h5["checksum"][:]
+        frames = h5["skeletons"][:]
+        for row in (0, len(checksums) - 1):
+            offset, length = int(h5["offset"][row]), int(h5["length"][row])
+            assert zlib.crc32(frames[offset:offset + length].tobytes()) == checksums[row]
+    content = manifest["content"]
+    assert content["checksum_of_checksums"] == zlib.crc32(checksums.astype("<u4").tobytes())
+    assert content["min"] == float(frames.min()) and content["max"] == float(frames.max())
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for action in (1, 2):
+        (raw / f"{sample_name(1, 1, 1, 1, action)}.skeleton").write_text(sample_text(action, 20, 1, 1))
+    text = sample_text(3, 20, 1, 1).splitlines()
+    text[4] = "1000000.0 " + text[4].split(" ", 1)[1]  # the first joint's x of the first frame
+    (raw / f"{sample_name(1, 1, 1, 1, 3)}.skeleton").write_text("\n".join(text) + "\n")
+    manifest = convert(raw, tmp_path / "out.h5", workers=1, progress=False)
+    assert manifest["counts"]["samples"] == 2 and manifest["counts"]["out of range"] == 1
+    assert manifest["skipped"][0]["detail"] == "a coordinate of 1e+06 m (beyond 10 m)"
+
+
+def test_a_second_converter_on_the_same_output_is_refused_and_leaves_the_first_alone(ntu, tmp_path):
+    raw, _ = ntu
+    out = tmp_path / "ntu.h5"
+    # The first converter: another process, holding the lock while its partial file grows.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from datamodules.filelock import FileLock; "
+                               f"FileLock({str(lock_path(out))!r}, purpose='converting').acquire(); print('held', "
+                               "flush=True); sys.stdin.read()"], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        partial_path(out).write_bytes(b"the first converter's frames")
+        with pytest.raises(ConvertError) as error:
+            convert(raw, out, workers=1, progress=False)
+        message = one_line(error)
+        assert f"another converter is writing {out}" in message and f"process {holder.pid}" in message
+        assert partial_path(out).read_bytes() == b"the first converter's frames" and not out.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # The first is gone (its lock file is left behind, as after a kill -9): the next converter takes over.
+    lock_path(out).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "purpose": "converting"}))
+    manifest = convert(raw, out, workers=1, progress=False)
+    assert manifest["counts"]["samples"] == 40 and not partial_path(out).exists() and not lock_path(out).exists()
+
+
+def test_the_lock_names_its_holder_in_one_line_and_is_reusable(tmp_path):
+    lock = FileLock(tmp_path / "x.lock", purpose="training run A")
+    with lock:
+        with pytest.raises(LockHeld) as error:
+            FileLock(tmp_path / "x.lock").acquire()
+        message = one_line(error)
+        assert f"process {os.getpid()}" in message and "(training run A)" in message
+    with FileLock(tmp_path / "x.lock"):  # released: free again
+        assert (tmp_path / "x.lock").exists()
+    assert not (tmp_path / "x.lock").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(ntu):
+    raw, _ = ntu
+    with pytest.raises(ConvertError) as error:
+        convert(raw, "/proc/x.h5", workers=1, progress=False)
+    assert one_line(error).startswith("out: cannot write in /proc (")
+
+
+# PTB ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ptb_corpus(tmp_path):
+    return tmp_path, write_corpus(tmp_path / "ptb", lines={"train": 60, "val": 12, "test": 12})
+
+
+def test_a_non_utf8_byte_in_a_ptb_file_names_the_file(ptb_corpus):
+    data_dir, md5 = ptb_corpus
+    path = data_dir / "ptb" / FILES["char"]["train"]
+    path.write_bytes(path.read_bytes()[:50] + b"\xff" + path.read_bytes()[50:])
+    md5[FILES["char"]["train"]] = None  # as the real file: no published checksum
+    with pytest.raises(DataError) as error:
+        ptb_datamodule(data_dir, md5, level="char")
+    message = one_line(error)
+    assert f"{path} is not UTF-8 text (byte 0xff at offset 50)" in message and "download=true" in message
+
+
+def test_a_whitespace_only_tail_is_not_a_line(ptb_corpus):
+    """ptb.char.valid.txt ends with a newline and one space: its lines, not one more, end with <eos>,
+    and bits per character are the same as for the file without the tail."""
+    data_dir, md5 = ptb_corpus
+    folder = data_dir / "ptb"
+    for split in ("val", "test"):
+        path = folder / FILES["char"][split]
+        path.write_text(path.read_text() + " ")
+    text = (folder / FILES["char"]["val"]).read_text()
+    lines = text.count("\n")
+    symbols = len(text.split())
+    tokens = read_tokens(folder / FILES["char"]["val"], "char")
+    assert len(tokens) == symbols + lines and tokens.count(EOS) == lines and tokens[-2:] != [EOS, EOS]
+    for name in (FILES["char"]["val"], FILES["char"]["test"]):
+        md5[name] = None
+    with_tail = ptb_datamodule(data_dir, md5, level="char")
+    assert with_tail.ids["val"].numel() == symbols + lines
+    model = language_model(len(with_tail.vocabulary), level="char")
+
+    def test_bpc(module) -> float:
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        return trainer.test(model, datamodule=module, verbose=False)[0]["test/bpc"]
+
+    tailed = test_bpc(with_tail)
+    path = folder / FILES["char"]["test"]
+    path.write_text(path.read_text()[:-1])  # the same file without the space
+    assert test_bpc(ptb_datamodule(data_dir, md5, level="char")) == tailed
+    word = read_tokens(folder / FILES["word"]["val"], "word")  # word level unchanged: one <eos> per line
+    assert word.count(EOS) == (folder / FILES["word"]["val"]).read_text().count("\n")
+
+
+# MNIST -------------------------------------------------------------------------------------------
+
+
+def test_mnist_with_150_labels_for_200_images_is_one_line(tmp_path):
+    md5 = write_tiny_mnist(tmp_path / "mnist", train=200, test=20)
+    write_idx(tmp_path / "mnist" / TRAIN_LABELS, np.arange(150, dtype=np.uint8) % 10, gzip=True)
+    datamodule = MNISTDataModule(str(tmp_path), md5={name: None for name in md5}, download=False)
+    datamodule.prepare_data()
+    with pytest.raises(DataError) as error:
+        datamodule.setup("fit")
+    message = one_line(error)
+    assert f"{tmp_path / 'mnist' / TRAIN_LABELS}: 150 uint8 labels for the 200 images" in message
+    assert "fetch them again" in message
+
+
+# Non-finite losses: the data first ---------------------------------------------------------------
+
+
+class NamedData(pl.LightningDataModule):
+    """Tiny (B, T, I) sequences with a ``data_source``, one batch of which may hold a NaN."""
+
+    data_source = "tiny.h5"
+
+    def __init__(self, nan_in: str | None) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = {split: torch.randn(16, 5, 3, generator=generator) for split in ("train", "val")}
+        self.targets = {split: torch.arange(16) % 2 for split in ("train", "val")}
+        if nan_in is not None:
+            self.inputs[nan_in][5, 2, 1] = float("nan")  # batch 1 of 4 in training, batch 0 of 1 in validation
+
+    def loader(self, split: str, batch_size: int) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs[split], self.targets[split]), batch_size=batch_size,
+                          collate_fn=lambda rows: SequenceBatch(torch.stack([r[0] for r in rows]),
+                                                                torch.stack([r[1] for r in rows])))
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", 4)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", 16)
+
+
+def fit(data: NamedData, poison_weights: bool = False) -> None:
+    torch.manual_seed(0)
+    network = RecurrentNetwork(functools.partial(torch.nn.GRU), input_size=3, output_size=2, hidden_size=4)
+    if poison_weights:
+        with torch.no_grad():
+            next(network.parameters())[0, 0] = float("nan")
+    objective = SequenceClassificationModule(network, optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                                             num_classes=2)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=1)
+    trainer.fit(objective, datamodule=data)
+
+
+def test_a_nan_training_input_blames_the_data_not_the_weights():
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(NamedData("train"))
+    message = one_line(error)
+    assert message.startswith("training loss is nan at step 1 (epoch 0): the data has non-finite values, not the "
+                              "weights: that batch's inputs hold 1 non-finite values (first nan at [1, 2, 1])")
+    assert message.endswith("from tiny.h5; repair or regenerate the data") and error.value.step == 1
+
+
+def test_a_nan_validation_input_blames_the_data_and_nan_weights_still_blame_the_weights():
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(NamedData("val"))
+    assert one_line(error).startswith("validation loss is nan at step 0 (epoch 0): the data has non-finite values, "
+                                      "not the weights: validation batch 0 holds 1 non-finite inputs")
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(NamedData(None), poison_weights=True)
+    assert "the weights became non-finite" in one_line(error)
+
+
+# Through train.py, as a user runs it --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_py_prints_one_line_for_a_damaged_ntu_file_read_in_workers(ntu, tmp_path):
+    path = tmp_path / "ntu60.h5"
+    shutil.copy(ntu[1], path)
+    row = unchecked_training_row(path)
+    position, count, name = sample_bytes(path, row)
+    overwrite(path, position, b"\xff" * count)
+    result = run_script("train.py", ["task=ntu_cs", f"task.datamodule.path={path}", "task.datamodule.num_workers=2",
+                                     "task.datamodule.batch_size=64", "model.hidden_size=8", "trainer=cpu",
+                                     f"hydra.run.dir={tmp_path / 'run'}", "callbacks.progress_bar.refresh_rate=0"],
+                        timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert errors == [errors[0]] and f"sample {name} (row {row}) has the coordinate nan" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "Original" not in result.stderr
+
+
+def test_prepare_ntu_into_proc_is_one_line(ntu):
+    raw, _ = ntu
+    result = run_script("prepare_ntu.py", [f"raw={raw}", "out=/proc/x.h5", "workers=1", "progress=false"], timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "/proc" in result.stderr
