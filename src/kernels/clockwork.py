@@ -297,10 +297,17 @@ class ClockworkFunction(torch.autograd.Function):
 def clockwork_step_gates(periods: Sequence[int], module_size: int, steps: int, time_origin: int,
                          like: torch.Tensor) -> torch.Tensor:
     """(T, H) in ``like``'s dtype and device: 0 where a unit's module ticks at step t (absolute time
-    t + time_origin), 1 where it keeps its state: the ``lam`` of :mod:`src.kernels.dense_triton`."""
-    unit_period = torch.tensor(list(periods), device=like.device).repeat_interleave(module_size)
-    times = torch.arange(steps, device=like.device).unsqueeze(1) + time_origin
-    return (times % unit_period != 0).to(like.dtype)
+    t + time_origin), 1 where it keeps its state: the ``lam`` of :mod:`src.kernels.dense_triton`.
+    Made once per arguments (read-only): no host-to-device copy per call, so CUDA graphs can capture it."""
+    return _step_gates(tuple(periods), module_size, steps, time_origin, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _step_gates(periods: tuple[int, ...], module_size: int, steps: int, time_origin: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    unit_period = torch.tensor(list(periods), device=device).repeat_interleave(module_size)
+    times = torch.arange(steps, device=device).unsqueeze(1) + time_origin
+    return (times % unit_period != 0).to(dtype)
 
 
 def clockwork_triton(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None, weight_hh: torch.Tensor,

@@ -204,6 +204,18 @@ if triton is not None:
             tl.debug_barrier()
 
 
+_DELAY_TABLES: dict = {}
+
+
+def _delay_table(delays: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The delays as an int32 device tensor, made once per (delays, device): a host-to-device copy at
+    every call would break CUDA-graph capture (lightning_modules/cuda_graph.py)."""
+    key = (delays, str(device))
+    if key not in _DELAY_TABLES:
+        _DELAY_TABLES[key] = torch.tensor(delays, dtype=torch.int32, device=device)
+    return _DELAY_TABLES[key]
+
+
 def _blocks(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_K): 16 batch rows (tl.dot's smallest M), unit blocks of up to 64."""
     width = min(64, max(16, triton.next_power_of_2(hidden)))
@@ -254,7 +266,7 @@ class DenseRecurrenceTriton(torch.autograd.Function):
             lam_in = lam_in.contiguous()
         states = torch.empty(memory + steps, batch, hidden, dtype=dtype, device=z.device)
         states[:memory] = past.detach()
-        delay_table = torch.tensor(delays, dtype=torch.int32, device=z.device)
+        delay_table = _delay_table(delays, z.device)
         block_b, block_n, block_k = _blocks(hidden)
         if steps > 0:
             with _device_guard(z):
