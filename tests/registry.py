@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from src.kernels import numba_available
-from src.layers import IRNN, LEM, NARX, TDNN, ClockworkRNN, CoRNN, IndRNN, JordanRNN, LeakyRNN, SkipRNN, UnICORNN
-from src.learning.diagonal import DiagonalLeakyRNN
+from src.layers import (IRNN, LEM, NARX, TDNN, ClockworkRNN, CoRNN, DiagonalLeakyRNN, IndRNN, JordanRNN, LeakyRNN,
+                        SkipRNN, UnICORNN)
 from src.networks import DenseIndRNN, RecurrentNetwork, ResidualIndRNN
 
 I, H = 4, 8  # features in, units

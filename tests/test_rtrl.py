@@ -12,7 +12,8 @@ from src.kernels.rtrl import sensitivity_chunk
 from src.kernels.rtrl_cpu import numba_chunk_applies
 from src.kernels.rtrl_triton import triton_chunk_applies
 from src.layers import IndRNN
-from src.learning import RTRL, DiagonalLeakyRNN
+from src.layers import DiagonalLeakyRNN
+from src.learning import RTRL
 from src.networks import RecurrentNetwork
 
 DOUBLE = torch.float64

@@ -143,3 +143,9 @@ def test_benchmark_reports_time_and_memory_of_both_methods(tmp_path):
     for steps in ("50", "300"):
         for method in ("bptt", "rtrl"):
             assert results[steps][method]["ms"] > 0 and results[steps][method]["peak_mem_mb"] > 0
+
+
+def test_the_diagonal_leaky_unit_trains_with_rtrl_from_its_model_config(train_cfg, tmp_path):
+    train(train_cfg(["model=diagonal_leaky", "model.hidden_size=8", "learning=rtrl", "task.max_epochs=1"]))
+    results = results_of(tmp_path / "run")
+    assert results["status"] == "finished" and results["model"] == "diagonal_leaky" and math.isfinite(results["test/mse"])

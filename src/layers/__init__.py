@@ -2,7 +2,7 @@
 -> (output, state)``, where the returned state holds everything needed to continue the sequence, so
 one call over T steps equals chunks of any length with the state passed back.
 
-States: IndRNN, IRNN, Leaky, Jordan and torch.nn.RNN/GRU a tensor (1, B, H) (torch.nn.RNN's hx, also
+States: IndRNN, IRNN, Leaky, the diagonal leaky unit, Jordan and torch.nn.RNN/GRU a tensor (1, B, H) (torch.nn.RNN's hx, also
 accepted positionally); LSTM (h, c); IndRNN with a conv1d projection or per-step batch norm an
 :class:`IndRNNState` (h, last inputs, step); Clockwork a :class:`ClockworkState` (h, step); SkipRNN the
 last max(delays) states (D, B, H); TDNN the last receptive_field - 1 inputs; NARX (y_past, x_past).
@@ -14,6 +14,7 @@ from src.layers.bidirectional import Bidirectional
 from src.layers.clockwork import ClockworkRNN, ClockworkState
 from src.layers.common import apply_constraints
 from src.layers.cornn import CoRNN
+from src.layers.diagonal_leaky import DiagonalLeakyRNN
 from src.layers.indrnn import IndRNN, IndRNNRecurrence, IndRNNState
 from src.layers.irnn import IRNN
 from src.layers.jordan import JordanRNN
@@ -24,6 +25,6 @@ from src.layers.skip import SkipRNN
 from src.layers.tdnn import TDNN
 from src.layers.unicornn import UnICORNN
 
-__all__ = ["LEM", "NARX", "TDNN", "Bidirectional", "ClockworkRNN", "ClockworkState", "CoRNN", "IRNN", "IndRNN",
+__all__ = ["LEM", "NARX", "TDNN", "Bidirectional", "ClockworkRNN", "ClockworkState", "CoRNN", "DiagonalLeakyRNN", "IRNN", "IndRNN",
            "IndRNNRecurrence", "IndRNNState", "JordanRNN", "LeakyRNN", "SkipRNN", "TimeBatchNorm", "UnICORNN",
            "apply_constraints"]

@@ -69,7 +69,7 @@ class RTRL:
 
     Args:
         net: a network with ``layers`` (an nn.ModuleList of :class:`src.layers.IndRNN` with
-            ``projection="linear"`` and ``batch_norm="none"``, or :class:`src.learning.DiagonalLeakyRNN`)
+            ``projection="linear"`` and ``batch_norm="none"``, or :class:`src.layers.DiagonalLeakyRNN`)
             and ``head`` (any module mapping (B, K, H) to (B, K, O)), e.g.
             :class:`src.networks.RecurrentNetwork` without ``projection_size`` and with dropout 0.
             Every trainable parameter of ``net`` must belong to a layer or the head.
