@@ -18,13 +18,17 @@ from here: the message says which file to delete once that process is known to b
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
 import socket
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows): the lock file's content decides
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ class FileLock:
     @staticmethod
     def _flock(fd: int) -> bool | None:
         """True: locked; False: another process holds it; None: this file system has no flock."""
+        if fcntl is None:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True

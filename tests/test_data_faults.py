@@ -298,6 +298,23 @@ def test_the_lock_names_its_holder_in_one_line_and_is_reusable(tmp_path):
     assert not (tmp_path / "x.lock").exists()
 
 
+def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch):
+    import datamodules.filelock as filelock
+    monkeypatch.setattr(filelock, "fcntl", None)  # a file system without flock
+    path = tmp_path / "x.lock"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = os.uname().nodename
+    path.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process on this host
+    with pytest.raises(LockHeld, match=f"held by process {os.getppid()} on {host}"):
+        FileLock(path).acquire()
+    path.write_text(json.dumps({"pid": int(finished.stdout), "host": host}))  # a process that has exited
+    with FileLock(path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    path.write_text(json.dumps({"pid": 1, "host": "another-node"}))  # elsewhere: cannot tell, respected
+    with pytest.raises(LockHeld, match="on another-node"):
+        FileLock(path).acquire()
+
+
 def test_an_output_that_cannot_be_written_is_one_line(ntu):
     raw, _ = ntu
     with pytest.raises(ConvertError) as error:
