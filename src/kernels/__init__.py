@@ -11,8 +11,15 @@ code's per-step recurrent clipping), identically in every backend. Backends:
   the PyTorch loops.
 * ``"triton"``: :class:`src.kernels.indrnn_triton.IndRNNRecurrenceTriton` on CUDA tensors
   (float32, bfloat16, float16 with a float32 state).
+* ``"scan"``: the clamp-affine scan, parallel over time as well (relu and identity; tanh has no
+  scan and runs on the sequential kernel, with a warning): on CPU
+  :class:`src.kernels.indrnn_scan.IndRNNScanCPU` (numba threads along time), on CUDA
+  :class:`src.kernels.indrnn_scan_triton.IndRNNScanTriton`, else (no numba/triton, other dtypes)
+  the log-depth scan in plain PyTorch, :class:`src.kernels.indrnn_scan.IndRNNScanTorch`.
 * ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
-  installed and the dtype is supported, else the reference loop.
+  installed and the dtype is supported, else the reference loop. On CPU, "auto" takes the scan for
+  long sequences with few columns (:func:`prefer_scan`: one stream, T >= SCAN_MIN_STEPS), where the
+  sequential kernel can use one core only.
 
 ``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
 ``"cpu"`` backend with few inputs (I <= 8, relu or identity) projection and recurrence run as one
@@ -26,6 +33,8 @@ against :data:`BACKENDS`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.nn import functional as F
 
@@ -34,13 +43,15 @@ from src.kernels.clockwork import ClockworkFunction, clockwork_mask, clockwork_r
 from src.kernels.clockwork import check_recurrence_args as check_clockwork_arguments
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
 from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
+from src.kernels.indrnn_scan import IndRNNScanCPU, IndRNNScanTorch, cpu_scan_applies, parallel_threads, scan_applies
+from src.kernels.indrnn_scan_triton import IndRNNScanTriton, triton_scan_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
 from src.kernels.reference import ACTIVATIONS, check_grad_clip, indrnn_recurrence_reference
 
-BACKENDS = ("auto", "fused", "cpu", "cpu_torch", "triton", "reference")
+BACKENDS = ("auto", "fused", "cpu", "cpu_torch", "triton", "scan", "reference")
 # The backends each recurrence has besides "auto", "fused" and "reference".
-KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton"), "clockwork": ()}
+KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton", "scan"), "clockwork": ()}
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -80,6 +91,41 @@ def _check_activation(activation: str) -> None:
     check_choice("IndRNN activation", activation, ACTIVATIONS)
 
 
+# "auto" on CPU takes the chunked scan from this many steps on, for at most SCAN_MAX_COLUMNS columns
+# (B*H), where the sequential kernel leaves all cores but one idle; measured with
+# benchmarks/recurrence.py --shape-set stream (see src/kernels/README.md).
+SCAN_MIN_STEPS = 20_000
+SCAN_MAX_COLUMNS = 1024
+
+
+def prefer_scan(steps: int, columns: int, device: torch.device, activation: str) -> bool:
+    """Whether "auto" runs the scan: CPU, relu/identity, T >= SCAN_MIN_STEPS, B*H <= SCAN_MAX_COLUMNS, threads."""
+    return (device.type == "cpu" and scan_applies(activation) and steps >= SCAN_MIN_STEPS
+            and columns <= SCAN_MAX_COLUMNS and parallel_threads(steps) > 1)
+
+
+def _choose_backend(backend: str, x: torch.Tensor, hidden: int, activation: str) -> str:
+    """The backend for inputs x (T, B, *) with ``hidden`` units: "auto" may take the scan (see
+    :func:`prefer_scan`); "scan" with tanh warns once and takes the sequential kernel."""
+    if backend == "auto" and prefer_scan(x.shape[0], x.shape[1] * hidden, x.device, activation):
+        return "scan"
+    chosen = resolve_backend(backend, x.device, x.dtype)
+    if chosen == "scan" and not scan_applies(activation):
+        warnings.warn(f"IndRNN backend 'scan': {activation} is not clamp-affine, so it has no exact scan; "
+                      "running the sequential kernel instead", stacklevel=3)
+        chosen = resolve_backend("auto", x.device, x.dtype)
+    return chosen
+
+
+def _scan(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str, grad_clip: float | None):
+    """The scan for the device: numba threads on CPU, Triton on CUDA, else the log-depth torch scan."""
+    if cpu_scan_applies(z, activation):
+        return IndRNNScanCPU.apply(z, u, h0, activation, grad_clip)
+    if z.is_cuda and triton_available() and triton_scan_applies(z, activation):
+        return IndRNNScanTriton.apply(z, u, h0, activation, grad_clip)
+    return IndRNNScanTorch.apply(z, u, h0, activation, grad_clip)
+
+
 def indrnn_recurrence(
     z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, activation: str = "relu", backend: str = "auto",
     grad_clip: float | None = None,
@@ -99,7 +145,9 @@ def indrnn_recurrence(
     """
     _check_activation(activation)
     grad_clip = check_grad_clip(grad_clip)
-    chosen = resolve_backend(backend, z.device, z.dtype)
+    chosen = _choose_backend(backend, z, z.shape[-1], activation)
+    if chosen == "scan":
+        return _scan(z, u, h0, activation, grad_clip)
     if chosen == "reference":
         return indrnn_recurrence_reference(z, u, h0, activation, grad_clip)
     if chosen == "triton":
@@ -125,7 +173,7 @@ def indrnn_linear_recurrence(
     """
     _check_activation(activation)
     grad_clip = check_grad_clip(grad_clip)
-    chosen = resolve_backend(backend, x.device, x.dtype)
+    chosen = _choose_backend(backend, x, weight.shape[0], activation)
     if chosen == "cpu" and fused_projection_applies(x, activation):
         return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation, grad_clip)
     return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen, grad_clip)

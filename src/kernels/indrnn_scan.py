@@ -382,7 +382,8 @@ def _piece_bounds(steps: int, threads: int, ratio: float = COMPOSE_COST_RATIO) -
     """
     rest = round(steps * (threads - 1) / (threads - 1 + ratio))
     count = threads * (threads - 1)
-    first = steps - rest
+    first = max(1, steps - rest)  # never empty: phase 2 reads the state after piece 0's last step
+    rest = steps - first
     return [0] + [first + (rest * k) // count for k in range(count + 1)]
 
 
