@@ -1,17 +1,28 @@
 """eval.py's run: rebuild a training run from the config stored in its checkpoint, test it, and write
-results.json into eval.py's own run directory."""
+results.json into eval.py's own run directory.
+
+The checkpoint fixes the network, the task and the objective; eval.py takes only its own settings
+(the keys and groups of conf/eval.yaml: trainer, logger, paths, seed, the evaluation's batch size,
+workers and NTU test samplings, dynamic evaluation). Any other override (``+model=indrnn``,
+``+model.hidden_size=16``, ``task.seq_len=50``) is refused in one line, never silently dropped.
+"""
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.download import DataError, DownloadError
 from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import write_results
-from lightning_modules.run.build import build_datamodule, build_loggers, build_network, build_objective, build_trainer, count_parameters
+from lightning_modules.run.build import CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective, build_trainer, count_parameters
 from lightning_modules.run.checkpoints import evaluation_checkpoint, load_our_checkpoint
 from lightning_modules.run.driver import read_results, route_lightning_logs
 from lightning_modules.run.errors import UserError, one_line
@@ -23,20 +34,75 @@ from lightning_modules.run.rundir import checkpoint_run_dir
 EVAL_OWN_KEYS = ("trainer", "paths", "logger", "seed")
 
 
+@lru_cache(maxsize=None)
+def eval_keys() -> tuple[str, ...]:
+    """What eval.py's command line may set: conf/eval.yaml's keys and config groups, and ``hydra``."""
+    document = yaml.safe_load((CONFIG_DIR / "eval.yaml").read_text())
+    groups = [next(iter(entry)) for entry in document.get("defaults", []) if isinstance(entry, dict)]
+    return tuple([key for key in document if key not in ("defaults", "hydra")] + groups + ["hydra"])
+
+
+def override_key(override: str) -> str:
+    """The top-level key or group an override sets: ``+model.hidden_size=16`` -> ``model``."""
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+        key = parsed.key_or_group
+    except HydraException:  # Hydra reports a malformed override itself
+        key = override.partition("=")[0].lstrip("+~")
+    return key.split("@")[0].split("/")[0].split(".")[0]
+
+
+def check_eval_overrides(overrides) -> None:
+    """Refuse, in one line, an override of something the checkpoint fixes (model, task, optimizer...)."""
+    own = eval_keys()
+    for override in overrides:
+        if override_key(override) not in own:
+            raise UserError(f"eval.py does not take {override}: the checkpoint fixes the model, task and training "
+                            f"settings; eval.py accepts {', '.join(own)} (e.g. batch_size=64, trainer=gpu; "
+                            f"python eval.py --help)")
+
+
+def stored_run_config(stored: dict, cfg: DictConfig) -> DictConfig:
+    """The checkpoint's run config with eval.py's own settings: its trainer, logger, paths and seed, the
+    data rebased from the training run's ``paths.data_dir`` onto this one's, and the evaluation's
+    batch size, workers and test samplings where given."""
+    run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
+    for key in EVAL_OWN_KEYS:
+        if key in cfg:
+            run_cfg[key] = cfg[key]
+    datamodule = run_cfg.task.datamodule
+    trained_data = str((stored.get("paths") or {}).get("data_dir") or "")
+    data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
+    if trained_data and data_dir and str(data_dir) != trained_data:  # a checkpoint from another machine
+        for key, value in datamodule.items():
+            if isinstance(value, str) and (value == trained_data or value.startswith(trained_data.rstrip("/") + "/")):
+                datamodule[key] = str(data_dir) + value[len(trained_data.rstrip("/")):]
+    settings = {"batch_size": "test_batch_size" if "test_batch_size" in datamodule else "batch_size",
+                "num_workers": "num_workers", "test_samplings": "test_samplings"}
+    for setting, key in settings.items():
+        value = cfg.get(setting)
+        if value is None:
+            continue
+        if key not in datamodule:
+            raise UserError(f"{setting}={value}: this checkpoint's task ({datamodule.get('_target_')}) has no "
+                            f"{key}; leave {setting} out")
+        datamodule[key] = value
+    return run_cfg
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Rebuild the run stored in ``cfg.ckpt_path``, test it, and write results.json into eval.py's own
     run directory (never into the training run's); return the test metrics."""
     started = time.time()
+    if HydraConfig.initialized():
+        check_eval_overrides(HydraConfig.get().overrides.task)
     route_lightning_logs()
     requested = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False, default=None)
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         requested = None
     ckpt_path = evaluation_checkpoint(requested)
-    stored = load_our_checkpoint(ckpt_path)["hyper_parameters"]["run_config"]
-    run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
-    for key in EVAL_OWN_KEYS:
-        if key in cfg:
-            run_cfg[key] = cfg[key]
+    stored = load_our_checkpoint(ckpt_path)["hyper_parameters"]["run_config"]  # checked by the allowlist
+    run_cfg = stored_run_config(stored, cfg)
     pl.seed_everything(run_cfg.seed, workers=True)
     datamodule = build_datamodule(run_cfg)
     objective = build_objective(run_cfg, build_network(run_cfg), dict(stored))
