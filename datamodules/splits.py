@@ -49,16 +49,24 @@ class SplitDataModule(pl.LightningDataModule):
     ``benchmark`` for error messages, and may set ``collate_fn`` (a staticmethod), e.g.
     :func:`collate_batched` for datasets that return whole batches. The training loader shuffles;
     the others keep the order. Batches: :class:`src.batch.SequenceBatch`.
+
+    ``drop_last`` (training only): False keeps the last, short batch of each epoch (N mod B
+    sequences, e.g. 8 of the 57,000 pixel-MNIST training sequences with B = 32); True drops it, so
+    that every training batch has B sequences, as the official IndRNN loaders (which cycle through
+    the data) give, and batch statistics (batch norm) never come from a handful of sequences.
+    Validation and test always see every sequence.
     """
 
     benchmark = "dataset"
     collate_fn = staticmethod(collate_sequences)
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, drop_last: bool = False) -> None:
         super().__init__()
         check_positive_int(f"{self.benchmark}: batch_size", batch_size)
         check_non_negative_int(f"{self.benchmark}: num_workers", num_workers)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        if not isinstance(drop_last, bool):
+            raise ValueError(f"{self.benchmark}: drop_last must be true or false, got {drop_last!r}")
+        self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
         self.splits: dict[str, Dataset] = {}
 
     @staticmethod
@@ -75,7 +83,7 @@ class SplitDataModule(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=self.collate_fn)
+                          collate_fn=self.collate_fn, drop_last=self.drop_last and name == "train")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

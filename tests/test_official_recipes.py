@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from datamodules.splits import SplitDataModule
 from lightning_modules.callbacks import PlateauReloadBest
 from lightning_modules.run.build import build_network
 from src.layers import IndRNN
@@ -89,3 +90,28 @@ def test_plateau_count_matches_the_official_loop(official_count, drop_at):
         if trainer.optimizers[0].param_groups[0]["lr"] < 1.0:
             break
     assert bad == drop_at
+
+
+
+class NumberedDataModule(SplitDataModule):
+    """70 sequences per split, batches of 32."""
+
+    benchmark = "numbered"
+
+    def __init__(self, drop_last: bool) -> None:
+        super().__init__(batch_size=32, num_workers=0, drop_last=drop_last)
+        samples = [(torch.full((3, 1), float(i)), torch.tensor(i)) for i in range(70)]
+        self.splits = {"train": samples, "val": samples, "test": samples}
+
+
+@pytest.mark.parametrize("drop_last, train_sizes", [(False, [32, 32, 6]), (True, [32, 32])])
+def test_drop_last_gives_full_training_batches_and_keeps_every_evaluation_sequence(drop_last, train_sizes):
+    datamodule = NumberedDataModule(drop_last)
+    assert [len(batch.targets) for batch in datamodule.train_dataloader()] == train_sizes
+    for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+        assert [len(batch.targets) for batch in loader] == [32, 32, 6]
+
+
+def test_drop_last_must_be_a_boolean():
+    with pytest.raises(ValueError, match="numbered: drop_last must be true or false, got 'yes'"):
+        NumberedDataModule("yes")
