@@ -485,8 +485,9 @@ class NTUDataModule(SplitDataModule):
         test_rows = np.flatnonzero(usable & ~training)
         val_count = math.ceil(self.val_fraction * len(train_rows))
         if not 0 < val_count < len(train_rows) or not len(test_rows):
-            raise ValueError(f"{self.benchmark} {name}: {self.path} gives {len(train_rows)} training and {len(test_rows)} "
-                             f"test samples (validation {val_count}); every split needs samples: is it the right file?")
+            raise DataError(f"{self.benchmark} {name}: {self.path} gives {len(train_rows)} training and {len(test_rows)} "
+                            f"test samples (validation {val_count}) of its {len(meta['label'])}; every split needs "
+                            f"samples: is it the right file? Make it from all the skeletons: {remake_command(self.path)}")
         order = np.random.default_rng(self.split_seed).permutation(len(train_rows))
         return {"train": np.sort(train_rows[order[val_count:]]), "val": np.sort(train_rows[order[:val_count]]),
                 "test": test_rows}

@@ -182,6 +182,20 @@ def test_prepare_ntu_on_only_bad_files_exits_non_zero_with_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_a_file_without_samples_is_one_line(tmp_path):
+    """What prepare_ntu.py wrote before it refused inputs without a single good file: 0 samples."""
+    empty = tmp_path / "empty.h5"
+    samples, frames = write_samples(empty, iter(()), 0)
+    with h5py.File(empty, "a") as h5:
+        h5.attrs["manifest"] = json.dumps({"counts": {"samples": 0, "frames": frames}, "content": samples.content()})
+        h5.attrs["complete"] = True
+    with pytest.raises(DataError) as error:
+        ntu_module(empty).setup("fit")
+    message = one_line(error)
+    assert f"{empty} gives 0 training and 0 test samples (validation 0) of its 0" in message
+    assert "prepare_ntu.py" in message
+
+
 def test_nonfinite_bytes_are_caught_by_the_batch_check_in_workers_and_by_the_full_verification(ntu_copy):
     row = unchecked_training_row(ntu_copy)
     position, count, name = sample_bytes(ntu_copy, row)
