@@ -251,6 +251,19 @@ def test_the_quick_check_compares_checksums_and_the_recorded_range(ntu_copy, tmp
     assert "beyond +-10 m: not NTU skeletons in metres" in one_line(error)
 
 
+def test_a_file_from_the_previous_converter_still_loads_with_a_warning(ntu_copy, caplog):
+    with h5py.File(ntu_copy, "r+") as h5:  # version 1: no checksums, no content record
+        del h5["checksum"]
+        manifest = json.loads(h5.attrs["manifest"])
+        del manifest["content"]
+        h5.attrs["manifest"], h5.attrs["converter_version"] = json.dumps(manifest), 1
+    datamodule = ntu_module(ntu_copy)
+    with caplog.at_level("WARNING", logger="datamodules.ntu"):
+        datamodule.setup("fit")
+    assert "no checksums" in caplog.text and "overwrite=true" in caplog.text
+    assert next(iter(datamodule.train_dataloader())).inputs.shape == (8, 20, 150)
+
+
 def test_the_converter_records_checksums_and_ranges_and_skips_impossible_coordinates(ntu, tmp_path):
     _, out = ntu
     with h5py.File(out, "r") as h5:
