@@ -2,6 +2,8 @@
 network sizes, initialisation, weight-decay rule, clipping and the plateau schedule's count."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,24 @@ def test_drop_last_gives_full_training_batches_and_keeps_every_evaluation_sequen
 def test_drop_last_must_be_a_boolean():
     with pytest.raises(ValueError, match="numbered: drop_last must be true or false, got 'yes'"):
         NumberedDataModule("yes")
+
+
+def test_cvpr_char_ptb_recipe_normalises_per_window_position(tmp_path):
+    # The CVPR code's batch norm restarts its rows at every window while the state is carried on.
+    cfg = compose_train(tmp_path, ["experiment=indrnn_ptb_char_6layer", "model.hidden_size=8"])
+    norms = [layer.norm_before for layer in build_network(cfg).modules() if isinstance(layer, IndRNN)]
+    assert len(norms) == 6
+    assert all(norm.stats == "per_window" and norm.running_mean.shape == (cfg.task.seq_len, 8) for norm in norms)
+
+
+def test_cvpr_char_ptb_recipe_trains_and_evaluates_with_per_window_statistics(tmp_path):
+    from lightning_modules.run import train
+    from tests.ptb_files import ptb_overrides, write_corpus
+
+    data_dir = tmp_path / "data"
+    md5 = write_corpus(data_dir / "ptb")
+    overrides = ["experiment=indrnn_ptb_char_6layer", *ptb_overrides(data_dir, md5), "model.hidden_size=8",
+                 "model.num_layers=2", "trainer.fast_dev_run=2"]
+    train(compose_train(tmp_path / "run", overrides))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and math.isfinite(results["test/bpc"])
