@@ -41,9 +41,9 @@ def main(argv: list[str]) -> int:
     if not argv or wants_help(argv):
         print(help_text(COMMAND, SUMMARY, OPTIONS))
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         kwargs = parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         manifest = convert(**kwargs)
     except (CommandLineError, ConvertError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
