@@ -458,7 +458,7 @@ class NTUDataModule(SplitDataModule):
                 raise DownloadError(self.path.name, self.path.parent, [], message=(
                     f"{self.path} is not a complete NTU skeleton file from prepare_ntu.py (format "
                     f"{h5.attrs.get('format')!r}, complete={h5.attrs.get('complete')}); convert again: "
-                    f"`python prepare_ntu.py raw=<folder or {DEFAULT_RAW}> out={self.path} overwrite=true`"))
+                    f"{remake_command(self.path)}"))
 
     def read_metadata(self) -> dict[str, np.ndarray]:
         """The file's per-sample arrays (offset, length, label, setup, camera, performer, ...), all small,
