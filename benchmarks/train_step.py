@@ -24,12 +24,18 @@ downloaded), one after the other in this process:
   memory copies' times, divided by the steps): what a step costs without any launch or Python
   overhead.
 
+With ``--graphs`` each of the three is measured a second time with CUDA-graph training steps
+(:mod:`lightning_modules.cuda_graph`: the pipeline gets the ``CudaGraphs`` callback, as under
+``trainer=gpu_graphs``; the bare loop the same ``GraphedForward`` on its network), reported as
+``pipeline_graphs_ms``, ``bare_graphs_ms`` and ``gpu_busy_graphs_ms`` (on CPU the graph columns
+equal eager runs: nothing is captured off CUDA). Graph capture happens during the warm-up steps.
+
 On CUDA ``torch.cuda.synchronize()`` brackets each timed span (not each step). ``--clock thread``
 times with this thread's CPU time instead of the wall clock (CPU only, with ``--threads 1``): on a
 machine shared with other jobs it leaves out the time spent waiting for a core. Experiments are
 named by a key of :data:`EXPERIMENTS` (overrides of train.yaml) or ``experiment=NAME`` for any file
 in conf/experiment. ``--json FILE`` writes ``{experiment: {"pipeline_ms": .., "bare_ms": ..,
-"gpu_busy_ms": ..}}``.
+"gpu_busy_ms": ..}}`` (and the ``*_graphs_ms`` keys with ``--graphs``).
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from lightning_modules.run.build import (build_callbacks, compose_config, build_loggers, build_network, build_objective,  # noqa: E402
                                          build_trainer, instantiate_node)
+from lightning_modules.cuda_graph import CudaGraphs, GraphedForward  # noqa: E402
 from src.batch import SequenceBatch  # noqa: E402
 
 # The issue's experiments: name -> overrides of train.yaml.
@@ -161,16 +168,22 @@ def fit(trainer: pl.Trainer, objective: pl.LightningModule, batches: "SyntheticB
     trainer.fit(objective, train_dataloaders=loader(batches), val_dataloaders=loader(batches))
 
 
-def time_pipeline(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, block: int) -> float:
+def graph_callbacks(graphs: bool) -> list:
+    """[CudaGraphs()] for the CUDA-graph columns (as ``trainer=gpu_graphs`` adds it), else []."""
+    return [CudaGraphs()] if graphs else []
+
+
+def time_pipeline(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, block: int,
+                  graphs: bool = False) -> float:
     """Milliseconds per optimizer step through the objective, callbacks, loggers and Lightning's loop."""
     pl.seed_everything(cfg.seed, workers=True)
     objective = build_objective(cfg, build_network(cfg), {})
     timer = StepTimer(warmup, steps, block)
-    fit(pipeline_trainer(cfg, [timer], warmup + steps), objective, batches)
+    fit(pipeline_trainer(cfg, [timer, *graph_callbacks(graphs)], warmup + steps), objective, batches)
     return fastest_block_ms(timer.marks, block)
 
 
-def gpu_busy_ms(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int) -> float:
+def gpu_busy_ms(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, graphs: bool = False) -> float:
     """Device time per pipeline step (CUDA kernels and copies), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -184,17 +197,20 @@ def gpu_busy_ms(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: 
             profiler.step()
 
     with profiler:
-        fit(pipeline_trainer(cfg, [Step()], warmup + steps), objective, batches)
+        fit(pipeline_trainer(cfg, [Step(), *graph_callbacks(graphs)], warmup + steps), objective, batches)
     device_us = sum(event.self_device_time_total for event in profiler.key_averages()
                     if event.device_type == torch.autograd.DeviceType.CUDA)
     return device_us / 1000 / steps
 
 
 def time_bare(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, block: int,
-              device: torch.device) -> float:
-    """Milliseconds per step of forward, loss, backward, optimizer step and zero_grad, nothing else."""
+              device: torch.device, graphs: bool = False) -> float:
+    """Milliseconds per step of forward, loss, backward, optimizer step and zero_grad, nothing else
+    (``graphs``: the network's forward and backward replayed from a CUDA graph where possible)."""
     pl.seed_everything(cfg.seed, workers=True)
     network = build_network(cfg).to(device)
+    if graphs:
+        GraphedForward(network).install()
     loss_of = build_objective(cfg, network, {}).loss  # the objective's loss function, nothing else of it
     network.train()
     optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=network.parameters())
@@ -219,25 +235,35 @@ def time_bare(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: in
 
 
 def measure(name: str, overrides: list[str], device: torch.device, steps: int, warmup: int, block: int,
-            extra: list[str]) -> dict:
-    """{"pipeline_ms", "bare_ms", "gpu_busy_ms"} of one experiment."""
+            extra: list[str], graphs: bool = False) -> dict:
+    """{"pipeline_ms", "bare_ms", "gpu_busy_ms"} of one experiment; with ``graphs`` also
+    {"pipeline_graphs_ms", "bare_graphs_ms", "gpu_busy_graphs_ms"}."""
     trainer = "trainer=gpu" if device.type == "cuda" else "trainer=cpu"
+    cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
         cfg = compose_run([*overrides, trainer, *extra], Path(folder) / "run")
         batches = SyntheticBatches(cfg, DISTINCT_BATCHES, length=warmup + steps)
         result = {"pipeline_ms": time_pipeline(cfg, batches, steps, warmup, block),
                   "bare_ms": time_bare(cfg, batches, steps, warmup, block, device),
-                  "gpu_busy_ms": gpu_busy_ms(cfg, batches, steps, warmup) if device.type == "cuda" else None}
+                  "gpu_busy_ms": gpu_busy_ms(cfg, batches, steps, warmup) if cuda else None}
+        if graphs:
+            result.update({
+                "pipeline_graphs_ms": time_pipeline(cfg, batches, steps, warmup, block, graphs=True),
+                "bare_graphs_ms": time_bare(cfg, batches, steps, warmup, block, device, graphs=True),
+                "gpu_busy_graphs_ms": gpu_busy_ms(cfg, batches, steps, warmup, graphs=True) if cuda else None})
     return {key: (round(value, 4) if value is not None else None) for key, value in result.items()}
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'experiment':<28} {'pipeline ms':>12} {'bare ms':>10} {'overhead ms':>12} {'ratio':>7} {'gpu busy ms':>12}"]
+    """One row per experiment (and one more, "+ graphs", per experiment measured with CUDA graphs)."""
+    lines = [f"{'experiment':<36} {'pipeline ms':>12} {'bare ms':>10} {'overhead ms':>12} {'ratio':>7} {'gpu busy ms':>12}"]
     for name, row in results.items():
-        overhead, ratio = row["pipeline_ms"] - row["bare_ms"], row["pipeline_ms"] / row["bare_ms"]
-        busy = "-" if row["gpu_busy_ms"] is None else f"{row['gpu_busy_ms']:.3f}"
-        lines.append(f"{name:<28} {row['pipeline_ms']:>12.3f} {row['bare_ms']:>10.3f} {overhead:>12.3f} "
-                     f"{ratio:>7.2f} {busy:>12}")
+        variants = [(name, "")] + ([(name + " + graphs", "_graphs")] if "pipeline_graphs_ms" in row else [])
+        for label, suffix in variants:
+            pipeline, bare, busy = (row[f"pipeline{suffix}_ms"], row[f"bare{suffix}_ms"], row[f"gpu_busy{suffix}_ms"])
+            busy_text = "-" if busy is None else f"{busy:.3f}"
+            lines.append(f"{label:<36} {pipeline:>12.3f} {bare:>10.3f} {pipeline - bare:>12.3f} "
+                         f"{pipeline / bare:>7.2f} {busy_text:>12}")
     return "\n".join(lines)
 
 
@@ -256,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall (default) or thread: this thread's CPU time (CPU only)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="measure each loop again with CUDA-graph training steps (the *_graphs_ms columns)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     args.block = args.block or args.steps
@@ -286,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in args.experiments:
         overrides = EXPERIMENTS.get(name, [name])
-        results[name] = measure(name, overrides, device, args.steps, args.warmup, args.block, args.set)
+        results[name] = measure(name, overrides, device, args.steps, args.warmup, args.block, args.set, args.graphs)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

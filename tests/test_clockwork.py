@@ -275,3 +275,12 @@ def test_learns_to_continue_sine_waves():
     with torch.no_grad():
         after = loss(x_val, y_val).item()
     assert before > 0.3 and after < before / 10, (before, after)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1", reason="CPU tensors run under the interpreter")
+def test_triton_backend_off_cuda_is_a_one_line_error():
+    # The persistent kernel (src/kernels/dense_triton.py) runs on CUDA; its exactness against the loop is
+    # checked under Triton's interpreter (tests/test_kernels_triton_layers.py).
+    layer = ClockworkRNN(3, 8, num_modules=2, backend="triton")
+    with pytest.raises(ValueError, match="ClockworkRNN backend 'triton' needs the triton package and CUDA"):
+        layer(torch.randn(4, 2, 3))

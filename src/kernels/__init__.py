@@ -51,7 +51,9 @@ from src.kernels.reference import ACTIVATIONS, check_grad_clip, indrnn_recurrenc
 
 BACKENDS = ("auto", "fused", "cpu", "cpu_torch", "triton", "scan", "reference")
 # The backends each recurrence has besides "auto", "fused" and "reference".
-KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton", "scan"), "clockwork": ()}
+KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton", "scan"), "clockwork": ("triton",),
+                   # src/kernels/dense_triton.py, chosen by the layers (LeakyRNN, SkipRNN, ClockworkRNN backend=)
+                   "leaky": ("triton",), "skip": ("triton",)}
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -1,0 +1,482 @@
+"""Every GPU target of the project in one command, within a time budget: ``make gpu-check``.
+
+    python benchmarks/gpu_check.py                          # CUDA, <= 8 minutes, JSON in outputs/gpu_check.json
+    python benchmarks/gpu_check.py --device cpu --quick     # tiny sizes on the CPU (what CI runs)
+
+Sections, in this order (the cheap, decisive ones first), each timed against ``--budget-s``
+(default 480 s): a measurement that would not fit in what is left is skipped and named in the
+output, so one call on a fresh machine always finishes and reports what it measured.
+
+1. ``kernels``: every Triton kernel against its float64 reference on the device (max relative
+   error, values and gradients): IndRNN (fp32, bf16, per-step clipping), RTRL's sensitivity
+   update, the dense kernel of the leaky / Clockwork / skip layers and those layers end to end.
+   On the CPU they run under Triton's interpreter when this script sets ``TRITON_INTERPRET=1``
+   (it does with ``--device cpu`` when triton is not imported yet), else they are skipped.
+2. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) at T784_B64_H128 and
+   T1024_B128_H512 for several time-tile heights ``BLOCK_T``, as achieved GB/s:
+   bytes = (2 + 3) * T * B * H * itemsize (forward reads z and writes h; backward reads g and h
+   and writes dz; u, h0 and the (B, H) partials are negligible), GB/s = bytes / time. The device's
+   copy bandwidth (``dst.copy_(src)`` of 1 GiB, read + write) is measured as the ceiling it is
+   compared with.
+3. ``train_step``: benchmarks/train_step.py's ``measure`` (pipeline, bare, GPU busy, each with and
+   without CUDA graphs) for indrnn_pmnist_6layer, lstm_pmnist, indrnn_adding_t1000, cwrnn_smnist.
+4. ``recurrence``: benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
+   T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16. Layers
+   registered here besides recurrence.IMPLS: the loop layers (leaky, skip, Jordan, NARX, TDNN),
+   their Triton versions (``*_triton``) and CUDA-graph-captured versions (``*_graphs``:
+   :class:`lightning_modules.cuda_graph.GraphedForward` on the layer).
+
+Then the issue's targets with the measured value and pass/fail (``targets``), printed as a table;
+``--json FILE`` (default outputs/gpu_check.json) holds everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the project importable without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def _cpu_requested(argv: list[str]) -> bool:
+    return any(a == "cpu" and i > 0 and argv[i - 1] == "--device" for i, a in enumerate(argv)) or "--device=cpu" in argv
+
+
+if __name__ == "__main__" and _cpu_requested(sys.argv) and "triton" not in sys.modules:
+    # The Triton kernels can run on CPU tensors only under the interpreter, set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from benchmarks import recurrence  # noqa: E402
+
+SHAPES = ["T784_B64_I1_H128", "T784_B64_I1_H512", "T1024_B128_I512_H512"]
+QUICK_SHAPES = ["T12_B4_I2_H16"]
+PRECISIONS = ["fp32", "tf32", "bf16"]
+EXPERIMENTS = ["indrnn_pmnist_6layer", "lstm_pmnist", "indrnn_adding_t1000", "cwrnn_smnist"]
+BANDWIDTH_SHAPES = [(784, 64, 128), (1024, 128, 512)]
+BLOCK_TS = [1, 4, 8, 16, 32]
+
+
+class Budget:
+    """Seconds left of ``total``; ``fits(estimate)`` says whether a step of ``estimate`` s still fits."""
+
+    def __init__(self, total: float) -> None:
+        self.total, self.start = total, time.perf_counter()
+
+    @property
+    def left(self) -> float:
+        return self.total - (time.perf_counter() - self.start)
+
+    def fits(self, estimate: float) -> bool:
+        return self.left >= estimate
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _failure(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"FAIL {type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def kernels_can_run(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``; else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (run this script with --device cpu)"
+
+
+# --- 1. kernels against float64 ----------------------------------------------------------------------
+
+def kernel_checks(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], float]]]:
+    """(name, check) pairs; each check returns the worst relative error (and raises past its tolerance)."""
+    from tests.test_kernels_triton import compare
+    from tests.test_kernels_triton_layers import LAYERS, check_kernel, check_layer
+    from tests.test_rtrl import random_chunk, run_chunk
+
+    dev = device.type
+    big = (9, 3, 50) if quick else (200, 64, 512)
+    dense = (5, 3, 70) if quick else (50, 64, 512)
+
+    def rtrl(n_diag: int, shape) -> float:
+        read, state = random_chunk(*shape, n_diag, torch.float32, True)
+        expected = run_chunk(read, state, "reference")
+        moved = {k: (v.to(device) if v is not None else None) for k, v in read.items()}
+        got = run_chunk(moved, {k: v.to(device) for k, v in state.items()}, "triton")
+        worst = max(((got[k].cpu() - expected[k]).abs().max() / expected[k].abs().max().clamp_min(1)).item()
+                    for k in expected)
+        assert worst <= 1e-4, f"RTRL sensitivities: error {worst:.1e}"
+        return worst
+
+    checks: list[tuple[str, Callable[[], float]]] = []
+    for activation in ("relu", "tanh", "identity"):
+        checks.append((f"indrnn_{activation}_fp32", lambda a=activation: compare(*big, a, torch.float32, device=dev,
+                                                                                  tol=1e-3)))
+    checks.append(("indrnn_tanh_bf16", lambda: compare(*big, "tanh", torch.bfloat16, device=dev,
+                                                       param_dtype=torch.float32)))
+    checks.append(("indrnn_relu_clip_fp32", lambda: compare(*big, "relu", torch.float32, device=dev, grad_clip=0.5,
+                                                            tol=1e-3)))
+    checks.append(("rtrl_n3", lambda: rtrl(3, (6, 2, 70, 40) if quick else (50, 16, 128, 64))))
+    for gate, delays, activation in (("leak", (1,), "tanh"), ("clock", (1,), "relu"), ("none", (1, 2, 8), "tanh")):
+        checks.append((f"dense_{gate}_{activation}_fp32",
+                       lambda g=gate, d=delays, a=activation: check_kernel(*dense, d, a, g, torch.float32, device=dev)))
+    checks.append(("dense_leak_tanh_fp64", lambda: check_kernel(*dense, (1,), "tanh", "leak", torch.float64,
+                                                                device=dev)))
+    for name in LAYERS:
+        checks.append((f"layer_{name}_fp64", lambda n=name: check_layer(
+            n, T=7 if quick else 60, B=3 if quick else 32, H=8 if quick else 64, device=dev, chunks=None)))
+    return checks
+
+
+def run_kernels(device: torch.device, quick: bool, budget: Budget) -> dict:
+    reason = kernels_can_run(device)
+    if reason is not None:
+        say(f"kernels: skipped ({reason})")
+        return {"skipped": reason}
+    results = {}
+    for name, check in kernel_checks(device, quick):
+        if not budget.fits(5.0):
+            results[name] = "skipped (time budget)"
+            continue
+        started = time.perf_counter()
+        try:
+            results[name] = {"max_rel_error": check(), "seconds": round(time.perf_counter() - started, 2)}
+            say(f"  kernel {name}: max error {results[name]['max_rel_error']:.1e} ({results[name]['seconds']} s)")
+        except Exception as error:  # a failed check is a result: name it and go on
+            results[name] = _failure(error)
+            say(f"  kernel {name}: {results[name]}")
+    return results
+
+
+# --- 2. IndRNN recurrence bandwidth --------------------------------------------------------------------
+
+def _time_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
+    """GB/s (1e9 bytes) of ``dst.copy_(src)``: reads and writes ``size`` bytes each."""
+    size = 2 ** 20 if quick else 2 ** 30
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, 3 if quick else 10)
+    return 2 * size / (ms * 1e-3) / 1e9
+
+
+def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
+    reason = kernels_can_run(device)
+    if reason is not None:
+        say(f"indrnn_bandwidth: skipped ({reason})")
+        return {"skipped": reason}
+    from src.kernels import indrnn_triton as kernel
+
+    ceiling = copy_bandwidth_gbs(device, quick)
+    results: dict = {"copy_gbs": round(ceiling, 1), "bytes_formula": "(2 fwd + 3 bwd) * T * B * H * itemsize",
+                     "rows": {}}
+    say(f"  copy bandwidth {ceiling:.0f} GB/s")
+    shapes = [(9, 2, 40)] if quick else BANDWIDTH_SHAPES
+    saved_block_t = kernel.BLOCK_T
+    try:
+        for T, B, H in shapes:
+            z = torch.randn(T, B, H, device=device)
+            u = torch.rand(H, device=device) * 2 - 1
+            h0 = torch.zeros(B, H, device=device)
+            grad = torch.randn(T, B, H, device=device)
+            code = kernel.ACTIVATION_CODES["relu"]
+            itemsize = z.element_size()
+            for block_t in ([1, 8] if quick else BLOCK_TS):
+                key = f"T{T}_B{B}_H{H}_BLOCK_T{block_t}"
+                if not budget.fits(10.0):
+                    results["rows"][key] = "skipped (time budget)"
+                    continue
+                kernel.BLOCK_T = block_t
+                out = kernel._launch_forward(z, u, h0, code)
+                repeats = 2 if quick else 20
+                fwd_ms = _time_ms(lambda: kernel._launch_forward(z, u, h0, code), device, repeats)
+                bwd_ms = _time_ms(lambda: kernel._launch_backward(grad, out, u, h0, code), device, repeats)
+                n = T * B * H * itemsize
+                row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_gbs": 2 * n / (fwd_ms * 1e-3) / 1e9,
+                       "bwd_gbs": 3 * n / (bwd_ms * 1e-3) / 1e9}
+                row["fwd_fraction_of_copy"] = row["fwd_gbs"] / ceiling
+                row["bwd_fraction_of_copy"] = row["bwd_gbs"] / ceiling
+                results["rows"][key] = {k: round(v, 4) for k, v in row.items()}
+                say(f"  indrnn {key}: fwd {fwd_ms:.3f} ms {row['fwd_gbs']:.0f} GB/s, bwd {bwd_ms:.3f} ms "
+                    f"{row['bwd_gbs']:.0f} GB/s ({row['fwd_fraction_of_copy']:.0%} / {row['bwd_fraction_of_copy']:.0%}"
+                    " of copy)")
+    finally:
+        kernel.BLOCK_T = saved_block_t
+    return results
+
+
+# --- 3. train_step -----------------------------------------------------------------------------------
+
+def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
+    try:
+        from benchmarks import train_step
+    except ImportError as error:  # the training stack (Lightning, Hydra) is not installed here
+        say(f"train_step: skipped ({error})")
+        return {"skipped": str(error)}
+    import logging
+    import warnings
+
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    for noisy in ("pytorch_lightning", "lightning_fabric", "lightning_modules"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    experiments = EXPERIMENTS[2:3] if quick else EXPERIMENTS
+    extra = ["model.hidden_size=8", "task.seq_len=10", "task.datamodule.batch_size=4"] if quick else []
+    steps, warmup = (2, 1) if quick else (30, 5)
+    results: dict = {}
+    estimate = 5.0 if quick else 45.0
+    for name in experiments:
+        if not budget.fits(estimate):
+            results[name] = "skipped (time budget)"
+            say(f"  train_step {name}: skipped (time budget)")
+            continue
+        started = time.perf_counter()
+        try:
+            row = train_step.measure(name, train_step.EXPERIMENTS[name], device, steps, warmup, steps, extra,
+                                     graphs=True)
+            results[name] = row
+            say(f"  train_step {name}: {row} ({time.perf_counter() - started:.0f} s)")
+        except Exception as error:
+            results[name] = _failure(error)
+            say(f"  train_step {name}: {results[name]}")
+            traceback.print_exc()
+        estimate = max(estimate, 1.2 * (time.perf_counter() - started))
+    valid = {k: v for k, v in results.items() if isinstance(v, dict)}
+    if valid:
+        say(train_step.format_table(valid))
+    return results
+
+
+# --- 4. the recurrence table -----------------------------------------------------------------------
+
+def register_layers() -> list[str]:
+    """Add the loop layers, their Triton and CUDA-graph versions to recurrence.IMPLS; their names."""
+    from src.layers import JordanRNN, LeakyRNN, NARX, SkipRNN, TDNN, ClockworkRNN
+
+    def graphed(layer):
+        from lightning_modules.cuda_graph import GraphedForward
+
+        GraphedForward(layer, report=lambda line: None).install()
+        return layer
+
+    def modules(h: int) -> int:
+        return next(g for g in (8, 4, 2, 1) if h % g == 0)
+
+    extra = {
+        "leaky": lambda i, h, d: LeakyRNN(i, h, batch_first=True, backend="reference").to(d),
+        "leaky_triton": lambda i, h, d: LeakyRNN(i, h, batch_first=True, backend="triton").to(d),
+        "leaky_graphs": lambda i, h, d: graphed(LeakyRNN(i, h, batch_first=True, backend="reference").to(d)),
+        "skip": lambda i, h, d: SkipRNN(i, h, batch_first=True, backend="reference").to(d),
+        "skip_triton": lambda i, h, d: SkipRNN(i, h, batch_first=True, backend="triton").to(d),
+        "skip_graphs": lambda i, h, d: graphed(SkipRNN(i, h, batch_first=True, backend="reference").to(d)),
+        "cwrnn_triton": lambda i, h, d: ClockworkRNN(i, h, num_modules=modules(h), batch_first=True,
+                                                     backend="triton").to(d),
+        "cwrnn_graphs": lambda i, h, d: graphed(ClockworkRNN(i, h, num_modules=modules(h), batch_first=True).to(d)),
+        "jordan": lambda i, h, d: JordanRNN(i, h, batch_first=True).to(d),
+        "jordan_graphs": lambda i, h, d: graphed(JordanRNN(i, h, batch_first=True).to(d)),
+        "narx": lambda i, h, d: NARX(i, h, batch_first=True).to(d),
+        "narx_graphs": lambda i, h, d: graphed(NARX(i, h, batch_first=True).to(d)),
+        "tdnn": lambda i, h, d: TDNN(i, h, batch_first=True).to(d),
+    }
+    for name, factory in extra.items():
+        recurrence.IMPLS.setdefault(name, factory)
+    return list(extra)
+
+
+def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list[str] | None = None) -> dict:
+    extra = register_layers()
+    impls = list(dict.fromkeys(list(recurrence.IMPLS) + extra))
+    if only:
+        unknown = sorted(set(only) - set(impls))
+        if unknown:
+            raise ValueError(f"unknown --impls {unknown}; choose from {impls}")
+        impls = [name for name in impls if name in only]
+    if device.type != "cuda" or kernels_can_run(device) is not None:  # the Triton layers need CUDA
+        impls = [name for name in impls if not name.endswith("_triton")]
+    shapes = QUICK_SHAPES if quick else SHAPES
+    precisions = ["fp32"] if quick else PRECISIONS
+    per_measurement = 0.2 if quick else 0.6  # recurrence.py's --budget-s: half fwd+bwd, half fwd
+    results: dict = {}
+    estimate = 2.0
+    for precision in precisions:
+        table: dict = {}
+        for shape in shapes:
+            for impl in impls:
+                if not budget.fits(estimate):
+                    table.setdefault(shape, {})[impl] = "skipped (time budget)"
+                    continue
+                started = time.perf_counter()
+                try:
+                    row = recurrence.run([shape], [impl], device.type, warmup=1, repeats=3 if quick else 5,
+                                         budget_s=per_measurement, precision=precision)[shape][impl]
+                    table.setdefault(shape, {})[impl] = row
+                except Exception as error:
+                    table.setdefault(shape, {})[impl] = _failure(error)
+                    say(f"  recurrence {precision} {shape} {impl}: {table[shape][impl]}")
+                spent = time.perf_counter() - started
+                estimate = max(2.0, min(30.0, 1.5 * spent))
+        results[precision] = table
+        measured = {s: {i: r for i, r in rows.items() if isinstance(r, dict)} for s, rows in table.items()}
+        say(f"recurrence, {precision}:")
+        say(recurrence.format_table({s: rows for s, rows in measured.items() if rows}))
+        skipped = [f"{s} {i}: {r}" for s, rows in table.items() for i, r in rows.items() if not isinstance(r, dict)]
+        for line in skipped:
+            say(f"  {line}")
+    recurrence.set_precision("fp32")
+    return results
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+def _ms(results: dict, precision: str, shape: str, impl: str) -> float | None:
+    row = results.get("recurrence", {}).get(precision, {}).get(shape, {}).get(impl)
+    return row["fwd_bwd_ms"] if isinstance(row, dict) else None
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets: {target, measured, goal, status} with status pass / FAIL / not measured."""
+    rows = []
+
+    def add(target: str, measured: float | None, goal: str, ok: Callable[[float], bool]) -> None:
+        status = "not measured" if measured is None else ("pass" if ok(measured) else "FAIL")
+        rows.append({"target": target, "measured": None if measured is None else round(measured, 3),
+                     "goal": goal, "status": status})
+
+    steps = results.get("train_step", {})
+    pmnist = steps.get("indrnn_pmnist_6layer")
+    add("indrnn_pmnist_6layer ms/step through train.py, CUDA graphs",
+        pmnist.get("pipeline_graphs_ms") if isinstance(pmnist, dict) else None, "<= 6 ms", lambda v: v <= 6)
+    for name, row in steps.items():
+        if isinstance(row, dict):
+            for suffix in ("", "_graphs"):
+                key = f"pipeline{suffix}_ms"
+                if row.get(key) is not None:
+                    add(f"{name} pipeline/bare{suffix.replace('_', ' ')}", row[key] / row[f"bare{suffix}_ms"],
+                        "<= 1.25", lambda v: v <= 1.25)
+    wide = "T784_B64_I1_H512"
+    rnn = _ms(results, "fp32", wide, "rnn_tanh")
+    for impl in ("cwrnn", "cwrnn_triton", "cwrnn_graphs", "leaky", "leaky_triton", "leaky_graphs", "skip",
+                 "skip_triton", "skip_graphs", "jordan", "jordan_graphs", "narx", "narx_graphs", "tdnn"):
+        mine = _ms(results, "fp32", wide, impl)
+        limit = 1.0 if impl.startswith("cwrnn") else 2.0
+        add(f"{impl} / rnn_tanh at {wide} fp32", None if mine is None or rnn is None else mine / rnn,
+            f"<= {limit}", lambda v, limit=limit: v <= limit)
+    big = "T1024_B128_I512_H512"
+    for precision in ("tf32", "bf16"):
+        lstm, indrnn = _ms(results, precision, big, "lstm"), _ms(results, precision, big, "indrnn")
+        add(f"lstm / indrnn at {big} {precision}", None if lstm is None or indrnn is None else lstm / indrnn,
+            ">= 20", lambda v: v >= 20)
+    rows_bw = results.get("indrnn_bandwidth", {}).get("rows", {})
+    for direction in ("fwd", "bwd"):
+        fractions = [r[f"{direction}_fraction_of_copy"] for k, r in rows_bw.items()
+                     if k.startswith("T1024_B128_H512") and isinstance(r, dict)]
+        add(f"IndRNN recurrence {direction} at T1024_B128_H512, best BLOCK_T, fraction of copy bandwidth",
+            max(fractions) if fractions else None, ">= 0.5", lambda v: v >= 0.5)
+    kernels = results.get("kernels", {})
+    failed = [k for k, v in kernels.items() if isinstance(v, str) and v.startswith("FAIL")]
+    checked = [k for k, v in kernels.items() if isinstance(v, dict)]
+    add("Triton kernels within tolerance of float64 (failures)", float(len(failed)) if checked or failed else None,
+        "0", lambda v: v == 0)
+    return rows
+
+
+def format_targets(rows: list[dict]) -> str:
+    width = max(len(r["target"]) for r in rows)
+    lines = [f"{'target':<{width}}  {'measured':>10}  {'goal':>8}  status"]
+    for r in rows:
+        measured = "-" if r["measured"] is None else f"{r['measured']:.3f}"
+        lines.append(f"{r['target']:<{width}}  {measured:>10}  {r['goal']:>8}  {r['status']}")
+    return "\n".join(lines)
+
+
+SECTIONS = {"kernels": run_kernels, "indrnn_bandwidth": run_bandwidth, "train_step": run_train_step,
+            "recurrence": run_recurrence}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI: --device cpu --quick)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for everything (default 480)")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="run only these sections (default: all, in this order)")
+    parser.add_argument("--impls", nargs="+", metavar="NAME",
+                        help="recurrence section: only these layers (default: every one registered)")
+    parser.add_argument("--json", type=Path, default=ROOT / "outputs" / "gpu_check.json",
+                        help="write every result here (default outputs/gpu_check.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but CUDA is not available (torch {torch.__version__}); "
+                     "use --device cpu --quick")
+    device = torch.device(args.device)
+    budget = Budget(args.budget_s)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    say(f"gpu_check: torch {torch.__version__}, {args.device} ({name}), budget {args.budget_s:.0f} s"
+        f"{', quick' if args.quick else ''}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    results: dict = {"device": name, "torch": torch.__version__, "quick": args.quick}
+    for section in args.sections:
+        started = time.perf_counter()
+        say(f"== {section} ({budget.left:.0f} s left)")
+        try:
+            if section == "recurrence":
+                results[section] = run_recurrence(device, args.quick, budget, args.impls)
+            else:
+                results[section] = SECTIONS[section](device, args.quick, budget)
+        except Exception as error:  # one broken section must not cost the others' figures
+            results[section] = _failure(error)
+            say(f"{section}: {results[section]}")
+            traceback.print_exc()
+        results.setdefault("seconds", {})[section] = round(time.perf_counter() - started, 1)
+    results["targets"] = targets(results)
+    say("== targets")
+    say(format_targets(results["targets"]))
+    results["total_seconds"] = round(args.budget_s - budget.left, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    say(f"wrote {args.json} ({results['total_seconds']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
