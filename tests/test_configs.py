@@ -27,14 +27,36 @@ def test_experiment_composes_and_builds(tmp_path, experiment):
         instantiate(cfg.scheduler)(optimizer=optimizer)
 
 
-@pytest.mark.parametrize("task", TASKS)
+def built_network_output_shape(cfg) -> tuple[int, ...]:
+    """The output shape of the network a run of ``cfg`` trains (build_network, as the driver builds it),
+    on a batch of 2 sequences of 3 steps: logits (2, L, V) for an encoder-decoder task."""
+    network = build_network(cfg)
+    if cfg.task.get("network"):
+        tokens = torch.randint(3, cfg.task.network.vocab_size, (2, 3))
+        return tuple(network(tokens, tokens)[0].shape)
+    return tuple(network(torch.randn(2, 3, cfg.task.input_size))[0].shape)
+
+
+def expected_output_shape(cfg) -> tuple[int, ...]:
+    if cfg.task.get("network"):
+        return (2, 3, cfg.task.network.vocab_size)
+    return (2, 3, cfg.task.output_size) if cfg.task.readout == "all" else (2, cfg.task.output_size)
+
+
+# Every model with each way a network meets a task (one output per sequence, one per step, an
+# encoder-decoder made of the model); every task with one model (the rest of a task's network-facing
+# side is its sizes, the same for any model).
 @pytest.mark.parametrize("model", MODELS)
-def test_every_model_builds_for_every_task(tmp_path, model, task):
+@pytest.mark.parametrize("task", ["adding", "copy_memory", "reverse"])
+def test_every_model_builds_for_every_kind_of_task(tmp_path, model, task):
     cfg = compose_train(tmp_path, [f"model={model}", f"task={task}"])
-    network = instantiate(cfg.model)
-    per_step = cfg.task.readout == "all"  # sequence -> sequence tasks predict every step
-    expected = (2, 3, cfg.task.output_size) if per_step else (2, cfg.task.output_size)
-    assert network(torch.randn(2, 3, cfg.task.input_size))[0].shape == expected
+    assert built_network_output_shape(cfg) == expected_output_shape(cfg)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_builds_its_network(tmp_path, task):
+    cfg = compose_train(tmp_path, [f"task={task}", "model.hidden_size=8"])
+    assert built_network_output_shape(cfg) == expected_output_shape(cfg)
 
 
 def test_every_experiment_is_global_and_names_a_task_and_a_model(tmp_path):
