@@ -56,13 +56,14 @@ PAYLOADS = {
                                                 "_args_": [f"touch {m}"]}),
     "re-exported-os": in_datamodule(lambda m: {"_target_": "datamodules.download.os.system", "_args_": [f"touch {m}"]}),
     "project-function": in_datamodule(lambda m: {"_target_": "datamodules.ntu_convert.convert", "raw": [m], "out": m}),
-    "rtrl-base": lambda c, m: c.__setitem__("objective", {"_target_": "lightning_modules.rtrl.rtrl_objective",
-                                                          "base": "subprocess.Popen"}),
+    "objective-target": lambda c, m: c["objective"].__setitem__("_target_", "subprocess.Popen"),
     "interpolation": lambda c, m: c["model"].__setitem__("hidden_size", "${oc.env:HOME}"),
+    "target-not-a-name": in_datamodule(lambda m: {"_target_": ["builtins", "open"], "_args_": [m, "w"]}),
 }
 NAMED = {"partial-open": "builtins.open", "nested-in-kwargs": "builtins.open", "walk-out-of-src": "torch",
          "re-exported-os": "'os'", "project-function": "datamodules.ntu_convert.convert",
-         "rtrl-base": "subprocess.Popen", "interpolation": "${oc.env:HOME}"}
+         "objective-target": "subprocess.Popen", "interpolation": "${oc.env:HOME}",
+         "target-not-a-name": "a _target_ must be a dotted name, got list"}
 
 
 def eval_config(tmp_path, ckpt, overrides=()):

@@ -16,10 +16,9 @@ before any call, everything that is not one of:
   ``torch`` (a module outside ``src``), private names (``_x``, ``__globals__``) are refused.
 
 Functions are allowed only by exact name (the project has helpers that write files, e.g. the NTU
-converter; a checkpoint must not call them). Values that name code without a ``_target_`` key
-(RTRL's ``objective.base``) follow the same rule, and a string holding an OmegaConf interpolation
-(``${...}``) is refused: a stored config is resolved when it is saved, and resolvers can have side
-effects.
+converter; a checkpoint must not call them). A string holding an OmegaConf interpolation (``${...}``)
+is refused: a stored config is resolved when it is saved, and resolvers can have side effects. (No
+project class imports code by a name given in its arguments; one that does must be checked here.)
 """
 from __future__ import annotations
 
@@ -39,9 +38,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PROJECT_PACKAGES = ("src", "datamodules", "lightning_modules")
 LIBRARY_PACKAGES = ("torch.nn", "torch.optim")
 ALLOWED_PACKAGES = PROJECT_PACKAGES + LIBRARY_PACKAGES
-
-# Values (not ``_target_``) that a callable imports by name: {target: (argument, ...)}.
-CODE_NAMING_ARGUMENTS = {"lightning_modules.rtrl.rtrl_objective": ("base",)}
 
 _DOTTED = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
 
@@ -119,11 +115,15 @@ def _resolve_class(target: str):
     return obj, None
 
 
-@lru_cache(maxsize=None)
 def refusal(target) -> str | None:
     """Why a stored config may not name ``target``, or None if it may."""
     if not isinstance(target, str):
         return f"a _target_ must be a dotted name, got {type(target).__name__}"
+    return _refusal(target)
+
+
+@lru_cache(maxsize=None)
+def _refusal(target: str) -> str | None:
     if target in config_targets():
         return None
     _, reason = _resolve_class(target)
@@ -133,15 +133,11 @@ def refusal(target) -> str | None:
 def _walk(node, where: str):
     """(key path, refusal) of the first thing in ``node`` that a checkpoint may not hold, or None."""
     if isinstance(node, dict):
-        target = node.get("_target_")
         if "_target_" in node:
+            target = node["_target_"]
             reason = refusal(target)
             if reason:
                 return f"{where}._target_={target}" if where else f"_target_={target}", reason
-            for argument in CODE_NAMING_ARGUMENTS.get(target, ()):
-                named = node.get(argument)
-                if named is not None and refusal(named):
-                    return f"{where}.{argument}={named}", refusal(named)
         for key, value in node.items():
             if not isinstance(key, str):
                 return f"{where}[{key!r}]", "keys must be strings"
@@ -171,4 +167,4 @@ def check_checkpoint_config(run_config, source: str = "the checkpoint") -> None:
                         f"built from a checkpoint (a checkpoint is data)")
 
 
-__all__ = ["ALLOWED_PACKAGES", "CODE_NAMING_ARGUMENTS", "check_checkpoint_config", "config_targets", "refusal"]
+__all__ = ["ALLOWED_PACKAGES", "check_checkpoint_config", "config_targets", "refusal"]
