@@ -36,8 +36,9 @@ def cornn_reference(inputs: torch.Tensor, weight_y: torch.Tensor, weight_z: torc
     """
     y, z = y0, z0
     outputs = []
+    weight_y_t, weight_z_t = weight_y.T, weight_z.T
     for drive in inputs.unbind(0):
-        force = torch.tanh(drive + y @ weight_y.T + z @ weight_z.T)
+        force = torch.tanh(torch.addmm(torch.addmm(drive, y, weight_y_t), z, weight_z_t))
         z = z + dt * (force - gamma * y - epsilon * z)
         y = y + dt * z
         outputs.append(y)
