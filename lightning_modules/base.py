@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from lightning_modules.learning import BPTT, LearningRule
 from src.batch import as_batch, step_mask
 from src.checks import check_choice
 from src.layers.common import apply_constraints
@@ -96,22 +97,31 @@ class SequenceObjective(pl.LightningModule):
             bidirectional layer is rejected.
         run_config: the run's resolved config as plain Python types, saved in checkpoints so that
             eval.py can rebuild the run (plain types load under torch's ``weights_only``).
+        learning_rule: how the network learns from a training batch (:mod:`lightning_modules.learning`);
+            None: :class:`~lightning_modules.learning.BPTT`. It must be one of ``learning_rules``.
     """
 
     metric_name = "loss"
     best_mode = "min"
     readouts: tuple[str, ...] | None = None
+    learning_rules: tuple[str, ...] = ("bptt", "rtrl")  # the rules (their ``name``) this objective supports
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, monitor: str = "val/loss",
                  scheduler_interval: str = "epoch", decay_1d_params: bool = False, causal: bool = False,
-                 run_config: dict | None = None, decay_exempt_names: list[str] | None = None) -> None:
+                 run_config: dict | None = None, decay_exempt_names: list[str] | None = None,
+                 learning_rule: LearningRule | None = None) -> None:
         super().__init__()
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         self.check_network(net, causal)
         # Only plain values go into hparams; the logger gets them from the pipeline at the end.
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "learning_rule"], logger=False)
         self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
+        self.learning_rule = learning_rule if learning_rule is not None else BPTT()
+        if self.learning_rule.name not in self.learning_rules:
+            raise ValueError(f"learning={self.learning_rule.name}: {type(self).__name__} trains with "
+                             f"{' or '.join(self.learning_rules)} only")
+        self.learning_rule.attach(self)
         self.metrics = nn.ModuleDict({f"{stage}_metric": self.make_metric() for stage in STAGES})
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
         self.best_value: float | None = None
@@ -273,7 +283,14 @@ class SequenceObjective(pl.LightningModule):
             self.raise_if_loss_was_nonfinite()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self.learning_rule.training_step(self, batch)
+
+    def bptt_training_step(self, batch) -> torch.Tensor:
+        """The training step by backpropagation through time (what :class:`BPTT` calls)."""
         return self._step(batch, "train")
+
+    def on_train_epoch_end(self) -> None:
+        self.learning_rule.on_train_epoch_end(self)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
