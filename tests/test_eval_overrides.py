@@ -9,7 +9,7 @@ import pytest
 
 from lightning_modules.run import UserError, evaluate, train
 from lightning_modules.run.build import build_datamodule, compose_config, plain_config
-from lightning_modules.run.evaluate import check_eval_overrides, eval_keys, stored_run_config
+from lightning_modules.run.evaluate import check_eval_overrides, eval_keys, override_key, stored_run_config
 from tests.conftest import QUICK, compose_train, run_script
 
 
@@ -95,8 +95,10 @@ def test_ptb_batch_size_sets_its_test_streams(tmp_path):
 def test_data_of_a_checkpoint_from_another_machine_is_read_from_this_data_dir(tmp_path):
     stored = plain_config(compose_train(tmp_path / "ntu", ["task=ntu_cs", "paths.data_dir=/elsewhere/data"]))
     assert stored["task"]["datamodule"]["path"] == "/elsewhere/data/ntu/ntu60.h5"
-    run_cfg = stored_run_config(stored, eval_config(tmp_path, "x.ckpt", [f"paths.data_dir={tmp_path}/mine"]))
-    assert run_cfg.task.datamodule.path == f"{tmp_path}/mine/ntu/ntu60.h5"
+    cfg = eval_config(tmp_path, "x.ckpt", [f"paths.data_dir={tmp_path}/mine"])
+    assert stored_run_config(stored, cfg, rebase_data=True).task.datamodule.path == f"{tmp_path}/mine/ntu/ntu60.h5"
+    assert stored_run_config(stored, cfg).task.datamodule.path == "/elsewhere/data/ntu/ntu60.h5"  # not asked: as trained
+    assert override_key(f"paths.data_dir={tmp_path}", full=True) == "paths.data_dir"
 
 
 @pytest.mark.slow  # two interpreter starts

@@ -42,14 +42,16 @@ def eval_keys() -> tuple[str, ...]:
     return tuple([key for key in document if key not in ("defaults", "hydra")] + groups + ["hydra"])
 
 
-def override_key(override: str) -> str:
-    """The top-level key or group an override sets: ``+model.hidden_size=16`` -> ``model``."""
+def override_key(override: str, full: bool = False) -> str:
+    """The top-level key or group an override sets: ``+model.hidden_size=16`` -> ``model`` (``full``:
+    ``model.hidden_size``)."""
     try:
         (parsed,) = OverridesParser.create().parse_overrides([override])
         key = parsed.key_or_group
     except HydraException:  # Hydra reports a malformed override itself
         key = override.partition("=")[0].lstrip("+~")
-    return key.split("@")[0].split("/")[0].split(".")[0]
+    key = key.split("@")[0]
+    return key if full else key.split("/")[0].split(".")[0]
 
 
 def check_eval_overrides(overrides) -> None:
@@ -62,10 +64,11 @@ def check_eval_overrides(overrides) -> None:
                             f"python eval.py --help)")
 
 
-def stored_run_config(stored: dict, cfg: DictConfig) -> DictConfig:
-    """The checkpoint's run config with eval.py's own settings: its trainer, logger, paths and seed, the
-    data rebased from the training run's ``paths.data_dir`` onto this one's, and the evaluation's
-    batch size, workers and test samplings where given."""
+def stored_run_config(stored: dict, cfg: DictConfig, rebase_data: bool = False) -> DictConfig:
+    """The checkpoint's run config with eval.py's own settings: its trainer, logger, paths and seed,
+    the evaluation's batch size, workers and test samplings where given, and, with ``rebase_data``
+    (``paths.data_dir=`` given to eval.py), the data files moved from the training run's data_dir
+    to this one (a checkpoint from another machine); otherwise the data is read where it was trained."""
     run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
     for key in EVAL_OWN_KEYS:
         if key in cfg:
@@ -73,7 +76,7 @@ def stored_run_config(stored: dict, cfg: DictConfig) -> DictConfig:
     datamodule = run_cfg.task.datamodule
     trained_data = str((stored.get("paths") or {}).get("data_dir") or "")
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
-    if trained_data and data_dir and str(data_dir) != trained_data:  # a checkpoint from another machine
+    if rebase_data and trained_data and data_dir and str(data_dir) != trained_data:
         for key, value in datamodule.items():
             if isinstance(value, str) and (value == trained_data or value.startswith(trained_data.rstrip("/") + "/")):
                 datamodule[key] = str(data_dir) + value[len(trained_data.rstrip("/")):]
@@ -94,15 +97,16 @@ def evaluate(cfg: DictConfig) -> dict:
     """Rebuild the run stored in ``cfg.ckpt_path``, test it, and write results.json into eval.py's own
     run directory (never into the training run's); return the test metrics."""
     started = time.time()
-    if HydraConfig.initialized():
-        check_eval_overrides(HydraConfig.get().overrides.task)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    check_eval_overrides(overrides)
     route_lightning_logs()
     requested = OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False, default=None)
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         requested = None
     ckpt_path = evaluation_checkpoint(requested)
     stored = load_our_checkpoint(ckpt_path)["hyper_parameters"]["run_config"]  # checked by the allowlist
-    run_cfg = stored_run_config(stored, cfg)
+    run_cfg = stored_run_config(stored, cfg, rebase_data=any(override_key(o, full=True) == "paths.data_dir"
+                                                             for o in overrides))
     pl.seed_everything(run_cfg.seed, workers=True)
     datamodule = build_datamodule(run_cfg)
     objective = build_objective(run_cfg, build_network(run_cfg), dict(stored))
