@@ -123,10 +123,45 @@ def check_layer(name, T=7, B=3, I=2, H=8, device="cpu", chunks=None, seed=0) -> 
     return worst
 
 
+def check_clockwork(T=4, B=2, I=2, H=160, periods=(1, 2, 4, 8), time_origin=3, masked=False, device="cpu") -> float:
+    """:func:`src.kernels.clockwork.clockwork_triton` against :func:`clockwork_reference` in float64, values
+    and gradients of x, W_x, b, W_h and h0. H = 160 with 4 modules of 40 units: modules straddle the
+    kernel's 64-unit blocks and whole blocks of W_h are zero, so skipping them (the default mask) is
+    checked where it is hardest; ``masked`` passes the mask explicitly (no block skipping)."""
+    from src.kernels.clockwork import clockwork_mask, clockwork_reference, clockwork_triton
+
+    generator = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in
+              ((T, B, I), (H, I), (H,), (H, H), (B, H))]
+    inputs[3] = inputs[3] / H ** 0.5
+    mask = clockwork_mask(H, len(periods)) if masked else None
+    grad = torch.randn(T, B, H, generator=generator, dtype=torch.float64)
+    exact_in = [t.clone().requires_grad_() for t in inputs]
+    exact = clockwork_reference(*exact_in[:4], exact_in[4], periods, "tanh", time_origin, mask)
+    expected = [exact, *torch.autograd.grad(exact, exact_in, grad)]
+    kernel_in = [t.to(device).requires_grad_() for t in inputs]
+    out = clockwork_triton(*kernel_in[:4], kernel_in[4], periods, "tanh", time_origin,
+                           None if mask is None else mask.to(device))
+    actual = [out, *torch.autograd.grad(out, kernel_in, grad.to(device))]
+    worst = 0.0
+    for name, a, e in zip(("output", "x", "weight_ih", "bias", "weight_hh", "h0"), actual, expected):
+        error = relative_error(a, e)
+        assert error <= 1e-12, f"clockwork_triton {name} (masked={masked}): error {error:.1e}"
+        worst = max(worst, error)
+    if not masked:  # the skipping is real: on a dense W_h it leaves out the blocks a Clockwork W_h has zero
+        dense_w = inputs[3].unsqueeze(0).to(device)
+        z, past = inputs[0].new_zeros(2, B, H).to(device), inputs[4][None].to(device)
+        no_gate = torch.zeros(2, H, dtype=torch.float64, device=device)
+        assert not torch.allclose(dense_recurrence_triton(z, dense_w, past, no_gate, (1,), "tanh", H // len(periods)),
+                                  dense_recurrence_triton(z, dense_w, past, no_gate, (1,), "tanh"))
+    return worst
+
+
 def interpreter_checks(full: bool = False, device: str = "cpu") -> dict[str, float]:
     """The checks run under the interpreter: by default a few seconds' worth for the default suite
     (ragged blocks, a resting block, several delays, two layers with a chunked state); ``full`` adds
-    float32, the other activations and every layer of :data:`LAYERS` (the slow test, gpu_check).
+    float32, the other activations, Clockwork's skipped zero blocks of W_h and every layer of
+    :data:`LAYERS` (the slow test).
     Returns {check: worst relative error}."""
     errors = {
         "dense_clock_relu_f64": check_kernel(4, 17, 130, (1,), "relu", "clock", device=device),
@@ -139,6 +174,8 @@ def interpreter_checks(full: bool = False, device: str = "cpu") -> dict[str, flo
                                                          device=device)
         errors["dense_clock_tanh_f32"] = check_kernel(5, 4, 70, (1, 2), "tanh", "clock", torch.float32,
                                                       device=device)
+        errors["clockwork_triangular_f64"] = check_clockwork(device=device)
+        errors["clockwork_masked_f64"] = check_clockwork(masked=True, device=device)
     for name in names:
         errors[f"layer_{name}"] = check_layer(name, device=device, chunks=[3, 4])
     return errors
@@ -171,3 +208,9 @@ def test_layers_on_gpu_equal_their_loops(name):
     if not dense_kernel_applies(torch.zeros(1, device="cuda", dtype=torch.float64)):
         pytest.skip("no float64 kernel here")
     check_layer(name, T=40, B=20, H=64, device="cuda", chunks=[13, 27])
+
+
+@needs_gpu
+@pytest.mark.parametrize("masked", [False, True], ids=["zero-blocks-skipped", "explicit-mask"])
+def test_clockwork_kernel_on_gpu(masked):
+    check_clockwork(T=30, B=20, masked=masked, device="cuda")

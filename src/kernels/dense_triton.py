@@ -21,7 +21,9 @@ the kernel (one launch per pass). At step t it computes the [BLOCK_B, H] new sta
 blocks of BLOCK_N units, each as ``tl.dot`` over BLOCK_K-wide blocks of h_{t-d} (read back from
 the state buffer it wrote, an L1/L2 hit) and of U_k (the same few hundred KiB every step, kept in
 L2); a barrier ends the step so that the next one reads the whole new state. A column block whose
-units all keep their state (lam = 1: Clockwork modules that do not tick) is copied, not computed.
+units all keep their state (lam = 1: Clockwork modules that do not tick) is copied, not computed;
+with ``module`` (Clockwork's block-upper-triangular U) the zero blocks of U are skipped, and the
+backward pass skips the blocks of da that are zero (units at rest at that step).
 
 Backward: the pre-activations are recomputed for all steps at once (one matmul per delay), then
 a second persistent kernel runs the adjoint recurrence from t = T-1 down to 0:
@@ -134,7 +136,7 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(z_ptr, w_ptr, lam_ptr, delay_ptr, states_ptr, T, n_delays, n_col_blocks, n_k_blocks,
-                        B, H, D, lam_stride, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+                        B, H, D, lam_stride, module, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         batch = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         batch_ok = batch < B
@@ -151,17 +153,20 @@ if triton is not None:
                 h_new = h_prev
                 if tl.min(lam, axis=0) < 1.0:  # some unit of this block updates (Clockwork: its module ticks)
                     acc = tl.load(z_ptr + t * BH + tile, mask=tile_ok, other=0.0).to(dtype)
+                    # Block-upper-triangular U (Clockwork): these rows read no unit before their first module.
+                    first_needed = (jb * BLOCK_N) // module * module
                     for k in range(n_delays):
                         source = states_ptr + (D + t - tl.load(delay_ptr + k)) * BH
                         weight = w_ptr + k * H * H
                         for kb in range(n_k_blocks):
-                            inner = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                            inner_ok = inner < H
-                            h_block = tl.load(source + batch[:, None] * H + inner[None, :],
-                                              mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
-                            w_block = tl.load(weight + cols[None, :] * H + inner[:, None],  # U^T[inner, cols]
-                                              mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
-                            acc = tl.dot(h_block, w_block, acc=acc, input_precision=PRECISION, out_dtype=dtype)
+                            if kb * BLOCK_K + BLOCK_K > first_needed:
+                                inner = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                                inner_ok = inner < H
+                                h_block = tl.load(source + batch[:, None] * H + inner[None, :],
+                                                  mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
+                                w_block = tl.load(weight + cols[None, :] * H + inner[:, None],  # U^T[inner, cols]
+                                                  mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
+                                acc = tl.dot(h_block, w_block, acc=acc, input_precision=PRECISION, out_dtype=dtype)
                     c = _activate(acc, ACTIVATION)
                     h_new = lam[None, :] * h_prev + (1.0 - lam[None, :]) * c
                 tl.store(states_ptr + (D + t) * BH + tile, h_new, mask=tile_ok)
@@ -169,7 +174,7 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(g_ptr, gain_ptr, w_ptr, lam_ptr, delay_ptr, e_ptr, da_ptr, n_steps, T, n_delays, n_col_blocks,
-                         n_k_blocks, B, H, lam_stride, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                         n_k_blocks, B, H, lam_stride, module, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # e_ptr, da_ptr: (T + D, B, H) buffers whose rows T.. are zero (nothing flows back from past T-1).
         batch = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -187,17 +192,26 @@ if triton is not None:
                                    other=0.0).to(dtype)
                 acc = tl.load(g_ptr + t * BH + tile, mask=tile_ok, other=0.0).to(dtype)
                 acc += lam_next[None, :] * tl.load(e_ptr + (t + 1) * BH + tile, mask=tile_ok, other=0.0)
+                # Block-upper-triangular U (Clockwork): these columns feed no unit past their last module.
+                last_needed = (tl.minimum(jb * BLOCK_N + BLOCK_N, H) - 1) // module * module + module
                 for k in range(n_delays):
-                    source = da_ptr + (t + tl.load(delay_ptr + k)) * BH
+                    later = t + tl.load(delay_ptr + k)  # da of step t + d_k flows back through U_k
+                    source = da_ptr + later * BH
                     weight = w_ptr + k * H * H
                     for kb in range(n_k_blocks):
-                        inner = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-                        inner_ok = inner < H
-                        da_block = tl.load(source + batch[:, None] * H + inner[None, :],
-                                           mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
-                        w_block = tl.load(weight + inner[:, None] * H + cols[None, :],  # U[inner, cols]
-                                          mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
-                        acc = tl.dot(da_block, w_block, acc=acc, input_precision=PRECISION, out_dtype=dtype)
+                        if kb * BLOCK_K < last_needed:
+                            inner = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                            inner_ok = inner < H
+                            # da is exactly 0 where lam = 1 (resting Clockwork modules) and past T - 1.
+                            lam_k = tl.load(lam_ptr + later * lam_stride + inner, mask=inner_ok & (later < T),
+                                            other=1.0)
+                            if tl.min(lam_k, axis=0) < 1.0:
+                                da_block = tl.load(source + batch[:, None] * H + inner[None, :],
+                                                   mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
+                                w_block = tl.load(weight + inner[:, None] * H + cols[None, :],  # U[inner, cols]
+                                                  mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
+                                acc = tl.dot(da_block, w_block, acc=acc, input_precision=PRECISION,
+                                             out_dtype=dtype)
                 tl.store(e_ptr + t * BH + tile, acc, mask=tile_ok)
                 gain = tl.load(gain_ptr + t * BH + tile, mask=tile_ok, other=0.0)
                 tl.store(da_ptr + t * BH + tile, acc * gain, mask=tile_ok)
@@ -254,8 +268,9 @@ class DenseRecurrenceTriton(torch.autograd.Function):
     recurrence of the module docstring (shapes there); gradients for z, weights, past and lam."""
 
     @staticmethod
-    def forward(ctx, z, weights, past, lam, delays: tuple[int, ...], activation: str):
+    def forward(ctx, z, weights, past, lam, delays: tuple[int, ...], activation: str, module: int | None = None):
         _check(z, weights, past, lam, delays, activation)
+        module = z.shape[2] if module is None else int(module)
         dtype = weights.dtype
         steps, batch, hidden = z.shape
         memory = past.shape[0]
@@ -273,11 +288,12 @@ class DenseRecurrenceTriton(torch.autograd.Function):
                 _forward_kernel[(triton.cdiv(batch, block_b),)](
                     z_in, weights_in, lam_in, delay_table, states, loop_count(steps), loop_count(len(delays)),
                     loop_count(triton.cdiv(hidden, block_n)), loop_count(triton.cdiv(hidden, block_k)),
-                    batch, hidden, memory, lam_in.stride(0), ACTIVATION=ACTIVATION_CODES[activation],
+                    batch, hidden, memory, lam_in.stride(0), module, ACTIVATION=ACTIVATION_CODES[activation],
                     PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
                     num_warps=4)
         ctx.save_for_backward(z_in, weights_in, lam_in, delay_table, states)
         ctx.delays, ctx.activation, ctx.z_dtype, ctx.lam_dtype = delays, activation, z.dtype, lam.dtype
+        ctx.module = module
         return states[memory:]
 
     @staticmethod
@@ -307,7 +323,7 @@ class DenseRecurrenceTriton(torch.autograd.Function):
             _backward_kernel[(triton.cdiv(batch, block_b),)](
                 grad_out.contiguous(), gain, weights, lam, delay_table, adjoint, grad_pre, loop_count(steps),
                 steps, loop_count(len(delays)), loop_count(triton.cdiv(hidden, block_n)),
-                loop_count(triton.cdiv(hidden, block_k)), batch, hidden, lam.stride(0),
+                loop_count(triton.cdiv(hidden, block_k)), batch, hidden, lam.stride(0), ctx.module,
                 PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=4)
         da = grad_pre[:steps]
@@ -326,10 +342,16 @@ class DenseRecurrenceTriton(torch.autograd.Function):
         grad_past[memory - 1] += lam[0] * adjoint[0]
         previous = states[memory - 1: memory - 1 + steps]
         grad_lam = (adjoint[:steps] * (previous - fresh)).sum(1)
-        return (da.to(ctx.z_dtype), grad_weights, grad_past, grad_lam.to(ctx.lam_dtype), None, None)
+        return (da.to(ctx.z_dtype), grad_weights, grad_past, grad_lam.to(ctx.lam_dtype), None, None, None)
 
 
 def dense_recurrence_triton(z: torch.Tensor, weights: torch.Tensor, past: torch.Tensor, lam: torch.Tensor,
-                            delays: Sequence[int], activation: str) -> torch.Tensor:
-    """All hidden states (T, B, H) of the module docstring's recurrence, by the Triton kernels."""
-    return DenseRecurrenceTriton.apply(z, weights, past, lam, tuple(int(d) for d in delays), activation)
+                            delays: Sequence[int], activation: str, module: int | None = None) -> torch.Tensor:
+    """All hidden states (T, B, H) of the module docstring's recurrence, by the Triton kernels.
+
+    ``module``: None for dense U; for a block-upper-triangular U (Clockwork: U[i, j] = 0 unless unit
+    j's module >= unit i's, modules of ``module`` units) the units per module, so that the kernels
+    skip the zero blocks."""
+    if module is not None and (module < 1 or z.shape[2] % module):
+        raise ValueError(f"dense Triton kernel: module {module} must divide the hidden size {z.shape[2]}")
+    return DenseRecurrenceTriton.apply(z, weights, past, lam, tuple(int(d) for d in delays), activation, module)

@@ -145,8 +145,9 @@ class ClockworkRNN(nn.Module):
         if self.backend == "triton" or (
                 self.backend == "auto" and resolve_dense_backend("auto", self.weight_hh, "ClockworkRNN") == "triton"):
             resolve_dense_backend("triton", self.weight_hh, "ClockworkRNN")  # a one-line error where it cannot run
+            # The layer's mask is the default one (clockwork_triton then skips W_h's zero blocks).
             output = clockwork_triton(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
-                                      self.nonlinearity, step, self.mask)
+                                      self.nonlinearity, step)
         else:
             output = clockwork_recurrence(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
                                           self.nonlinearity, step, self.backend, self.mask)
