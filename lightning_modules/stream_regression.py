@@ -62,7 +62,9 @@ class StreamRegressionModule(HostResetFlags, SequenceRegressionModule):
         self.carried[stage] = detach_state(state)
         loss = self.loss(predictions, batch.targets)
         if stage == "train":
-            self.check_training_loss(loss)
+            self.check_training_loss(loss, inputs=batch.inputs)  # NaN targets mark steps without one
+        elif stage == "val":
+            self.note_validation_batch(batch.inputs)
         scored = self.target_steps(predictions.detach(), batch.targets)
         metric = self.metrics[f"{stage}_metric"]
         if scored[1].numel():

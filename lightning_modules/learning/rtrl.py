@@ -114,7 +114,7 @@ class RealTimeRecurrentLearning(LearningRule):
             loss, _ = self.sensitivities.accumulate(
                 chunk, self._chunk_loss(objective, batch.targets, start, chunk.shape[1], total_steps))
             if loss is not None:
-                objective.check_training_loss(loss)
+                objective.check_training_loss(loss, inputs=chunk)
                 total_loss, pending = total_loss + loss, True
             since_update += chunk.shape[1]
             # No step where no loss has arrived since the last one (e.g. a "last" readout mid-sequence).
