@@ -3,13 +3,14 @@
 Prints a markdown table of every run (overrides, status, final metrics, the paper's number and the
 difference, parameters, steps, seconds), the mean ± std over seeds per configuration, and the runs
 that failed or diverged with their error line. Writes DIR/results_table.{csv,json} and, with
---plot, learning curves DIR/curves_<metric>.png read from the TensorBoard events.
+--plot, learning curves DIR/curves_<metric>.png read from the TensorBoard events (--out: elsewhere).
+A folder that cannot be written still gets its table printed, then one line (exit status 1).
 """
 import argparse
 import sys
 from pathlib import Path
 
-from lightning_modules.report import plot_curves, report
+from lightning_modules.report import ReportNotWritten, build_report, plot_curves, write_report
 
 
 def main(argv=None) -> int:
@@ -28,16 +29,21 @@ def main(argv=None) -> int:
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
     group_by = [key for item in args.group_by for key in split(item)] if args.group_by else None
     try:
-        print(report(args.dir, group_by=group_by, metrics=split(args.metrics) if args.metrics else None,
-                     out_dir=args.out))
+        text, files = build_report(args.dir, group_by=group_by, metrics=split(args.metrics) if args.metrics else None,
+                                   out_dir=args.out)
+        print(text, flush=True)
+        write_report(files)
         if args.plot:
             for path in plot_curves(args.dir, split(args.plot), out_dir=args.out):
                 print(f"plot: {path}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ReportNotWritten as err:
+        print(f"error: the files could not be written: {err.folder} is not writable ({err.strerror}); choose "
+              f"another folder with --out DIR", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,11 +12,15 @@ log = logging.getLogger(__name__)
 class PlateauReloadBest(pl.Callback):
     """The IndRNN papers' schedule: on a plateau, go back to the best weights and lower the LR.
 
-    After each validation: if ``monitor`` improved, remember the weights and optimizer state (in
-    memory); otherwise count a bad validation. After more than ``patience`` bad validations, reload
+    After each validation: if ``monitor`` improved, remember the weights and optimizer state;
+    otherwise count a bad validation. After more than ``patience`` bad validations, reload
     the best weights and optimizer state, multiply the learning rate by ``factor`` and (as the
     official code's ``pThre / reduced``) halve the patience. Training stops once the learning rate
     falls below ``min_lr``.
+
+    The remembered best weights and optimizer state travel in every checkpoint (this callback's
+    state), so a resumed run goes back to the same best weights at its next plateau as an
+    uninterrupted run would.
 
     Args:
         monitor: metric name, e.g. "val/acc".
@@ -76,10 +80,14 @@ class PlateauReloadBest(pl.Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict:
-        # The in-memory best weights are not saved: the best checkpoint holds them already.
-        return {"best": self.best, "bad_validations": self.bad_validations, "reductions": self.reductions}
+        # The best weights go with the counters: best.ckpt need not hold them (another monitor, another
+        # callback's choice), and without them a resumed run's first plateau could not go back.
+        return {"best": self.best, "bad_validations": self.bad_validations, "reductions": self.reductions,
+                "best_state": self.best_state}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = state_dict["best"]
         self.bad_validations, self.reductions = state_dict["bad_validations"], state_dict["reductions"]
+        # Checkpoints written before the best weights were saved: the next improvement sets them again.
+        self.best_state = state_dict.get("best_state")
 

@@ -1,12 +1,18 @@
 """Gather the runs under a folder (a sweep, or any tree of run directories) into one table.
 
-Each run directory holds ``results.json`` (written by the run driver) and ``.hydra/`` (the composed
-config and the command-line overrides). A run that was killed before writing results.json still
-has ``.hydra/``; it is listed as ``incomplete`` with the last error line of its ``train.log``.
+Each run directory holds ``results.json`` (the run record, :mod:`lightning_modules.run.record`) and
+``.hydra/`` (the composed config and the command-line overrides). A run whose record still says
+``running`` but that no live process holds, or that died before writing results.json (it still has
+``.hydra/``), is listed as ``killed`` with the last error line of its ``train.log``, as the sweep
+summary lists it.
+
+Building the report (:func:`build_report`) writes nothing; :func:`write_report` writes its files, so
+a folder that cannot be written still gets its table printed.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -16,9 +22,11 @@ from pathlib import Path
 
 import yaml
 
-RESULTS_FILE = "results.json"
+from lightning_modules.run.lock import holder_alive
+from lightning_modules.run.record import (KILLED, OK_STATUSES, RESULTS_FILE, RUNNING, UnreadableRecord, read_record,
+                                          status_now)
+
 TABLE_STEM = "results_table"   # DIR/results_table.{csv,json}: never mistaken for a run's results.json
-OK_STATUSES = ("finished", "fitted")
 
 
 @dataclass
@@ -85,21 +93,23 @@ def last_error_line(log_file: Path) -> str | None:
 def load_run(run_dir: Path, root: Path) -> Run:
     """Read one run directory (results.json, .hydra/overrides.yaml, .hydra/config.yaml)."""
     run_dir = Path(run_dir)
-    results = {}
-    if (run_dir / RESULTS_FILE).is_file():
-        try:
-            results = json.loads((run_dir / RESULTS_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            results = {"status": "unreadable", "error": f"{RESULTS_FILE}: {err}"}
+    try:
+        results = read_record(run_dir) or {}
+    except (OSError, UnreadableRecord) as err:
+        results = {"status": "unreadable", "error": f"{RESULTS_FILE}: {err}"}
     overrides_list = results.get("overrides")
     if overrides_list is None:
         overrides_list = _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []
     config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
-    status = results.get("status", "incomplete")
+    if results:
+        status = status_now(results, run_dir)
+    else:  # died before its first record (or is starting now)
+        status = RUNNING if holder_alive(run_dir) else KILLED
     error = results.get("error")
-    if status not in OK_STATUSES and not error:
-        error = last_error_line(run_dir / "train.log") or ("no results.json: the process was killed or is running"
-                                                           if not results else None)
+    if status not in OK_STATUSES and status != RUNNING and not error:
+        error = last_error_line(run_dir / "train.log") or ("no results.json: the process was killed before "
+                                                           "recording anything" if not results else
+                                                           "stopped without a final status")
     metrics = {key: float(value) for key, value in results.items()
                if key.startswith(("val/", "test/")) and isinstance(value, (int, float)) and not isinstance(value, bool)}
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
@@ -237,21 +247,44 @@ def markdown_table(header: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({col: _format(row.get(col)) for col in header} for row in rows)
+def csv_text(header: list[str], rows: list[dict]) -> str:
+    stream = io.StringIO(newline="")
+    writer = csv.DictWriter(stream, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({col: _format(row.get(col)) for col in header} for row in rows)
+    return stream.getvalue()
 
 
-def report(root: Path, group_by: list[str] | None = None, metrics: list[str] | None = None,
-           out_dir: Path | None = None) -> str:
-    """The markdown report of every run under ``root``; writes results_table.{csv,json} in
-    ``out_dir`` (default: ``root``). Returns the text printed to the terminal."""
+class ReportNotWritten(OSError):
+    """The report's files could not be written (the table was built; :attr:`folder` is where)."""
+
+    def __init__(self, folder: Path, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror, error.filename)
+        self.folder = folder
+
+
+def write_report(files: dict[Path, str]) -> list[Path]:
+    """Write the report's files; a folder that cannot be written raises :class:`ReportNotWritten`."""
+    written = []
+    for path, text in files.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="") as stream:
+                stream.write(text)
+        except OSError as err:
+            raise ReportNotWritten(path.parent, err) from err
+        written.append(path)
+    return written
+
+
+def build_report(root: Path, group_by: list[str] | None = None, metrics: list[str] | None = None,
+                 out_dir: Path | None = None) -> tuple[str, dict[Path, str]]:
+    """The markdown report of every run under ``root`` and the files it goes with
+    (``results_table.{csv,json}``, in ``out_dir``, default ``root``); writes nothing."""
     root = Path(root)
     runs = load_runs(root)
     out_dir = Path(out_dir) if out_dir else root
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[Path, str] = {}
     columns = metric_columns(runs, metrics)
     header, rows = run_rows(runs, columns)
     text = [f"# {len(runs)} runs under {root}"]
@@ -259,12 +292,12 @@ def report(root: Path, group_by: list[str] | None = None, metrics: list[str] | N
     if common:
         text.append("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
     text += ["", markdown_table(header, rows)]
-    write_csv(out_dir / f"{TABLE_STEM}.csv", header, rows)
+    files[out_dir / f"{TABLE_STEM}.csv"] = csv_text(header, rows)
     grouped_header, grouped = group_rows(runs, columns, group_by)
     if group_by or any(row["runs"] > 1 for row in grouped):
         title = ", ".join(group_by) if group_by else "all overrides but the seed"
         text += ["", f"## Mean ± std over seeds, grouped by {title}", "", markdown_table(grouped_header, grouped)]
-        write_csv(out_dir / f"{TABLE_STEM}_grouped.csv", grouped_header, grouped)
+        files[out_dir / f"{TABLE_STEM}_grouped.csv"] = csv_text(grouped_header, grouped)
     sources = sorted({run.paper["source"] for run in runs if run.paper and run.paper.get("source")})
     if sources:
         text += ["", "paper: " + "; ".join(sources)]
@@ -280,8 +313,16 @@ def report(root: Path, group_by: list[str] | None = None, metrics: list[str] | N
                   "monitor": run.monitor, "error": run.error, "paper": run.paper} for run in runs],
         "groups": grouped,
     }
-    (out_dir / f"{TABLE_STEM}.json").write_text(json.dumps(document, indent=2, default=str))
-    return "\n".join(text)
+    files[out_dir / f"{TABLE_STEM}.json"] = json.dumps(document, indent=2, default=str)
+    return "\n".join(text), files
+
+
+def report(root: Path, group_by: list[str] | None = None, metrics: list[str] | None = None,
+           out_dir: Path | None = None) -> str:
+    """:func:`build_report`, its files written; returns the text printed to the terminal."""
+    text, files = build_report(root, group_by, metrics, out_dir)
+    write_report(files)
+    return text
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
@@ -298,8 +339,24 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return ordered, [steps[step] for step in ordered]
 
 
+def scalar_tags(run_dirs: list[Path]) -> set[str]:
+    """Every scalar tag logged to TensorBoard by any of the runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for run_dir in run_dirs:
+        for events_dir in {p.parent for p in Path(run_dir).rglob("events.out.tfevents.*")}:
+            accumulator = EventAccumulator(str(events_dir), size_guidance={"scalars": 1})
+            accumulator.Reload()
+            tags.update(accumulator.Tags().get("scalars", []))
+    return tags
+
+
 def plot_curves(root: Path, tags: list[str], out_dir: Path | None = None) -> list[Path]:
-    """One PNG per tag (``curves_<tag>.png``) with a curve per run; returns the files written."""
+    """One PNG per tag (``curves_<tag>.png``) with a curve per run; returns the files written.
+
+    A tag that no run logged is a ValueError listing the tags that exist (checked before drawing);
+    a folder that cannot be written raises :class:`ReportNotWritten`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,6 +364,11 @@ def plot_curves(root: Path, tags: list[str], out_dir: Path | None = None) -> lis
 
     root = Path(root)
     runs = load_runs(root)
+    existing = scalar_tags([run.path for run in runs])
+    missing = [tag for tag in tags if tag not in existing]
+    if missing:
+        raise ValueError(f"--plot: no run under {root} logged {', '.join(missing)}; tags found: "
+                         f"{', '.join(sorted(existing)) or 'none (no TensorBoard events)'}")
     keys = varying_keys(runs)
     out_dir = Path(out_dir) if out_dir else root
     written = []
@@ -319,9 +381,6 @@ def plot_curves(root: Path, tags: list[str], out_dir: Path | None = None) -> lis
                 label = " ".join(f"{k}={run.overrides.get(k, '')}" for k in keys) or run.name
                 axes.plot(steps, values, label=label, linewidth=1.2)
                 drawn += 1
-        if not drawn:
-            plt.close(figure)
-            continue
         axes.set_xlabel("step")
         axes.set_ylabel(tag)
         if tag.endswith(("loss", "mse", "bpc", "ppl")) and all(v > 0 for line in axes.lines for v in line.get_ydata()):
@@ -331,7 +390,12 @@ def plot_curves(root: Path, tags: list[str], out_dir: Path | None = None) -> lis
         axes.set_title(f"{tag}: {drawn} runs under {root.name}")
         path = out_dir / f"curves_{tag.replace('/', '_')}.png"
         figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=110)
+        except OSError as err:
+            raise ReportNotWritten(out_dir, err) from err
+        finally:
+            plt.close(figure)
         written.append(path)
     return written

@@ -1,9 +1,6 @@
 """results.json and the TensorBoard HParams entry of a run."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,23 +14,11 @@ PROJECT_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name 
 
 
 def write_results(output_dir: Path, results: dict) -> Path:
-    """Write ``results.json`` atomically: a crash mid-write never leaves a truncated file."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / "results.json"
-    handle, temporary = tempfile.mkstemp(dir=output_dir, prefix=".results-", suffix=".json")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(results, stream, indent=2, sort_keys=True, default=str)
-    # mkstemp creates the file 0600; a results file is for everyone who may read the run (the umask decides).
-    os.chmod(temporary, 0o666 & ~current_umask())
-    os.replace(temporary, target)
-    return target
+    """Write ``results.json`` (the run record, :mod:`lightning_modules.run.record`) atomically."""
+    from lightning_modules.run.record import write_record
 
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return write_record(output_dir, results)
 
 
 def flatten_hparams(cfg: DictConfig) -> dict:

@@ -95,3 +95,80 @@ def test_group_by_and_bad_keys(sweep, tmp_path):
         + ", ".join(k for k in table["common_overrides"]) + ")"]
     done = run_script("results.py", [str(tmp_path / "empty")])
     assert done.returncode == 2 and "is not a folder" in done.stderr
+
+
+# ------------------------------------------- fake run directories (fast): statuses, unwritable folders, tags
+
+def fake_runs(root, statuses=("finished", "running")):
+    """Run directories as train.py leaves them (results.json through the record type, .hydra/overrides)."""
+    from lightning_modules.run.record import write_record
+
+    for seed, status in enumerate(statuses):
+        run_dir = root / f"{seed}_adding_lstm"
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+        write_record(run_dir, {"status": status, "monitor": "val/mse", "test/mse": 0.5 + seed,
+                               "overrides": [f"seed={seed}"], "steps": 10})
+    return root
+
+
+def test_running_means_killed_unless_a_live_process_holds_the_run(tmp_path):
+    from lightning_modules.report import load_runs
+    from lightning_modules.run.lock import acquire, release
+    from lightning_modules.run.sweep import job_records
+
+    fake_runs(tmp_path)
+    (tmp_path / "2_adding_lstm" / ".hydra").mkdir(parents=True)  # died before its first record
+    (tmp_path / "2_adding_lstm" / ".hydra" / "config.yaml").write_text("seed: 2\n")
+    assert [run.status for run in load_runs(tmp_path)] == ["finished", "killed", "killed"]
+    assert [record["status"] for record in job_records(tmp_path)] == ["finished", "killed", "killed"]
+    acquire(tmp_path / "1_adding_lstm")  # a run that is training now
+    try:
+        assert [run.status for run in load_runs(tmp_path)][1] == "running"
+        assert job_records(tmp_path)[1]["status"] == "running"
+    finally:
+        release(tmp_path / "1_adding_lstm")
+
+
+def test_results_py_on_a_read_only_folder_prints_the_table_then_one_line(tmp_path, capsys):
+    """A read-only tmpfs (root ignores permission bits, not a read-only mount); skipped where mounting fails."""
+    import subprocess
+
+    import results
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        fake_runs(folder, ("finished", "failed"))
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True).returncode == 0
+        assert results.main([str(folder)]) == 1
+        out, err = capsys.readouterr()
+        assert "| 0_adding_lstm | 0 | finished |" in out and "## 1 of 2 runs did not finish" in out
+        assert err.strip().splitlines() == [f"error: the files could not be written: {folder} is not writable "
+                                            "(Read-only file system); choose another folder with --out DIR"]
+        assert results.main([str(folder), "--out", str(tmp_path / "elsewhere")]) == 0
+        assert (tmp_path / "elsewhere" / "results_table.csv").is_file()
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_plot_of_a_tag_no_run_logged_lists_the_tags(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    import results
+
+    fake_runs(tmp_path, ("finished",))
+    writer = SummaryWriter(str(tmp_path / "0_adding_lstm" / "tensorboard"))
+    for step in range(3):
+        writer.add_scalar("val/mse", 1.0 / (step + 1), step)
+        writer.add_scalar("train/loss", 2.0 / (step + 1), step)
+    writer.close()
+    assert results.main([str(tmp_path), "--plot", "val/nonexistent", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: --plot: no run under {tmp_path} logged val/nonexistent; tags found: "
+                                        "train/loss, val/mse"]
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert results.main([str(tmp_path), "--plot", "val/mse", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "curves_val_mse.png").is_file()

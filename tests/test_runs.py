@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_modules.results import PROJECT_METRICS
 from lightning_modules.run import train
-from lightning_modules.run.rundir import claim_dir, latest_run_checkpoint, resolve_checkpoint
+from lightning_modules.run.rundir import claim_dir
 from tests.conftest import QUICK, ROOT, compose_train, run_script
 
 # Four epochs of 25 steps on T=20: long enough to signal a run mid-epoch, short enough for a test.
@@ -101,9 +101,16 @@ def test_sigterm_exits_143_with_status_interrupted(tmp_path):
     assert read_results(run_dir_of(tmp_path))["status"] == "interrupted"
 
 
-def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("schedule", [
+    [],
+    # The IndRNN papers' schedule, plateaus every few epochs: the first one after the resume must go back to
+    # the best weights of before the kill (they travel in last.ckpt).
+    pytest.param(["callbacks=official_indrnn", "callbacks.plateau_reload.patience=0", "optimizer.lr=0.05"],
+                 marks=pytest.mark.slow),
+], ids=["default", "official-plateau"])
+def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrupted_run(tmp_path, schedule):
     # Twelve epochs: enough left after the first epoch's checkpoint that the kill lands mid-run on a fast machine.
-    settings = [*RESUMABLE, "task.max_epochs=12"]
+    settings = [*RESUMABLE, "task.max_epochs=12", *schedule]
     reference_dir = tmp_path / "reference"
     completed = run_script("train.py", [*settings, f"paths.log_dir={reference_dir}"])
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -132,20 +139,33 @@ def test_killed_run_resumes_into_its_directory_and_ends_exactly_as_an_uninterrup
     assert results["seconds"] > killed["seconds"]
     # One TensorBoard run, continued: every training step logged once, as in the uninterrupted run.
     assert train_steps(run_dir) == train_steps(run_dir_of(reference_dir))
+    if schedule:
+        final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PlateauReloadBest"]
+        assert final["reductions"] > 0 and "best weights reloaded" in resumed.stdout + resumed.stderr
 
 
-def test_ckpt_path_last_finds_the_latest_run_of_the_task_and_model(tmp_path):
-    older = claim_dir(tmp_path / "2026-01-01" / "10-00-00_adding_indrnn")
-    newer = claim_dir(tmp_path / "2026-01-02" / "09-00-00_adding_indrnn")
-    other = claim_dir(tmp_path / "2026-01-03" / "09-00-00_adding_lstm")
-    for number, folder in enumerate((older, newer, other)):
-        (folder / "checkpoints").mkdir()
-        (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
-        os.utime(folder / "checkpoints" / "last.ckpt", (1000 + number, 1000 + number))
-    assert latest_run_checkpoint(tmp_path, "adding", "indrnn") == newer / "checkpoints" / "last.ckpt"
-    assert resolve_checkpoint("last", tmp_path, "adding", "lstm") == other / "checkpoints" / "last.ckpt"
-    assert resolve_checkpoint(older, tmp_path, "adding", "indrnn") == (older / "checkpoints" / "last.ckpt").resolve()
-    assert resolve_checkpoint("last", tmp_path, "adding", "gru") is None
+def test_plateau_reload_after_a_resume_goes_back_to_the_same_best_weights(tmp_path):
+    # The official schedule (callbacks=official_indrnn) keeps the best weights to go back to at a plateau;
+    # they travel in last.ckpt, so a run stopped just before a plateau and resumed ends as the uninterrupted run.
+    settings = [*QUICK, "callbacks=official_indrnn", "callbacks.plateau_reload.patience=0", "optimizer.lr=0.05",
+                "task.stop_at=null", "trainer.deterministic=true", "model.hidden_size=8", "task.max_epochs=7"]
+    train(compose_train(tmp_path / "reference", settings))
+    events = EventAccumulator(str(tmp_path / "reference" / "tensorboard"))
+    events.Reload()
+    validations = [event.value for event in events.Scalars("val/mse")]
+    # Stop after `epochs` epochs where the next validation is a plateau (worse than the best so far): the
+    # resumed run's first validation then reloads the best weights, which only the checkpoint can hold.
+    epochs = next(epoch for epoch in range(1, len(validations)) if validations[epoch] >= min(validations[:epoch]))
+    train(compose_train(tmp_path / "resumed", [*settings, f"task.max_epochs={epochs}"]))
+    train(compose_train(tmp_path / "resumed", [*settings, f"ckpt_path={tmp_path / 'resumed'}"]))
+    reference, resumed = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+                          for name in ("reference", "resumed"))
+    assert resumed["callbacks"]["PlateauReloadBest"]["reductions"] >= 1
+    assert resumed["callbacks"]["PlateauReloadBest"]["reductions"] == reference["callbacks"]["PlateauReloadBest"][
+        "reductions"]
+    for name, weights in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], weights), name
+    assert read_results(tmp_path / "resumed")["test/mse"] == read_results(tmp_path / "reference")["test/mse"]
 
 
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.results import write_results
+from lightning_modules.run.record import RUNNING, write_record
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 
@@ -44,12 +44,23 @@ def set_rng_states(states: dict) -> None:
 
 def save_checkpoint_atomically(trainer: pl.Trainer, target: Path) -> None:
     """``trainer.save_checkpoint`` to a temporary name, then a rename: a crash while writing never
-    leaves a broken checkpoint under ``target``. Every rank must call it (Lightning synchronises)."""
+    leaves a broken checkpoint under ``target``, and a failed write (a full disk) removes the
+    temporary file and leaves the previous ``target`` as it was. Every rank must call it (Lightning
+    synchronises)."""
     temporary = target.with_name(f".{target.name}.part-{os.getpid()}")
-    trainer.save_checkpoint(temporary, weights_only=False)
-    trainer.strategy.barrier("atomic_checkpoint")
-    if trainer.is_global_zero:
-        os.replace(temporary, target)
+    try:
+        trainer.save_checkpoint(temporary, weights_only=False)
+        trainer.strategy.barrier("atomic_checkpoint")
+        if trainer.is_global_zero:
+            with open(temporary, "rb") as stream:  # on disk before it replaces the previous checkpoint
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 class RunRecorder(pl.Callback):
@@ -78,6 +89,7 @@ class RunRecorder(pl.Callback):
         self.best: dict | None = None   # {"step", "epoch", "val/...": value}
         self.saved_step: int | None = None
         self.stop_requested = False
+        self.training_started = False  # Lightning restored the checkpoint (if any) and began to train
         self.signal_guard = None  # the driver's GracefulStop, re-armed once Lightning has set its handlers
 
     @property
@@ -103,6 +115,12 @@ class RunRecorder(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signal_guard is not None:
             self.signal_guard.reinstall()
+        # From here this session owns the record (a resumed run's earlier record is in resume_history).
+        self.training_started = True
+        if trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False):
+            self.record.update(status=RUNNING, steps=trainer.global_step, epochs=trainer.current_epoch,
+                               seconds=self.seconds(), best=self.best)
+            write_record(self.output_dir, self.record)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -126,10 +144,10 @@ class RunRecorder(pl.Callback):
     def write_progress(self, trainer: pl.Trainer, last_metrics: dict) -> None:
         if not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
             return
-        self.record.update(status="running", steps=trainer.global_step, epochs=trainer.current_epoch,
+        self.record.update(status=RUNNING, steps=trainer.global_step, epochs=trainer.current_epoch,
                            seconds=self.seconds(), best=self.best,
                            **{f"last_{key}": value for key, value in last_metrics.items()})
-        write_results(self.output_dir, self.record)
+        write_record(self.output_dir, self.record)
 
     # Random states travel with every checkpoint; the best validation with this callback's state.
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

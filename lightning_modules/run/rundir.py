@@ -1,22 +1,32 @@
-"""Run directories: unique for every run, found again for a resume.
+"""Run directories: unique for every run, found again for a resume, held by one process at a time.
 
 A run directory is claimed with ``os.mkdir``, which fails if the directory exists, so two runs started
-in the same second never share one: the second gets a ``-2`` suffix (``-3``...). Resuming
-(``ckpt_path=last``, ``ckpt_path=<run dir>`` or ``ckpt_path=<a checkpoint file>``) goes back into the
-run directory the checkpoint came from, so a run's curves, checkpoints and results.json stay together.
+in the same second never share one: the second gets a ``-2`` suffix (``-3``...). A resume
+(``ckpt_path``, :mod:`.resume`) goes back into the run directory its checkpoint came from, so a run's
+curves, checkpoints and results.json stay together; a checkpoint file outside any run directory
+starts a new one.
+
+:class:`RunDirectory`, a Hydra callback (conf/hydra/default.yaml), places the run before Hydra writes
+anything: it runs every check of a resume, makes sure the directory can be written, takes its lock
+(:mod:`.lock`) and, when the directory already holds a run, has Hydra keep this session's config in
+``.hydra/resume-N/`` beside the original ``.hydra/config.yaml``. Any failure there is one line and
+leaves every file of the run as it was.
 
 The Hydra resolvers are registered by the entry points (train.py, eval.py, generate.py) with
 :func:`register_resolvers`, never as an import side effect.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -50,68 +60,34 @@ def checkpoint_run_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
 
 
-def latest_run_checkpoint(log_dir: str | os.PathLike, task: str, model: str) -> Path | None:
-    """The most recent ``last.ckpt`` of a run of ``task`` and ``model`` under ``log_dir`` (runs and sweeps)."""
-    root = Path(log_dir)
-    # <day>/<HH-MM-SS>_<task>_<model>[-N] for runs, multirun/<day>/<time>[-N]/<job>_<task>_<model> for sweeps.
-    name = re.compile(rf"^(\d\d-\d\d-\d\d|\d+)_{re.escape(task)}_{re.escape(model)}(-\d+)?$")
-    candidates = [path for pattern in (f"*/*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}",
-                                       f"multirun/*/*/*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
-                  for path in root.glob(pattern) if name.match(path.parent.parent.name)]
-    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
-
-
-def resolve_checkpoint(ckpt_path: str | os.PathLike | None, log_dir: str | os.PathLike, task: str,
-                       model: str) -> Path | None:
-    """The checkpoint file that ``ckpt_path`` names, or None when it names none that exists.
-
-    ``last``: the latest ``last.ckpt`` of this task and model; a directory: its ``checkpoints/last.ckpt``
-    (or the directory's own ``last.ckpt``); a file: itself.
-    """
-    if ckpt_path in (None, ""):
-        return None
-    if str(ckpt_path) == "last":
-        return latest_run_checkpoint(log_dir, task, model)
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        for candidate in (path / CHECKPOINT_DIR / LAST_CHECKPOINT, path / LAST_CHECKPOINT):
-            if candidate.is_file():
-                return candidate.resolve()
-        return None
-    return path.resolve() if path.is_file() else None
-
-
 def slurm_requeued_run(log_dir: str | os.PathLike) -> Path | None:
     """The run directory of this SLURM job's earlier attempt when SLURM requeued it, else None."""
+    from lightning_modules.run.record import RESULTS_FILE, read_record_or_empty
+
     job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
     if not job or not restarts.isdigit() or int(restarts) < 1:
         return None
     root = Path(log_dir)
-    for results in sorted(list(root.glob("*/*/results.json")) + list(root.glob("multirun/*/*/*/results.json")),
+    for results in sorted(list(root.glob(f"*/*/{RESULTS_FILE}")) + list(root.glob(f"multirun/*/*/*/{RESULTS_FILE}")),
                           key=lambda path: path.stat().st_mtime, reverse=True):
-        try:
-            record = json.loads(results.read_text())
-        except (OSError, ValueError):
-            continue
+        record = read_record_or_empty(results.parent)
         if str(record.get("slurm_job_id")) == job and record.get("status") != "finished":
             return results.parent
     return None
 
 
-def run_dir(log_dir: str, task: str, model: str, ckpt_path: str | None = None) -> str:
-    """Resolver behind ``hydra.run.dir``: the resumed run's directory, or a new unique one."""
-    key = ("run", f"{log_dir}|{task}|{model}|{ckpt_path}")
+def run_dir(log_dir: str, task: str, model: str, *unused) -> str:
+    """Resolver behind ``hydra.run.dir``: the run directory of this SLURM job's earlier attempt when
+    SLURM requeued it, else a new unique one (claimed once per process). A resume (``ckpt_path``) is
+    placed by :class:`RunDirectory` before Hydra resolves this."""
+    key = ("run", f"{log_dir}|{task}|{model}")
     if key not in _CLAIMED:
-        checkpoint = resolve_checkpoint(ckpt_path, log_dir, task, model)
-        if checkpoint is not None:
-            _CLAIMED[key] = str(checkpoint_run_dir(checkpoint))
+        requeued = slurm_requeued_run(log_dir)
+        if requeued is not None:
+            _CLAIMED[key] = str(requeued)
         else:
-            requeued = slurm_requeued_run(log_dir)
-            if requeued is not None:
-                _CLAIMED[key] = str(requeued)
-            else:
-                day, time = _stamp()
-                _CLAIMED[key] = str(claim_dir(Path(log_dir) / day / f"{time}_{task}_{model}"))
+            day, time = _stamp()
+            _CLAIMED[key] = str(claim_dir(Path(log_dir) / day / f"{time}_{task}_{model}"))
     return _CLAIMED[key]
 
 
@@ -145,3 +121,130 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("sweep_dir", sweep_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("eval_dir", eval_dir, use_cache=True, replace=True)
+
+
+def unwritable(folder: Path, error: OSError, what: str) -> str:
+    """The one line for a place a run cannot write."""
+    from lightning_modules.run.record import describe_storage_error
+
+    where = Path(error.filename) if error.filename else folder
+    return (f"cannot write {what} {where} ({describe_storage_error(error).split(' writing ')[0]}): choose a writable "
+            f"place with paths.log_dir=DIR (or hydra.run.dir=DIR)")
+
+
+def check_writable(folder: Path, what: str = "the run directory") -> None:
+    """Create ``folder`` if needed and prove a file can be made in it (nothing is left behind); a
+    one-line UserError naming the folder otherwise."""
+    import tempfile
+
+    from lightning_modules.run.errors import UserError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(unwritable(folder, err, what)) from err
+
+
+def resumed_sessions(run_dir: Path) -> int:
+    """How many ``.hydra/resume-N/`` folders a run directory holds (the highest N)."""
+    numbers = [int(path.name.split("-", 1)[1]) for path in (run_dir / ".hydra").glob("resume-*")
+               if path.name.split("-", 1)[1].isdigit()]
+    return max(numbers, default=0)
+
+
+def _explicit_run_dir(config: DictConfig) -> str | None:
+    for item in config.hydra.overrides.hydra or []:
+        if str(item).startswith("hydra.run.dir="):
+            return str(OmegaConf.select(config, "hydra.run.dir"))
+    return None
+
+
+def command_config(config: DictConfig) -> dict:
+    """This command's config as plain types for the resume check: the keys a resume must keep, resolved
+    (the resume-safe ones, e.g. paths.output_dir that Hydra has not set yet, are left out)."""
+    from lightning_modules.run.resume import resume_safe
+
+    plain = {}
+    for key in config:
+        if key == "hydra" or resume_safe(str(key)):
+            continue
+        node = config[key]
+        plain[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return plain
+
+
+class RunDirectory(Callback):
+    """Hydra callback: choose, check and hold the run directory of ``python train.py`` before Hydra
+    writes anything into it (its ``.hydra/`` and train.log); one line and exit status 1 otherwise."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from lightning_modules.run.errors import UserError
+
+        try:
+            self.place(config)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from lightning_modules.run.errors import UserError
+
+        try:
+            sweep = Path(self._resolve(config, "hydra.sweep.dir", Path(str(config.paths.log_dir)) / "multirun",
+                                       "the sweep directory"))
+            check_writable(sweep, "the sweep directory")
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    @staticmethod
+    def _resolve(config: DictConfig, key: str, folder: Path, what: str = "the run directory") -> str:
+        """``config[key]`` resolved; a folder that cannot be created is a one-line UserError."""
+        from lightning_modules.run.errors import UserError
+
+        try:
+            return str(OmegaConf.select(config, key))
+        except Exception as err:  # OmegaConf wraps the resolver's OSError
+            cause = err
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise UserError(unwritable(folder, cause, what)) from err
+
+    def place(self, config: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from lightning_modules.run.lock import acquire, rank_zero
+        from lightning_modules.run.resume import plan_resume
+
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the config resolves from here on
+        log_dir = Path(str(config.paths.log_dir))
+        explicit = _explicit_run_dir(config)
+        requested = OmegaConf.select(config, "ckpt_path", default=None)
+        if requested not in (None, ""):
+            choices = config.hydra.runtime.choices
+            plan = plan_resume(requested, log_dir, str(choices.get("task")), str(choices.get("model")),
+                               command_config(config))
+            if explicit:
+                target = Path(explicit)
+            elif plan.source_run is not None:
+                target = plan.source_run
+            else:
+                target = Path(self._resolve(config, "hydra.run.dir", log_dir))
+                print(f"ckpt_path={requested} lies outside any run directory: continuing in a new run directory "
+                      f"{target}", file=sys.stderr, flush=True)
+        else:
+            target = Path(self._resolve(config, "hydra.run.dir", log_dir))
+        check_writable(target)
+        if rank_zero():
+            acquire(target)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = str(target)
+            earlier = (target / ".hydra").is_dir()
+            if earlier and config.hydra.output_subdir is not None:
+                # The original .hydra/config.yaml describes the run; this session's goes beside it.
+                config.hydra.output_subdir = f".hydra/resume-{resumed_sessions(target) + 1}"

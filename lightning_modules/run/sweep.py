@@ -6,7 +6,6 @@ conf/hydra/default.yaml, reads them once the launcher has run every job.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,23 +13,26 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lightning_modules.run.record import FAILED, FINISHED, KILLED, UnreadableRecord, read_record, status_now
+
 log = logging.getLogger(__name__)
 
 
 def job_records(sweep_dir: Path) -> list[dict]:
-    """One dict per job directory (any folder holding .hydra/) of a sweep, read from its results.json."""
+    """One dict per job directory (any folder holding .hydra/) of a sweep, read from its results.json;
+    a job still ``running`` that no live process holds was killed (:func:`~.record.status_now`)."""
     records = []
     for job_dir in sorted((path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir()),
                           key=lambda path: (len(path.name), path.name)):
-        results = job_dir / "results.json"
         try:
-            record = json.loads(results.read_text())
-        except FileNotFoundError:
-            record = {"status": "killed", "error": "no results.json: the job died before recording anything"}
-        except ValueError as err:
-            record = {"status": "failed", "error": f"unreadable results.json: {err}"}
-        if record.get("status") == "running":  # it never reached its end: killed without warning
-            record = {**record, "status": "killed", "error": record.get("error") or "stopped without a final status"}
+            record = read_record(job_dir)
+        except (UnreadableRecord, OSError) as err:
+            record = {"status": FAILED, "error": f"unreadable results.json: {err}"}
+        if record is None:
+            record = {"status": KILLED, "error": "no results.json: the job died before recording anything"}
+        status = status_now(record, job_dir)
+        if status == KILLED and record.get("status") != KILLED:
+            record = {**record, "status": KILLED, "error": record.get("error") or "stopped without a final status"}
         records.append({"job": job_dir.name, **record})
     return records
 
@@ -60,7 +62,7 @@ class SweepSummary(Callback):
         records = job_records(sweep_dir)
         if not records:
             return
-        failed = [record for record in records if record.get("status") != "finished"]
+        failed = [record for record in records if record.get("status") != FINISHED]
         print(f"\nsweep {sweep_dir}: {len(records) - len(failed)} of {len(records)} jobs finished\n"
               f"{format_table(records)}", flush=True)
         if failed:

@@ -1,0 +1,162 @@
+"""The run record, ``<run>/results.json``: its one home. Every writer (the driver, the run recorder,
+eval.py) and every reader (resume, the sweep summary, results.py, SLURM requeue) goes through here.
+
+Fields (schema version 1; readers accept records without ``schema``, written before it existed):
+
+* ``schema``: :data:`SCHEMA_VERSION`.
+* ``status``: one of :data:`STATUSES`. ``running`` is rewritten after every validation; a record
+  still ``running`` whose run directory is not held by a live process (:mod:`.lock`) was killed
+  without warning, and every reader shows it as ``killed`` (:func:`status_now`).
+* ``error``: the one-line reason of any status but ``running``/``fitted``/``finished``.
+* ``task``, ``model``, ``experiment``, ``overrides``, ``output_dir``, ``monitor``, ``host``, ``pid``,
+  ``slurm_job_id``, ``params``: what ran, where.
+* ``steps``, ``epochs``, ``seconds`` (all sessions together), ``best`` (the best validation:
+  ``step``, ``epoch``, ``val/*``), ``best_step``, ``best_epoch``, ``val/*`` at the best validation,
+  ``<monitor>_best``, ``last_val/*`` (the latest validation), ``test/*`` (the best checkpoint tested),
+  ``best_checkpoint``, ``last_checkpoint``.
+* Resumed runs: ``resumes``, ``resumed_from`` (a checkpoint file) and ``resume_history``, one entry
+  per earlier session: how it ended (``status``, ``error``), its ``steps``, ``seconds``, its test and
+  best validation metrics, and ``resumed_from_step``/``resumed_at``.
+
+The write is atomic and durable: a temporary file in the same folder, flushed and fsynced, renamed
+over results.json; on any failure (a full disk included) the temporary file is removed and the
+previous results.json is left as it was.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+SCHEMA_VERSION = 1
+TEMPORARY_PREFIX = ".results-"
+
+# How a session of a run can end (``running`` while it trains; ``killed`` is only ever derived).
+RUNNING, FITTED, FINISHED, DIVERGED, INTERRUPTED, FAILED, KILLED = (
+    "running", "fitted", "finished", "diverged", "interrupted", "failed", "killed")
+STATUSES = (RUNNING, FITTED, FINISHED, DIVERGED, INTERRUPTED, FAILED, KILLED)
+OK_STATUSES = (FINISHED, FITTED)   # runs whose metrics results.py averages
+
+
+class UnreadableRecord(ValueError):
+    """results.json exists but is not JSON (or not an object)."""
+
+
+def record_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / RESULTS_FILE
+
+
+def read_record(run_dir: str | os.PathLike) -> dict | None:
+    """The record of ``run_dir``; None when it has none; :class:`UnreadableRecord` when it is broken.
+    An OSError other than a missing file (permissions) propagates."""
+    try:
+        text = record_path(run_dir).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise UnreadableRecord(f"{record_path(run_dir)}: {err}") from err
+    if not isinstance(record, dict):
+        raise UnreadableRecord(f"{record_path(run_dir)}: not a JSON object")
+    return record
+
+
+def read_record_or_empty(run_dir: str | os.PathLike) -> dict:
+    """The record of ``run_dir``, or ``{}`` when it is missing or cannot be read."""
+    try:
+        return read_record(run_dir) or {}
+    except (OSError, UnreadableRecord):
+        return {}
+
+
+def status_now(record: dict, run_dir: str | os.PathLike | None = None) -> str:
+    """The status to show: ``running`` only while a live process holds the run directory, else
+    ``killed`` (the process died without writing its final status). A record without a status is
+    ``unknown``."""
+    status = str(record.get("status") or "unknown")
+    if status != RUNNING:
+        return status
+    if run_dir is not None:
+        from lightning_modules.run.lock import holder_alive
+
+        if holder_alive(Path(run_dir)):
+            return RUNNING
+    return KILLED
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_record(run_dir: str | os.PathLike, record: dict) -> Path:
+    """Write ``run_dir/results.json`` atomically (``schema`` added); the folder must exist.
+
+    A failure (e.g. ``ENOSPC``) removes the temporary file, leaves the previous results.json as it
+    was, and raises the OSError.
+    """
+    run_dir = Path(run_dir)
+    target = run_dir / RESULTS_FILE
+    text = json.dumps({"schema": SCHEMA_VERSION, **record}, indent=2, sort_keys=True, default=str)
+    handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=TEMPORARY_PREFIX, suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        # mkstemp creates the file 0600; a results file is for everyone who may read the run (the umask decides).
+        os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(run_dir)
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some filesystems refuse to fsync a folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# Storage faults that a user fixes outside the project (free space, permissions, a read-only mount).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def storage_error(error: BaseException) -> OSError | None:
+    """The storage OSError inside ``error`` (itself or a cause), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_storage_error(error: OSError) -> str:
+    """``no space left on device writing /x/y`` and the like, one line."""
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}.get(error.errno,
+                                                                                           error.strerror or "")
+    where = error.filename or ""
+    return f"{reason} writing {where}".strip() if where else reason
