@@ -5,6 +5,7 @@ reference loop, values and gradients (gradcheck); backend and argument errors in
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -193,3 +194,18 @@ def test_unicornn_triton_kernel_under_the_cpu_interpreter():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interpreter checks passed" in result.stdout
+
+
+def test_long_series_benchmark_times_the_oscillators_beside_indrnn(tmp_path):
+    """benchmarks/long_series.py on a tiny shape (a smoke test: no assertion on timings); the registry
+    of benchmarks/recurrence.py is left as it was."""
+    from benchmarks import long_series, recurrence
+
+    before = dict(recurrence.IMPLS)
+    path = tmp_path / "long.json"
+    results = long_series.main(["--shapes", "T6_B2_I3_H4", "--repeats", "1", "--warmup", "0", "--json", str(path)])
+    assert recurrence.IMPLS == before
+    assert list(results["T6_B2_I3_H4"]) == long_series.DEFAULT_IMPLS
+    for row in results["T6_B2_I3_H4"].values():
+        assert all(value > 0 for value in row.values())
+    assert json.loads(path.read_text()) == results

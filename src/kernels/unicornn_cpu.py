@@ -60,12 +60,20 @@ def unicornn_recurrence_reference(x: torch.Tensor, w: torch.Tensor, c: torch.Ten
 
 if numba is not None:
 
+    @numba.njit(inline="always")
+    def _tanh(a, one, two):  # pragma: no cover - compiled
+        """tanh from one exp: 4x faster than numba's libm tanh here (no SVML), error ~1e-16 (float64) /
+        2e-7 (float32); exp overflowing to inf gives exactly 1, and exp(-inf) = 0 gives -1 (no NaN).
+        ``one`` and ``two`` carry the array's dtype (a float64 literal would promote float32 work)."""
+        return one - two / (one + np.exp(two * a))
+
     # Loops run time-outer over the whole (B, H) block, as the IndRNN kernels do: every pass streams
     # through memory in order and the carried state (2 B*H values) stays in cache. (Unit-outer loops,
     # one oscillator over all T at a time, stride B*H elements per step and ran ~3x slower.)
     @numba.njit(cache=True, nogil=True)
     def _numba_forward(x, w, step, y0, z0, alpha, ys, zs):  # pragma: no cover - compiled
         steps, batch, hidden = x.shape
+        one, two = x.dtype.type(1), x.dtype.type(2)
         for t in range(steps):
             for b in range(batch):
                 x_t, y_t, z_t = x[t, b], ys[t, b], zs[t, b]
@@ -73,7 +81,7 @@ if numba is not None:
                 z_prev = zs[t - 1, b] if t > 0 else z0[b]
                 for j in range(hidden):
                     y = y_prev[j]
-                    z = z_prev[j] - step[j] * (np.tanh(w[j] * y + x_t[j]) + alpha * y)
+                    z = z_prev[j] - step[j] * (_tanh(w[j] * y + x_t[j], one, two) + alpha * y)
                     z_t[j] = z
                     y_t[j] = y + step[j] * z
 
@@ -81,7 +89,7 @@ if numba is not None:
     def _numba_backward(grad, batch_major, grad_z_last, x, w, step, y0, ys, zs, alpha, grad_x, grad_w, grad_step,
                         grad_y0, grad_z0):  # pragma: no cover - compiled
         steps, batch, hidden = x.shape
-        one = x.dtype.type(1)
+        one, two = x.dtype.type(1), x.dtype.type(2)
         carry_y = np.zeros((batch, hidden), dtype=x.dtype)  # dL/dy_t from the later steps
         carry_z = grad_z_last.copy()                          # dL/dz_t from the later steps
         partial_w = np.zeros((batch, hidden), dtype=x.dtype)
@@ -94,7 +102,7 @@ if numba is not None:
                 c_y, c_z, p_w, p_s = carry_y[b], carry_z[b], partial_w[b], partial_step[b]
                 for j in range(hidden):
                     s, u, y = step[j], w[j], y_prev[j]
-                    f = np.tanh(u * y + x_t[j])
+                    f = _tanh(u * y + x_t[j], one, two)
                     total_y = g_t[j] + c_y[j]
                     total_z = c_z[j] + s * total_y
                     p_s[j] += total_y * z_t[j] - total_z * (f + alpha * y)
