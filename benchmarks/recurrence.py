@@ -3,6 +3,7 @@
     python benchmarks/recurrence.py                       # CPU, the default shapes, every layer
     python benchmarks/recurrence.py --device cuda --json bench.json
     python benchmarks/recurrence.py --shapes T100_B32_I8_H64 --impls indrnn lstm --repeats 20
+    python benchmarks/recurrence.py --shape-set stream    # one stream (B=1, H=128), T = 1e4, 1e5, 1e6
 
 Each run times ONE layer (``batch_first=True``) on a batch-first input x of shape (B, T, I) that
 does not require grad; the layer's parameters do. For every shape and implementation it reports:
@@ -43,7 +44,13 @@ Implementations live in :data:`IMPLS`, a registry ``name -> factory(input_size, 
 device) -> nn.Module``; a new layer is one line there (the module must follow torch.nn.RNN's
 contract with ``batch_first=True``: ``forward(x) -> (output, state)``).
 
-Shapes are named ``T{T}_B{B}_I{I}_H{H}``; any such name is accepted by ``--shapes``.
+Shapes are named ``T{T}_B{B}_I{I}_H{H}``; any such name is accepted by ``--shapes``. ``--shape-set``
+picks a named set of :data:`SHAPE_SETS`: ``default`` (the shapes above) or ``stream`` (one long
+sequence, B=1 H=128, T = 10^4, 10^5, 10^6: where the sequential IndRNN kernel uses one core and the
+scan uses them all), each with its default implementations (``stream``: the IndRNN kernels only, as
+an autograd loop or LSTM of 10^6 steps would take minutes). The IndRNN rows: ``indrnn`` (backend
+"auto"), ``indrnn_fused`` (the sequential fused kernel, never the scan), ``indrnn_scan`` (the
+clamp-affine scan, parallel over time) and ``indrnn_reference`` (the autograd loop).
 ``--precision`` applies to every implementation alike: ``fp32`` (default: full float32 matmuls and
 convolutions, TF32 off), ``tf32`` (``torch.backends.cuda.matmul.allow_tf32`` and cuDNN's
 ``allow_tf32`` on, float32 matmul precision "high"; a no-op on CPU) or ``bf16`` (every pass under
@@ -83,6 +90,10 @@ Factory = Callable[[int, int, torch.device], nn.Module]
 
 IMPLS: dict[str, Factory] = {
     "indrnn": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True, backend="auto").to(device),
+    "indrnn_fused": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
+                                                backend="fused").to(device),
+    "indrnn_scan": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
+                                               backend="scan").to(device),
     "indrnn_reference": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
                                                     backend="reference").to(device),
     "lstm": lambda i, h, device: nn.LSTM(i, h, batch_first=True, device=device),
@@ -119,6 +130,13 @@ DEFAULT_SHAPES = {
             "T784_B64_I1_H512"],     # sequential MNIST with a wide layer (Clockwork vs nn.RNN)
 }
 DEFAULT_SHAPES["cuda"] = DEFAULT_SHAPES["cpu"] + ["T1024_B128_I512_H512"]
+STREAM_SHAPES = ["T10000_B1_I1_H128", "T100000_B1_I1_H128", "T1000000_B1_I1_H128"]
+# Named shape sets: shapes per device and the implementations run when --impls is not given.
+SHAPE_SETS = {
+    "default": {"shapes": DEFAULT_SHAPES, "impls": list(IMPLS)},
+    "stream": {"shapes": {"cpu": STREAM_SHAPES, "cuda": STREAM_SHAPES + ["T16384_B4_I1_H256"]},
+               "impls": ["indrnn", "indrnn_fused", "indrnn_scan"]},
+}
 
 
 def parse_shape(name: str) -> Shape:
@@ -328,8 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
                         help="T{T}_B{B}_I{I}_H{H} names (default: "
                              f"{' '.join(DEFAULT_SHAPES['cpu'])}; on cuda also {DEFAULT_SHAPES['cuda'][-1]})")
-    parser.add_argument("--impls", nargs="+", metavar="NAME", choices=list(IMPLS), default=list(IMPLS),
-                        help=f"implementations to run (default: all of {', '.join(IMPLS)})")
+    parser.add_argument("--shape-set", choices=list(SHAPE_SETS), default="default",
+                        help="a named set of shapes, with its default implementations (default: default; "
+                             f"stream: {' '.join(STREAM_SHAPES)}); --shapes overrides its shapes")
+    parser.add_argument("--impls", nargs="+", metavar="NAME", choices=list(IMPLS),
+                        help=f"implementations to run (default: all of {', '.join(IMPLS)}; for --shape-set "
+                             f"stream: {' '.join(SHAPE_SETS['stream']['impls'])})")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per measurement (median; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -349,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.budget_s > 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
-    shapes = args.shapes or DEFAULT_SHAPES[args.device]
+    shape_set = SHAPE_SETS[args.shape_set]
+    shapes = args.shapes or shape_set["shapes"][args.device]
     for name in shapes:
         try:
             parse_shape(name)
@@ -358,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device cuda, but CUDA is not available here (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
-    impls = list(dict.fromkeys(args.impls))  # drop repeats, keep order
+    impls = list(dict.fromkeys(args.impls or shape_set["impls"]))  # drop repeats, keep order
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

@@ -89,6 +89,29 @@ if numba is not None:
                 delta = -clip
         return delta
 
+    # Elements (steps x B x H) per block of the backward loops: three float32 arrays of this many
+    # values stay in the L2 cache.
+    WARM_ELEMENTS = 16384
+
+    @numba.njit(inline="always")
+    def warm_block(grad_out, grad_batch_major, out, grad_z, start, stop):  # pragma: no cover - compiled
+        """Read one value per 64-byte line of steps start-1 .. stop-1 of out, the incoming gradient and
+        grad_z, in increasing address order, and return their (meaningless) sum.
+
+        Why: the backward loops walk time downwards, and the hardware prefetchers do not follow
+        descending streams here: at T=10^4, B=1, H=128 the backward loop took 6-10 ms against 0.3 ms
+        for the same loop run upwards. Touching each block upwards first brings it into the cache
+        (1.7 ms). The caller returns the sum so that the reads are not optimised away."""
+        sink = out.dtype.type(0)
+        batch, hidden = out.shape[1], out.shape[2]
+        for t in range(max(start - 1, 0), stop):
+            for b in range(batch):
+                g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
+                h_t, d_t = out[t, b], grad_z[t, b]
+                for j in range(0, hidden, 8):
+                    sink += h_t[j] + g_t[j] + d_t[j]
+        return sink
+
     # One pass over units per (step, row) that does everything, rather than one pass per quantity:
     # the work per element is a few FLOPs, so extra passes cost as much as the arithmetic (9.2 ms
     # -> 6.4 ms at T=784, B=64, H=128). The activation test is loop-invariant and hoisted by LLVM.
@@ -99,19 +122,27 @@ if numba is not None:
         zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
         carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
         partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # sum over t of delta_t * h_{t-1}
-        for t in range(steps - 1, -1, -1):
-            previous = out[t - 1] if t > 0 else h0
-            for b in range(batch):
-                g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
-                h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
-                h_prev, p_b = previous[b], partial_u[b]
-                for j in range(hidden):
-                    delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
-                    d_t[j] = delta
-                    p_b[j] += delta * h_prev[j]
-                    c_b[j] = delta * u[j]
+        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        sink = zero
+        stop = steps
+        while stop > 0:  # blocks of steps from the last down, each warmed upwards first (see warm_block)
+            start = max(0, stop - block)
+            sink += warm_block(grad_out, grad_batch_major, out, grad_z, start, stop)
+            for t in range(stop - 1, start - 1, -1):
+                previous = out[t - 1] if t > 0 else h0
+                for b in range(batch):
+                    g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
+                    h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
+                    h_prev, p_b = previous[b], partial_u[b]
+                    for j in range(hidden):
+                        delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
+                        d_t[j] = delta
+                        p_b[j] += delta * h_prev[j]
+                        c_b[j] = delta * u[j]
+            stop = start
         grad_h0[:] = carry
         grad_u[:] = partial_u.sum(axis=0)
+        return sink
 
 
 def _torch_forward(z, u, h0, activation, out):

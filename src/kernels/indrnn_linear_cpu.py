@@ -21,7 +21,7 @@ from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, clip_code, c
                                      numba, numba_available)
 
 if numba is not None:
-    from src.kernels.indrnn_cpu import delta_of
+    from src.kernels.indrnn_cpu import WARM_ELEMENTS, delta_of, warm_block
 
 FUSED_ACTIVATIONS = ("relu", "identity")
 # Above this many inputs a separate BLAS projection is faster than the fused per-element loops.
@@ -64,30 +64,38 @@ if numba is not None:
         partial_b = np.zeros((batch, hidden), dtype=out.dtype)
         partial_w = np.zeros((batch, inputs, hidden), dtype=out.dtype)
         delta = np.empty(hidden, dtype=out.dtype)
-        for t in range(steps - 1, -1, -1):
-            previous = out[t - 1] if t > 0 else h0
-            for b in range(batch):
-                g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
-                h_t, c_b = out[t, b], carry[b]
-                h_prev, p_u, p_b = previous[b], partial_u[b], partial_b[b]
-                for j in range(hidden):  # one pass for everything that needs no input (see indrnn_cpu)
-                    d_j = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
-                    delta[j] = d_j
-                    p_u[j] += d_j * h_prev[j]
-                    p_b[j] += d_j
-                    c_b[j] = d_j * u[j]
-                x_tb, g_x = x[t, b], grad_x[t, b]
-                for i in range(inputs):
-                    w_i, p_w, x_i = weight_t[i], partial_w[b, i], x_tb[i]
-                    total = zero
-                    for j in range(hidden):
-                        total += delta[j] * w_i[j]
-                        p_w[j] += delta[j] * x_i
-                    g_x[i] = total
+        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        sink = zero
+        stop = steps
+        while stop > 0:  # blocks of steps from the last down, each warmed upwards first (see indrnn_cpu)
+            start = max(0, stop - block)
+            sink += warm_block(grad_out, grad_batch_major, out, out, start, stop)
+            for t in range(stop - 1, start - 1, -1):
+                previous = out[t - 1] if t > 0 else h0
+                for b in range(batch):
+                    g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
+                    h_t, c_b = out[t, b], carry[b]
+                    h_prev, p_u, p_b = previous[b], partial_u[b], partial_b[b]
+                    for j in range(hidden):  # one pass for everything that needs no input (see indrnn_cpu)
+                        d_j = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
+                        delta[j] = d_j
+                        p_u[j] += d_j * h_prev[j]
+                        p_b[j] += d_j
+                        c_b[j] = d_j * u[j]
+                    x_tb, g_x = x[t, b], grad_x[t, b]
+                    for i in range(inputs):
+                        w_i, p_w, x_i = weight_t[i], partial_w[b, i], x_tb[i]
+                        total = zero
+                        for j in range(hidden):
+                            total += delta[j] * w_i[j]
+                            p_w[j] += delta[j] * x_i
+                        g_x[i] = total
+            stop = start
         grad_h0[:] = carry
         grad_u[:] = partial_u.sum(axis=0)
         grad_bias[:] = partial_b.sum(axis=0)
         grad_weight_t[:] = partial_w.sum(axis=0)
+        return sink
 
 
 def fused_projection_applies(x: torch.Tensor, activation: str) -> bool:

@@ -14,8 +14,8 @@ Two implementations, side by side:
 * :class:`IndRNNScanTorch`: the log-depth (Hillis-Steele) scan in plain PyTorch, any dtype and
   device, O(T log T) work. It is the readable statement of the algebra and what the tests check the
   fast kernels with; no speed intended.
-* :class:`IndRNNScanCPU`: the chunked scan with numba threads along time (numba's ``prange``; the
-  number of threads is ``numba.get_num_threads()``). Forward: thread 0 runs the first chunk step by
+* :class:`IndRNNScanCPU`: the chunked scan with threads along time (numba loops compiled nogil, run
+  on a small thread pool; as many threads as ``torch.get_num_threads()``). Forward: thread 0 runs the first chunk step by
   step from h0 while the other threads compose the maps of the later pieces (no stores, cheaper than
   a step); one short serial pass carries the state across pieces through their maps; then every
   thread runs its pieces step by step from the carried state. Backward: the same from the last step
@@ -30,11 +30,16 @@ step instead, so the result stays exact.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
 from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, clip_code, contiguous_array, gradient_rows,
                                      numba, numba_available)
+
+if numba is not None:
+    from src.kernels.indrnn_cpu import WARM_ELEMENTS, warm_block
 
 SCAN_ACTIVATIONS = ("relu", "identity")
 
@@ -159,7 +164,7 @@ def _check_activation(activation: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The CPU chunked scan (numba threads along time).
+# The CPU chunked scan (threads along time, each running nogil numba loops).
 
 if numba is not None:
     import numpy as np
@@ -230,20 +235,28 @@ if numba is not None:
         for b in range(batch):
             for j in range(hidden):
                 carry[b, j] = delta_next[b, j] * u[j]
-        for t in range(stop - 1, start - 1, -1):
-            previous = out[t - 1] if t > 0 else h0
-            for b in range(batch):
-                g_t = grad_out[b, t] if batch_major else grad_out[t, b]
-                h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
-                h_prev, p_b = previous[b], partial_u[b]
-                for j in range(hidden):
-                    delta = _delta(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
-                    d_t[j] = delta
-                    p_b[j] += delta * h_prev[j]
-                    c_b[j] = delta * u[j]
+        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        sink = zero
+        high = stop
+        while high > start:  # blocks from the last step down, each warmed upwards (indrnn_cpu.warm_block)
+            low = max(start, high - block)
+            sink += warm_block(grad_out, batch_major, out, grad_z, low, high)
+            for t in range(high - 1, low - 1, -1):
+                previous = out[t - 1] if t > 0 else h0
+                for b in range(batch):
+                    g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+                    h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
+                    h_prev, p_b = previous[b], partial_u[b]
+                    for j in range(hidden):
+                        delta = _delta(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
+                        d_t[j] = delta
+                        p_b[j] += delta * h_prev[j]
+                        c_b[j] = delta * u[j]
+            high = low
         for b in range(batch):
             for j in range(hidden):
                 delta_first[b, j] = grad_z[start, b, j] if stop > start else delta_next[b, j]
+        return sink
 
     @numba.njit(inline="always")
     def _delta(grad, carry, state, activation, zero, one, clip):  # pragma: no cover - compiled
@@ -274,24 +287,40 @@ if numba is not None:
                 offset[b, j] = zero
                 low[b, j] = -inf
                 high[b, j] = inf
-        for t in range(stop - 1, start - 1, -1):
-            for b in range(batch):
-                g_t = grad_out[b, t] if batch_major else grad_out[t, b]
-                h_t, s_b, o_b, l_b, hi_b = out[t, b], slope[b], offset[b], low[b], high[b]
-                if activation == 0:
-                    for j in range(hidden):
-                        active = h_t[j] > zero
-                        s_b[j] = s_b[j] * u[j] if active else zero
-                        o_b[j] = (g_t[j] + o_b[j] * u[j]) if active else zero
-                else:
-                    for j in range(hidden):
-                        s_b[j] = s_b[j] * u[j]
-                        o_b[j] = g_t[j] + o_b[j] * u[j]
-                if clip > zero:
-                    for j in range(hidden):
-                        u_j = u[j]
-                        l_b[j] = _delta(g_t[j], _times(u_j, l_b[j], zero), h_t[j], activation, zero, one, clip)
-                        hi_b[j] = _delta(g_t[j], _times(u_j, hi_b[j], zero), h_t[j], activation, zero, one, clip)
+        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        sink = zero
+        top = stop
+        while top > start:
+            bottom = max(start, top - block)
+            sink += warm_block(grad_out, batch_major, out, out, bottom, top)
+            for t in range(top - 1, bottom - 1, -1):
+                _backward_compose_step(grad_out, batch_major, out, u, activation, clip, t, slope, offset, low, high,
+                                       zero, one)
+            top = bottom
+        return sink
+
+    @numba.njit(inline="always")
+    def _backward_compose_step(grad_out, batch_major, out, u, activation, clip, t, slope, offset, low, high, zero,
+                               one):  # pragma: no cover - compiled
+        """One step of _backward_compose: the map of step t composed after the current one."""
+        batch, hidden = out.shape[1], out.shape[2]
+        for b in range(batch):
+            g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+            h_t, s_b, o_b, l_b, hi_b = out[t, b], slope[b], offset[b], low[b], high[b]
+            if activation == 0:
+                for j in range(hidden):
+                    active = h_t[j] > zero
+                    s_b[j] = s_b[j] * u[j] if active else zero
+                    o_b[j] = (g_t[j] + o_b[j] * u[j]) if active else zero
+            else:
+                for j in range(hidden):
+                    s_b[j] = s_b[j] * u[j]
+                    o_b[j] = g_t[j] + o_b[j] * u[j]
+            if clip > zero:
+                for j in range(hidden):
+                    u_j = u[j]
+                    l_b[j] = _delta(g_t[j], _times(u_j, l_b[j], zero), h_t[j], activation, zero, one, clip)
+                    hi_b[j] = _delta(g_t[j], _times(u_j, hi_b[j], zero), h_t[j], activation, zero, one, clip)
 
     @numba.njit(cache=True, nogil=True)
     def _carry_through(slope, offset, low, high, x, result):  # pragma: no cover - compiled
@@ -308,25 +337,19 @@ if numba is not None:
                 result[b, j] = value
         return finite
 
-    @numba.njit(cache=True, nogil=True, parallel=True)
-    def _forward_parallel(z, u, h0, activation, bounds, threads, out, states, maps):  # pragma: no cover - compiled
-        """bounds (P + 1,): piece p covers steps bounds[p]..bounds[p+1]-1 (see _piece_bounds for the
-        schedule); states (P + 1, B, H): the state entering each piece; maps (P, 4, B, H) scratch."""
+    @numba.njit(cache=True, nogil=True)
+    def _forward_compose_pieces(z, u, activation, bounds, first, stop, maps):  # pragma: no cover - compiled
+        """The maps of pieces first..stop-1 into maps[p, 1:] (offset, low, high); bounds (P + 1,)."""
+        for p in range(first, stop):
+            _forward_compose(z, u, activation, bounds[p], bounds[p + 1], maps[p, 1], maps[p, 2], maps[p, 3])
+
+    @numba.njit(cache=True, nogil=True)
+    def _forward_carry(z, u, activation, bounds, out, states, maps, redo):  # pragma: no cover - compiled
+        """states[p] = the state entering piece p, for p >= 1, from piece 0's last output through the
+        maps of pieces 1..P-2; a piece whose map is not finite is run step by step here (redo[p])."""
         pieces = bounds.shape[0] - 1
         batch, hidden = z.shape[1], z.shape[2]
-        # Phase 1: task 0 runs piece 0 from h0; tasks 1..threads-1 compose the later pieces.
-        per_composer = (pieces - 1 + threads - 2) // (threads - 1)
-        for task in numba.prange(threads):
-            if task == 0:
-                _forward_steps(z, u, h0, activation, bounds[0], bounds[1], out)
-            else:
-                first = 1 + (task - 1) * per_composer
-                for p in range(first, min(first + per_composer, pieces)):
-                    _forward_compose(z, u, activation, bounds[p], bounds[p + 1], maps[p, 1], maps[p, 2],
-                                     maps[p, 3])
-        # Phase 2 (serial, B*H values per piece): the state entering every piece.
         states[1] = out[bounds[1] - 1]
-        redo = np.zeros(pieces, dtype=np.bool_)
         for p in range(1, pieces - 1):
             length = bounds[p + 1] - bounds[p]
             for b in range(batch):
@@ -336,29 +359,27 @@ if numba is not None:
                 _forward_steps(z, u, states[p], activation, bounds[p], bounds[p + 1], out)
                 states[p + 1] = out[bounds[p + 1] - 1]
                 redo[p] = True
-        # Phase 3: every piece after the first runs its steps from its entering state.
-        for p in numba.prange(1, pieces):
+
+    @numba.njit(cache=True, nogil=True)
+    def _forward_pieces(z, u, activation, bounds, first, stop, states, redo, out):  # pragma: no cover - compiled
+        """Pieces first..stop-1 step by step from their entering states (those not done by the carry)."""
+        for p in range(first, stop):
             if not redo[p]:
                 _forward_steps(z, u, states[p], activation, bounds[p], bounds[p + 1], out)
 
-    @numba.njit(cache=True, nogil=True, parallel=True)
-    def _backward_parallel(grad_out, batch_major, out, u, h0, activation, clip, bounds, threads, grad_z,
-                           partial_u, deltas, maps, delta_first):  # pragma: no cover - compiled
-        """The forward schedule mirrored in time: piece P-1 (the last steps) runs from delta_T = 0 while
-        the others are composed; deltas[p] is delta at bounds[p + 1] entering piece p from above."""
-        pieces = bounds.shape[0] - 1
-        per_composer = (pieces - 1 + threads - 2) // (threads - 1)
-        last = pieces - 1
-        for task in numba.prange(threads):
-            if task == 0:
-                _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, bounds[last], bounds[last + 1],
-                                deltas[last], grad_z, partial_u[last], delta_first[last])
-            else:
-                first = (task - 1) * per_composer
-                for p in range(first, min(first + per_composer, last)):
-                    _backward_compose(grad_out, batch_major, out, u, activation, clip, bounds[p], bounds[p + 1],
-                                      maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3])
-        redo = np.zeros(pieces, dtype=np.bool_)
+    @numba.njit(cache=True, nogil=True)
+    def _backward_compose_pieces(grad_out, batch_major, out, u, activation, clip, bounds, first, stop,
+                                 maps):  # pragma: no cover - compiled
+        for p in range(first, stop):
+            _backward_compose(grad_out, batch_major, out, u, activation, clip, bounds[p], bounds[p + 1], maps[p, 0],
+                              maps[p, 1], maps[p, 2], maps[p, 3])
+
+    @numba.njit(cache=True, nogil=True)
+    def _backward_carry(grad_out, batch_major, out, u, h0, activation, clip, bounds, grad_z, partial_u, deltas,
+                        maps, delta_first, redo):  # pragma: no cover - compiled
+        """deltas[p] = delta entering piece p from above (at bounds[p + 1]), for p < P - 1, from the last
+        piece's delta_first down through the maps of pieces P-2..1 (step by step where not finite)."""
+        last = bounds.shape[0] - 2
         deltas[last - 1] = delta_first[last]
         for p in range(last - 1, 0, -1):
             if not _carry_through(maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3], deltas[p], deltas[p - 1]):
@@ -366,10 +387,37 @@ if numba is not None:
                                 deltas[p], grad_z, partial_u[p], delta_first[p])
                 deltas[p - 1] = delta_first[p]
                 redo[p] = True
-        for p in numba.prange(0, last):
+
+    @numba.njit(cache=True, nogil=True)
+    def _backward_pieces(grad_out, batch_major, out, u, h0, activation, clip, bounds, first, stop, grad_z, partial_u,
+                         deltas, delta_first, redo):  # pragma: no cover - compiled
+        for p in range(first, stop):
             if not redo[p]:
                 _backward_steps(grad_out, batch_major, out, u, h0, activation, clip, bounds[p], bounds[p + 1],
                                 deltas[p], grad_z, partial_u[p], delta_first[p])
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run_tasks(tasks) -> None:
+    """Run the thunks ``tasks`` in parallel: the first on this thread, the others on a pool (numba
+    functions compiled with nogil=True release the GIL). A pool of sleeping threads rather than numba's
+    prange: OpenMP's spinning barrier cost 60-100 ms per region on a loaded 2-core machine."""
+    workers = len(tasks) - 1
+    pool = _POOLS.get(workers)
+    if pool is None and workers > 0:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="indrnn-scan")
+    futures = [pool.submit(task) for task in tasks[1:]]
+    tasks[0]()
+    for future in futures:
+        future.result()
+
+
+def _shares(first: int, stop: int, parts: int) -> list[tuple[int, int]]:
+    """first..stop-1 cut into ``parts`` contiguous ranges (some possibly empty), in order."""
+    count = stop - first
+    return [(first + count * k // parts, first + count * (k + 1) // parts) for k in range(parts)]
 
 
 def _piece_bounds(steps: int, threads: int, ratio: float = COMPOSE_COST_RATIO) -> list[int]:
@@ -388,10 +436,12 @@ def _piece_bounds(steps: int, threads: int, ratio: float = COMPOSE_COST_RATIO) -
 
 
 def parallel_threads(steps: int) -> int:
-    """Threads the chunked scan uses for ``steps`` steps: numba's, or 1 (run step by step) for short ones."""
+    """Threads the chunked scan uses for ``steps`` steps: torch's intra-op threads
+    (``torch.get_num_threads()``, set by OMP_NUM_THREADS or torch.set_num_threads), or 1 (step by
+    step) for short sequences."""
     if numba is None:
         return 1
-    threads = numba.get_num_threads()
+    threads = torch.get_num_threads()
     return threads if threads > 1 and steps >= MIN_STEPS_PER_THREAD * threads else 1
 
 
@@ -401,7 +451,7 @@ def cpu_scan_applies(z: torch.Tensor, activation: str) -> bool:
 
 
 class IndRNNScanCPU(torch.autograd.Function):
-    """h_t = act(z_t + u * h_{t-1}) (relu or identity) by the chunked scan on numba threads.
+    """h_t = act(z_t + u * h_{t-1}) (relu or identity) by the chunked scan on threads along time.
 
     ``IndRNNScanCPU.apply(z, u, h0, activation, grad_clip=None)``: z (T, B, H), u (H,), h0 (B, H) ->
     all states (T, B, H); ``grad_clip`` c clamps dL/da_t to [-c, c] at every step. Check
@@ -423,7 +473,16 @@ class IndRNNScanCPU(torch.autograd.Function):
             pieces = len(bounds) - 1
             states = np.empty((pieces + 1,) + h0_array.shape, dtype=z_array.dtype)
             maps = np.empty((pieces, 4) + h0_array.shape, dtype=z_array.dtype)
-            _forward_parallel(z_array, u_array, h0_array, code, bounds, threads, out, states, maps)
+            redo = np.zeros(pieces, dtype=np.bool_)
+            # Phase 1: piece 0 step by step from h0, while the other threads compose pieces 1..P-1.
+            _run_tasks([partial(_forward_steps, z_array, u_array, h0_array, code, 0, int(bounds[1]), out)]
+                       + [partial(_forward_compose_pieces, z_array, u_array, code, bounds, first, stop, maps)
+                          for first, stop in _shares(1, pieces, threads - 1)])
+            # Phase 2 (serial, B*H values per piece): the state entering every piece.
+            _forward_carry(z_array, u_array, code, bounds, out, states, maps, redo)
+            # Phase 3: every thread runs its share of pieces 1..P-1 step by step.
+            _run_tasks([partial(_forward_pieces, z_array, u_array, code, bounds, first, stop, states, redo, out)
+                        for first, stop in _shares(1, pieces, threads)])
         out = torch.from_numpy(out)
         ctx.save_for_backward(out, u, h0)
         ctx.activation_code, ctx.clip = code, clip_code(grad_clip)
@@ -452,8 +511,19 @@ class IndRNNScanCPU(torch.autograd.Function):
                             0, steps, deltas[0], grad_z, partial_u[0], delta_first[0])
         else:
             maps = np.empty((pieces, 4) + shape, dtype=out_array.dtype)
-            _backward_parallel(grad_rows, batch_major, out_array, u_array, h0_array, ctx.activation_code, ctx.clip,
-                               bounds, threads, grad_z, partial_u, deltas, maps, delta_first)
+            redo = np.zeros(pieces, dtype=np.bool_)
+            last = pieces - 1
+            common = (grad_rows, batch_major, out_array, u_array)
+            steps_args = (*common, h0_array, ctx.activation_code, ctx.clip)
+            # The forward schedule mirrored in time: the last piece runs from delta_T = 0 while the
+            # others are composed; then the carry down; then all threads run pieces 0..P-2.
+            _run_tasks([partial(_backward_steps, *steps_args, int(bounds[last]), int(bounds[last + 1]), deltas[last],
+                                grad_z, partial_u[last], delta_first[last])]
+                       + [partial(_backward_compose_pieces, *common, ctx.activation_code, ctx.clip, bounds, first,
+                                  stop, maps) for first, stop in _shares(0, last, threads - 1)])
+            _backward_carry(*steps_args, bounds, grad_z, partial_u, deltas, maps, delta_first, redo)
+            _run_tasks([partial(_backward_pieces, *steps_args, bounds, first, stop, grad_z, partial_u, deltas,
+                                delta_first, redo) for first, stop in _shares(0, last, threads)])
         grad_u = partial_u.sum(axis=(0, 1))
         grad_h0 = delta_first[0] * u_array
         return (torch.from_numpy(grad_z), torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None, None)

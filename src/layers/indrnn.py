@@ -51,7 +51,9 @@ class IndRNNRecurrence(nn.Module):
         u_bound: bound on |u|, or None for none (see :func:`resolve_u_bound`).
         recurrent_init: "uniform_bound" U(0, u_bound), "uniform01" U(0, 1) (clamped into the
             bound), or "long_memory" U(1/u_bound, u_bound), the papers' last-layer initialisation.
-        backend: recurrence kernel, see :mod:`src.kernels`.
+        backend: recurrence kernel, see :mod:`src.kernels`: "auto" (the fused kernel for the device; on
+            CPU the scan for long single streams), "scan" (the clamp-affine scan, parallel over time;
+            relu and identity, tanh warns and runs step by step), "cpu", "triton", "reference", ...
         grad_clip: None, or c > 0: in the backward pass, clamp the gradient with respect to each
             pre-activation x_t + u * h_{t-1} to [-c, c] at every step before it flows on to
             h_{t-1}, u and x (the official Theano code's per-step clipping, Lasagne's grad_clipping).
@@ -137,7 +139,8 @@ class IndRNN(nn.Module):
             "normal" with std ``input_init_std`` (official adding-problem code: 0.001).
         batch_norm: "none", "before" the recurrence (on the projection) or "after" it.
         batch_norm_stats: "all_steps" (classification) or "per_step" (language modelling; needs bound_steps).
-        backend: recurrence kernel ("auto" picks the fused one), see :mod:`src.kernels`.
+        backend: recurrence kernel ("auto" picks the fused one; "scan" runs parallel over time), see
+            :class:`IndRNNRecurrence` and :mod:`src.kernels`.
         grad_clip: None (default), or c > 0: per-step recurrent gradient clipping, see
             :class:`IndRNNRecurrence` (official Theano recipes: 10).
 
