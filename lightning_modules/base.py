@@ -40,9 +40,17 @@ def nonfinite_values(name: str, tensor: torch.Tensor | None) -> str:
     return f"{name} hold {count} non-finite values (first {tensor[tuple(first)].item()} at {first})"
 
 
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The Trainer running ``module``, or None outside one (a step called by hand, a test)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's "not attached to a Trainer"
+        return None
+
+
 def data_source_text(module: pl.LightningModule) -> str:
     """", from <file>" when the trainer's datamodule names its data (a ``data_source`` attribute), else ""."""
-    trainer = module._trainer
+    trainer = attached_trainer(module)
     source = getattr(getattr(trainer, "datamodule", None), "data_source", None) if trainer is not None else None
     return f", from {source}" if source else ""
 
@@ -188,12 +196,18 @@ class SequenceObjective(pl.LightningModule):
 
     def logging_step(self) -> bool:
         """True when Lightning writes this training step's scalars to the loggers (every
-        ``trainer.log_every_n_steps`` steps, on the last step, in fast_dev_run); True outside a Trainer."""
-        trainer = self._trainer
-        if trainer is None:
+        ``trainer.log_every_n_steps`` optimizer steps, when the run stops, in fast_dev_run); True outside
+        a Trainer. Lightning's own rule, from its public progress counters: the batches of the k-th
+        optimizer step (k counted from 0, ``accumulate_grad_batches`` batches each) log when
+        (k + 1) is a multiple of ``log_every_n_steps``."""
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.fast_dev_run:
             return True
-        connector = getattr(trainer, "_logger_connector", None)
-        return bool(trainer.fast_dev_run) or connector is None or bool(connector.should_update_logs)
+        if not trainer.log_every_n_steps:
+            return False
+        batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready  # this one included
+        optimizer_steps_before = max(batches - 1, 0) // trainer.accumulate_grad_batches
+        return (optimizer_steps_before + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
     def log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         """``train/loss`` on logging steps (:meth:`logging_step`); ``val/loss`` and ``test/loss`` as the
@@ -224,7 +238,7 @@ class SequenceObjective(pl.LightningModule):
         kept = len(self._recent_losses) < MAX_KEPT_BATCHES
         data = tuple(t if kept and torch.is_tensor(t) and t.is_floating_point() else None for t in (inputs, targets))
         self._recent_losses.append((self.global_step, loss.detach(), data))
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if (self.logging_step() or trainer is None or trainer.is_last_batch
                 or len(self._recent_losses) >= MAX_UNCHECKED_LOSSES):
             self.raise_if_loss_was_nonfinite()

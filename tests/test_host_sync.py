@@ -96,3 +96,24 @@ def test_no_host_read_back_in_training_steps_that_do_not_log(objective, tmp_path
     trainer.fit(module, datamodule=datamodule)
     assert len(steps) >= 3, f"{objective}: only {len(steps)} training steps ran"
     assert counts == {}, f"{objective}: host read-backs in training steps that do not log: {counts}"
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_logging_step_is_lightnings_rule(tmp_path, accumulate):
+    """The objectives' public-counter rule agrees with Lightning's own (private) decision to write logs."""
+    cfg = compose_train(tmp_path / "run", ["trainer=cpu", "model.hidden_size=8"] + OBJECTIVES["regression"])
+    _, module = build(cfg)
+    decisions = []
+    training_step = module.training_step
+
+    def recording_step(*args, **kwargs):
+        decisions.append((module.logging_step(), module.trainer._logger_connector.should_update_logs))
+        return training_step(*args, **kwargs)
+
+    module.training_step = recording_step
+    trainer = pl.Trainer(accelerator="cpu", max_steps=7, log_every_n_steps=3, logger=False,
+                         accumulate_grad_batches=accumulate, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=build(cfg)[0])
+    assert len(decisions) >= 7 and any(ours for ours, _ in decisions)
+    assert [ours for ours, _ in decisions] == [lightning for _, lightning in decisions]
