@@ -101,6 +101,18 @@ def test_per_step_gradient_clipping(activation, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("block_t", [1, 4, 16, 32])
+def test_every_time_tile_height(block_t, monkeypatch):
+    # gpu_check sweeps BLOCK_T; every height must stay exact (T = 37: partial last tiles).
+    from src.kernels import indrnn_triton
+
+    monkeypatch.setattr(indrnn_triton, "BLOCK_T", block_t)
+    for activation in ACTIVATIONS:
+        compare(37, 5, 300, activation)
+        compare(37, 3, 50, activation, grad_clip=0.5)
+
+
+@needs_gpu
 def test_non_contiguous_input_and_matches_reference_on_gpu():
     generator = torch.Generator().manual_seed(3)
     z = torch.randn(4, 9, 5, generator=generator).cuda().transpose(0, 1)  # (T=9, B=4, H=5) view
@@ -128,6 +140,13 @@ for activation in ACTIVATIONS:
         compare(*shape, activation, torch.float32, device="cpu")
     compare(4, 3, 5, activation, torch.bfloat16, device="cpu", param_dtype=torch.float32)
     compare(9, 3, 50, activation, torch.float32, device="cpu", grad_clip=0.5)  # per-step clipping active
+if FULL:  # other time-tile heights (gpu_check sweeps them), partial last tiles
+    import src.kernels.indrnn_triton as indrnn_kernel
+    for block_t in (1, 4, 16):
+        indrnn_kernel.BLOCK_T = block_t
+        compare(17, 2, 9, "tanh", torch.float32, device="cpu")
+        compare(9, 3, 50, "relu", torch.float32, device="cpu", grad_clip=0.5)
+    indrnn_kernel.BLOCK_T = 8
 # RTRL's sensitivity kernel: tests/test_rtrl.py's comparison with the plain loop, on CPU tensors.
 from tests.test_rtrl import test_triton_sensitivity_kernel_equals_plain_loop as rtrl_check
 rtrl_check(0, (19, 3, 5, 4))  # (K, B, H, I): one tile

@@ -173,7 +173,7 @@ if triton is not None:
 
 # Steps per tile: each program loads a [BLOCK_T, BLOCK] tile of z (of g and h backward) at once, one
 # tile ahead, and runs the BLOCK_T dependent steps in registers. gpu_check sweeps it (1 = one step
-# per load, the former kernel); module-level so that a benchmark can set it.
+# per load, the former kernel); module-level so that a benchmark can set it (a power of 2: tl.arange).
 BLOCK_T = 8
 
 
