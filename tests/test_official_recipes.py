@@ -45,11 +45,16 @@ def test_residual_fc_layers_use_the_official_init(tmp_path):
         assert fc.weight.abs().max() > 0.9 * bound
 
 
-def test_official_weight_decay_rule_decays_batch_norm_scales(tmp_path):
-    from lightning_modules.run.build import build
+# The official PyTorch pMNIST/NTU code and the CVPR char-PTB code (Theano, PyTorch c925461) decay
+# every parameter but u and biases (their BN scales too); tests/test_official_parity.py replays them.
+@pytest.mark.parametrize("experiment", ["indrnn_pmnist_6layer", "res_indrnn_pmnist", "dense_indrnn_pmnist",
+                                        "indrnn_ntu_cs_6layer", "indrnn_ntu_cv_6layer", "dense_indrnn_ntu_cs",
+                                        "res_indrnn_ntu_cs", "indrnn_ptb_char_6layer"])
+def test_official_weight_decay_rule_decays_batch_norm_scales(experiment, tmp_path):
+    from lightning_modules.run.build import build_objective
 
-    cfg = compose_train(tmp_path, ["experiment=indrnn_pmnist_6layer", "task.datamodule.download=false"])
-    objective = build(cfg)[1]
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    objective = build_objective(cfg, build_network(cfg), {})
     decayed, exempt = objective.parameter_groups()
     assert exempt["weight_decay"] == 0.0 and "weight_decay" not in decayed
     names = {id(p): name for name, p in objective.named_parameters()}
