@@ -172,3 +172,33 @@ def test_plot_of_a_tag_no_run_logged_lists_the_tags(tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*.png"))
     assert results.main([str(tmp_path), "--plot", "val/mse", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "curves_val_mse.png").is_file()
+
+
+def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsys):
+    import results
+    from lightning_modules.reproductions import experiment_papers
+    from lightning_modules.run.record import write_record
+
+    papers = experiment_papers()
+    assert "indrnn_pmnist_6layer" in papers and "irnn_pmnist" in papers
+    runs = tmp_path / "runs"
+    for seed, (experiment, status, acc) in enumerate([("indrnn_pmnist_6layer", "finished", 0.95),
+                                                       ("indrnn_pmnist_6layer", "finished", 0.97),
+                                                       ("indrnn_pmnist_6layer", "failed", None),
+                                                       ("irnn_pmnist", "failed", None)]):
+        run_dir = runs / f"{seed}_pmnist_indrnn"
+        run_dir.mkdir(parents=True)
+        record = {"status": status, "experiment": experiment, "steps": 1000 * (seed + 1), "seconds": 7200.0,
+                  "hardware": "1 x NVIDIA H100 80GB HBM3", "started_at": f"2026-03-0{seed + 1} 10:00:00",
+                  "overrides": [f"experiment={experiment}", f"seed={seed}", "trainer=gpu"]}
+        write_record(run_dir, {**record, **({"test/acc": acc} if acc is not None else {})})
+    assert results.main(["--paper", str(runs), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "REPRODUCTIONS.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(papers) <= set(rows)  # every recipe with a paper target, run or not
+    ours = rows["indrnn_pmnist_6layer"]
+    assert "| 96.00% | 96.00% ± 1.41 (2 runs) | 1 x NVIDIA H100 80GB HBM3 | 2000 | 2.00 |" in ours
+    assert "`python train.py experiment=indrnn_pmnist_6layer seed=1 trainer=gpu` | 2026-03-02 |" in ours
+    assert "| 82.00% | not run yet |" in rows["irnn_pmnist"]  # its only run failed
+    assert "not run yet" in rows["lstm_ptb_word"] and "| test/ppl | 82.7 |" in rows["lstm_ptb_word"]
+    assert capsys.readouterr().out.endswith(f"written: {tmp_path / 'REPRODUCTIONS.md'}\n")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import socket
 import time
 import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -127,7 +129,7 @@ def run_record(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict
         "task": choice("task"), "model": choice("model"), "experiment": choice("experiment"),
         "overrides": list(hydra.overrides.task) if hydra else [],
         "output_dir": str(output_dir.resolve()), "monitor": cfg.task.monitor,
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if os.environ.get("SLURM_JOB_ID"):
         record["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
@@ -135,6 +137,24 @@ def run_record(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict
         history = resume.history()
         record.update(resumes=len(history), resume_history=history, resumed_from=str(resume.checkpoint))
     return record
+
+
+def hardware(trainer: pl.Trainer) -> str:
+    """What trained the run, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU: AMD EPYC (16 threads)``."""
+    device = trainer.strategy.root_device
+    count = trainer.num_devices * trainer.num_nodes
+    if device.type == "cuda":
+        return f"{count} x {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    processes = f"{count} processes, " if count > 1 else ""
+    return f"CPU: {model} ({processes}{torch.get_num_threads()} threads)"
 
 
 def best_validation(recorder: RunRecorder, output_dir: Path) -> dict | None:
@@ -276,6 +296,7 @@ def _train(cfg: DictConfig, output_dir: Path, session: Session, resume: Resume |
     loggers = build_loggers(cfg, purge_step=resume.step if resume else None)
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg) + [recorder])
     session.trainer = trainer
+    record["hardware"] = hardware(trainer)
     if trainer.is_global_zero:
         session.write(record)  # a new run's record at once; an earlier session's only once training starts
 

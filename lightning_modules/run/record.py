@@ -9,7 +9,8 @@ Fields (schema version 1; readers accept records without ``schema``, written bef
   without warning, and every reader shows it as ``killed`` (:func:`status_now`).
 * ``error``: the one-line reason of any status but ``running``/``fitted``/``finished``.
 * ``task``, ``model``, ``experiment``, ``overrides``, ``output_dir``, ``monitor``, ``host``, ``pid``,
-  ``slurm_job_id``, ``params``: what ran, where.
+  ``slurm_job_id``, ``params``, ``hardware`` (e.g. ``1 x NVIDIA H100``), ``started_at`` (this session's
+  start, local time): what ran, where, when.
 * ``steps``, ``epochs``, ``seconds`` (all sessions together), ``best`` (the best validation:
   ``step``, ``epoch``, ``val/*``), ``best_step``, ``best_epoch``, ``val/*`` at the best validation,
   ``<monitor>_best``, ``last_val/*`` (the latest validation), ``test/*`` (the best checkpoint tested),
