@@ -256,7 +256,8 @@ def measure(name: str, overrides: list[str], device: torch.device, steps: int, w
 
 def format_table(results: dict) -> str:
     """One row per experiment (and one more, "+ graphs", per experiment measured with CUDA graphs)."""
-    lines = [f"{'experiment':<36} {'pipeline ms':>12} {'bare ms':>10} {'overhead ms':>12} {'ratio':>7} {'gpu busy ms':>12}"]
+    lines = [f"{'experiment':<36} {'pipeline ms':>12} {'bare ms':>10} {'overhead ms':>12} {'ratio':>7} "
+             f"{'gpu busy ms':>12}"]
     for name, row in results.items():
         variants = [(name, "")] + ([(name + " + graphs", "_graphs")] if "pipeline_graphs_ms" in row else [])
         for label, suffix in variants:

@@ -58,7 +58,8 @@ def check_kernel(T, B, H, delays, activation, gate, dtype=torch.float64, device=
     for name, a, e in zip(("output", "z", "weights", "past", "lam"), actual, expected):
         assert a.shape == e.shape and a.dtype == dtype, name
         error = relative_error(a, e)
-        assert error <= tolerance, f"{name} (T={T} B={B} H={H} delays={delays} {activation} {gate} {dtype}): {error:.1e}"
+        assert error <= tolerance, (f"{name} (T={T} B={B} H={H} delays={delays} {activation} {gate} {dtype}): "
+                                    f"error {error:.1e}")
         worst = max(worst, error)
     return worst
 

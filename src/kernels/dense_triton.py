@@ -149,7 +149,8 @@ if triton is not None:
                 tile_ok = batch_ok[:, None] & col_ok[None, :]
                 tile = batch[:, None] * H + cols[None, :]
                 lam = tl.load(lam_ptr + t * lam_stride + cols, mask=col_ok, other=1.0).to(dtype)
-                h_prev = tl.load(states_ptr + (D + t - 1) * BH + tile, mask=tile_ok, other=0.0)
+                # .cg (L2, not L1) for what this program wrote the step before: read after the barrier.
+                h_prev = tl.load(states_ptr + (D + t - 1) * BH + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
                 h_new = h_prev
                 if tl.min(lam, axis=0) < 1.0:  # some unit of this block updates (Clockwork: its module ticks)
                     acc = tl.load(z_ptr + t * BH + tile, mask=tile_ok, other=0.0).to(dtype)
@@ -163,7 +164,8 @@ if triton is not None:
                                 inner = kb * BLOCK_K + tl.arange(0, BLOCK_K)
                                 inner_ok = inner < H
                                 h_block = tl.load(source + batch[:, None] * H + inner[None, :],
-                                                  mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
+                                                  mask=batch_ok[:, None] & inner_ok[None, :], other=0.0,
+                                                  cache_modifier=".cg")
                                 w_block = tl.load(weight + cols[None, :] * H + inner[:, None],  # U^T[inner, cols]
                                                   mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
                                 acc = tl.dot(h_block, w_block, acc=acc, input_precision=PRECISION, out_dtype=dtype)
@@ -191,7 +193,8 @@ if triton is not None:
                 lam_next = tl.load(lam_ptr + (t + 1) * lam_stride + cols, mask=col_ok & (t + 1 < T),
                                    other=0.0).to(dtype)
                 acc = tl.load(g_ptr + t * BH + tile, mask=tile_ok, other=0.0).to(dtype)
-                acc += lam_next[None, :] * tl.load(e_ptr + (t + 1) * BH + tile, mask=tile_ok, other=0.0)
+                acc += lam_next[None, :] * tl.load(e_ptr + (t + 1) * BH + tile, mask=tile_ok, other=0.0,
+                                                   cache_modifier=".cg")  # written the step before (L2)
                 # Block-upper-triangular U (Clockwork): these columns feed no unit past their last module.
                 last_needed = (tl.minimum(jb * BLOCK_N + BLOCK_N, H) - 1) // module * module + module
                 for k in range(n_delays):
@@ -207,7 +210,8 @@ if triton is not None:
                                             other=1.0)
                             if tl.min(lam_k, axis=0) < 1.0:
                                 da_block = tl.load(source + batch[:, None] * H + inner[None, :],
-                                                   mask=batch_ok[:, None] & inner_ok[None, :], other=0.0)
+                                                   mask=batch_ok[:, None] & inner_ok[None, :], other=0.0,
+                                                   cache_modifier=".cg")
                                 w_block = tl.load(weight + inner[:, None] * H + cols[None, :],  # U[inner, cols]
                                                   mask=inner_ok[:, None] & col_ok[None, :], other=0.0)
                                 acc = tl.dot(da_block, w_block, acc=acc, input_precision=PRECISION,
@@ -246,7 +250,8 @@ def _check(z, weights, past, lam, delays, activation) -> None:
     if triton is None:
         raise RuntimeError("the dense Triton kernel needs the 'triton' package; use backend='auto'")
     if activation not in ACTIVATION_CODES:
-        raise ValueError(f"dense Triton kernel: activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+        raise ValueError(f"dense Triton kernel: activation must be one of {tuple(ACTIVATION_CODES)}, "
+                         f"got {activation!r}")
     steps, batch, hidden = z.shape
     memory = max(delays)
     if (weights.shape != (len(delays), hidden, hidden) or past.shape != (memory, batch, hidden)

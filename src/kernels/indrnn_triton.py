@@ -214,8 +214,8 @@ def _launch_forward(z: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, code: in
     block, warps = _launch_config(columns)
     with _device_guard(z):
         _forward_kernel[(triton.cdiv(columns, block),)](
-            z, u, h0, out, steps, loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden, ACTIVATION=code, BLOCK=block, BLOCK_T=BLOCK_T,
-            num_warps=warps)
+            z, u, h0, out, steps, loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden, ACTIVATION=code,
+            BLOCK=block, BLOCK_T=BLOCK_T, num_warps=warps)
     return out
 
 
@@ -232,8 +232,8 @@ def _launch_backward(grad_out, out, u, h0, code: int, grad_clip: float | None = 
         last_tile = (steps - 1) // BLOCK_T * BLOCK_T  # first step of the last (maybe partial) tile
         with _device_guard(out):
             _backward_kernel[(triton.cdiv(columns, block),)](
-                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, steps, loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden,
-                last_tile * columns, last_tile, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
+                grad_out, out, u, h0, grad_z, grad_u_partial, grad_h0, steps,
+                loop_count(triton.cdiv(steps, BLOCK_T)), columns, hidden, last_tile * columns, last_tile, 0.0 if grad_clip is None else float(grad_clip), ACTIVATION=code,
                 CLIP=grad_clip is not None, BLOCK=block, BLOCK_T=BLOCK_T, num_warps=warps)
     return grad_z, grad_u_partial.sum(0).to(u.dtype), grad_h0
 
