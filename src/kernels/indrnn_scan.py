@@ -15,7 +15,7 @@ Two implementations, side by side:
   device, O(T log T) work. It is the readable statement of the algebra and what the tests check the
   fast kernels with; no speed intended.
 * :class:`IndRNNScanCPU`: the chunked scan with threads along time (numba loops compiled nogil, run
-  on a small thread pool; as many threads as ``torch.get_num_threads()``). Forward: thread 0 runs the first chunk step by
+  on a small thread pool; as many threads as ``numba.get_num_threads()``). Forward: thread 0 runs the first chunk step by
   step from h0 while the other threads compose the maps of the later pieces (no stores, cheaper than
   a step); one short serial pass carries the state across pieces through their maps; then every
   thread runs its pieces step by step from the carried state. Backward: the same from the last step
@@ -436,12 +436,12 @@ def _piece_bounds(steps: int, threads: int, ratio: float = COMPOSE_COST_RATIO) -
 
 
 def parallel_threads(steps: int) -> int:
-    """Threads the chunked scan uses for ``steps`` steps: torch's intra-op threads
-    (``torch.get_num_threads()``, set by OMP_NUM_THREADS or torch.set_num_threads), or 1 (step by
+    """Threads the chunked scan uses for ``steps`` steps: numba's (``numba.get_num_threads()``:
+    NUMBA_NUM_THREADS, by default every core; independent of torch's OMP_NUM_THREADS), or 1 (step by
     step) for short sequences."""
     if numba is None:
         return 1
-    threads = torch.get_num_threads()
+    threads = numba.get_num_threads()
     return threads if threads > 1 and steps >= MIN_STEPS_PER_THREAD * threads else 1
 
 
