@@ -20,7 +20,8 @@ output, so one call on a fresh machine always finishes and reports what it measu
    compared with.
 3. ``train_step``: benchmarks/train_step.py's ``measure`` (pipeline, bare, GPU busy, each with and
    without CUDA graphs) for indrnn_pmnist_6layer, lstm_pmnist, indrnn_adding_t1000, cwrnn_smnist.
-4. ``recurrence``: benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
+4. ``recurrence``: (its target rows first, as ``recurrence_targets`` before ``train_step``)
+   benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
    T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16. Layers
    registered here besides recurrence.IMPLS: the loop layers (leaky, skip, Jordan, NARX, TDNN),
    their Triton versions (``*_triton``) and CUDA-graph-captured versions (``*_graphs``:
@@ -319,7 +320,29 @@ def register_layers() -> list[str]:
     return list(extra)
 
 
-def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list[str] | None = None) -> dict:
+def recurrence_jobs(quick: bool, impls: list[str], targets_only: bool = False) -> list[tuple[str, str, str]]:
+    """(precision, shape, impl) in table order; ``targets_only``: the rows the issue's targets read
+    (every layer at T784_B64_I1_H512 fp32; lstm, indrnn and rnn_tanh at T1024_B128_I512_H512 tf32/bf16)."""
+    shapes = QUICK_SHAPES if quick else SHAPES
+    precisions = ["fp32"] if quick else PRECISIONS
+    jobs = []
+    for precision in precisions:
+        # Under bf16 autocast a graphed layer runs eagerly (cuda_graph.py): its row would repeat the plain one.
+        chosen = [name for name in impls if not (precision == "bf16" and name.endswith("_graphs"))]
+        for shape in shapes:
+            for impl in chosen:
+                if targets_only and not (
+                        (precision == "fp32" and shape == (shapes[0] if quick else "T784_B64_I1_H512")) or
+                        (shape == "T1024_B128_I512_H512" and impl in ("lstm", "indrnn", "rnn_tanh"))):
+                    continue
+                jobs.append((precision, shape, impl))
+    return jobs
+
+
+def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list[str] | None = None,
+                   targets_only: bool = False, previous: dict | None = None) -> dict:
+    """``{precision: {shape: {impl: row or reason}}}``; rows already in ``previous`` are kept, not re-measured.
+    ``targets_only`` measures the targets' rows first (a section of their own, before train_step)."""
     extra = register_layers()
     impls = list(dict.fromkeys(list(recurrence.IMPLS) + extra))
     if only:
@@ -329,38 +352,35 @@ def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list
         impls = [name for name in impls if name in only]
     if device.type != "cuda" or kernels_can_run(device) is not None:  # the Triton layers need CUDA
         impls = [name for name in impls if not name.endswith("_triton")]
-    shapes = QUICK_SHAPES if quick else SHAPES
-    precisions = ["fp32"] if quick else PRECISIONS
     per_measurement = 0.2 if quick else 0.6  # recurrence.py's --budget-s: half fwd+bwd, half fwd
-    results: dict = {}
+    results: dict = {p: {s: dict(rows) for s, rows in t.items()} for p, t in (previous or {}).items()}
     estimate = 2.0
-    for precision in precisions:
-        table: dict = {}
-        # Under bf16 autocast a graphed layer runs eagerly (cuda_graph.py): its row would repeat the plain one.
-        chosen = [name for name in impls if not (precision == "bf16" and name.endswith("_graphs"))]
-        for shape in shapes:
-            for impl in chosen:
-                if not budget.fits(estimate):
-                    table.setdefault(shape, {})[impl] = "skipped (time budget)"
-                    continue
-                started = time.perf_counter()
-                try:
-                    row = recurrence.run([shape], [impl], device.type, warmup=1, repeats=3 if quick else 5,
+    for precision, shape, impl in recurrence_jobs(quick, impls, targets_only):
+        table = results.setdefault(precision, {}).setdefault(shape, {})
+        if isinstance(table.get(impl), dict):
+            continue
+        if not budget.fits(estimate):
+            table[impl] = "skipped (time budget)"
+            continue
+        started = time.perf_counter()
+        try:
+            table[impl] = recurrence.run([shape], [impl], device.type, warmup=1, repeats=3 if quick else 5,
                                          budget_s=per_measurement, precision=precision)[shape][impl]
-                    table.setdefault(shape, {})[impl] = row
-                except Exception as error:
-                    table.setdefault(shape, {})[impl] = _failure(error)
-                    say(f"  recurrence {precision} {shape} {impl}: {table[shape][impl]}")
-                spent = time.perf_counter() - started
-                estimate = max(2.0, min(30.0, 1.5 * spent))
-        results[precision] = table
-        measured = {s: {i: r for i, r in rows.items() if isinstance(r, dict)} for s, rows in table.items()}
-        say(f"recurrence, {precision}:")
-        say(recurrence.format_table({s: rows for s, rows in measured.items() if rows}))
-        skipped = [f"{s} {i}: {r}" for s, rows in table.items() for i, r in rows.items() if not isinstance(r, dict)]
-        for line in skipped:
-            say(f"  {line}")
+            say(f"  recurrence {precision} {shape} {impl}: fwd+bwd {table[impl]['fwd_bwd_ms']:.2f} ms")
+        except Exception as error:
+            table[impl] = _failure(error)
+            say(f"  recurrence {precision} {shape} {impl}: {table[impl]}")
+        estimate = max(2.0, min(30.0, 1.5 * (time.perf_counter() - started)))
     recurrence.set_precision("fp32")
+    if not targets_only:
+        for precision, table in results.items():
+            measured = {s: {i: r for i, r in rows.items() if isinstance(r, dict)} for s, rows in table.items()}
+            say(f"recurrence, {precision}:")
+            say(recurrence.format_table({s: rows for s, rows in measured.items() if rows}))
+            for s, rows in table.items():
+                for i, r in rows.items():
+                    if not isinstance(r, dict):
+                        say(f"  {s} {i}: {r}")
     return results
 
 
@@ -427,8 +447,9 @@ def format_targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"kernels": run_kernels, "indrnn_bandwidth": run_bandwidth, "train_step": run_train_step,
-            "recurrence": run_recurrence}
+# recurrence_targets measures the rows the targets read before train_step; recurrence fills in the rest.
+SECTIONS = {"kernels": run_kernels, "indrnn_bandwidth": run_bandwidth, "recurrence_targets": run_recurrence,
+            "train_step": run_train_step, "recurrence": run_recurrence}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,8 +484,10 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         say(f"== {section} ({budget.left:.0f} s left)")
         try:
-            if section == "recurrence":
-                results[section] = run_recurrence(device, args.quick, budget, args.impls)
+            if section in ("recurrence_targets", "recurrence"):
+                results["recurrence"] = run_recurrence(device, args.quick, budget, args.impls,
+                                                       targets_only=section == "recurrence_targets",
+                                                       previous=results.get("recurrence"))
             else:
                 results[section] = SECTIONS[section](device, args.quick, budget)
         except Exception as error:  # one broken section must not cost the others' figures
