@@ -126,7 +126,7 @@ class GraphedForward:
         try:
             self.graphed = torch.cuda.make_graphed_callables(
                 wrapper, (inputs.detach().clone().requires_grad_(inputs.requires_grad),),
-                num_warmup_iters=self.warmup)
+                num_warmup_iters=self.warmup, allow_unused_input=True)  # e.g. a frozen or unused head
             self.template = wrapper.template
             self.signature = (tuple(inputs.shape), inputs.dtype, inputs.device, inputs.requires_grad)
             self.report(f"CUDA graphs: captured forward and backward for inputs {tuple(inputs.shape)}")
