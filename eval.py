@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from lightning_modules.run import UserError, evaluate, register_resolvers, run_entry  # noqa: E402  (after PROJECT_ROOT is set)
+# After PROJECT_ROOT is set:
+from lightning_modules.run import UserError, evaluate, register_resolvers, run_entry  # noqa: E402
 from lightning_modules.run.evaluate import check_eval_overrides  # noqa: E402
 
 register_resolvers()

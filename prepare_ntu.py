@@ -11,7 +11,8 @@ import logging
 import sys
 
 from datamodules.ntu_convert import EXPECTED_RAW, ConvertError, convert, summary_table
-from lightning_modules.cli import CommandLineError, Option, as_bool, as_int, as_optional_str, help_text, parse, wants_help
+from lightning_modules.cli import CommandLineError, Option, as_bool, as_int, as_optional_str, help_text, parse, \
+    wants_help
 
 COMMAND = "prepare_ntu.py"
 SUMMARY = "Convert NTU RGB+D .skeleton files (a folder or the downloaded zips) into one HDF5 file."

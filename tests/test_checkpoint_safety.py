@@ -112,9 +112,10 @@ def test_eval_py_refuses_it_in_one_line(trained, tmp_path):
 
 def test_every_target_of_conf_is_allowed_and_importable():
     targets = config_targets()
-    found = {line.split("_target_:")[1].split("#")[0].strip() for name in glob.glob(str(CONF / "**/*.yaml"), recursive=True)
-             if "/hydra/" not in name and "hparams_search" not in name
-             for line in open(name) if "_target_:" in line}
+    files = [name for name in glob.glob(str(CONF / "**/*.yaml"), recursive=True)
+             if "/hydra/" not in name and "hparams_search" not in name]
+    found = {line.split("_target_:")[1].split("#")[0].strip()
+             for name in files for line in open(name) if "_target_:" in line}
     assert found <= targets
     for target in targets:
         assert refusal(target) is None
@@ -127,7 +128,9 @@ def test_the_stored_config_of_every_model_passes(tmp_path, model):
     check_checkpoint_config(plain_config(compose_train(tmp_path / "run", [f"model={model}"])))
 
 
-@pytest.mark.parametrize("extra", [["task=ptb_char"], ["task=reverse", "model=gru"], ["learning=rtrl", "model.layer.batch_norm=none"],
-                                   ["callbacks=official_indrnn", "scheduler=plateau"], ["experiment=indrnn_ntu_cs_6layer"]])
+@pytest.mark.parametrize("extra", [["task=ptb_char"], ["task=reverse", "model=gru"],
+                                   ["learning=rtrl", "model.layer.batch_norm=none"],
+                                   ["callbacks=official_indrnn", "scheduler=plateau"],
+                                   ["experiment=indrnn_ntu_cs_6layer"]])
 def test_the_stored_config_of_tasks_objectives_and_experiments_passes(tmp_path, extra):
     check_checkpoint_config(plain_config(compose_train(tmp_path / "run", extra)))

@@ -26,7 +26,8 @@ def test_values_are_taken_as_written_and_converted_by_their_option():
     (["ckpt_path=a.ckpt", "lenght=3"], "unknown argument 'lenght=3'; x.py accepts ckpt_path, length, temperature, "
                                        "overwrite (python x.py --help)"),
     (["outputs/run/best.ckpt"], "'outputs/run/best.ckpt' is not key=value; did you mean "
-                                "ckpt_path=outputs/run/best.ckpt? x.py accepts ckpt_path, length, temperature, overwrite"),
+                                "ckpt_path=outputs/run/best.ckpt? x.py accepts ckpt_path, length, temperature, "
+                                "overwrite"),
     (["ckpt_path=a.ckpt", "length=many"], "length must be an integer, got 'many'"),
     (["ckpt_path=a.ckpt", "overwrite=maybe"], "overwrite must be true or false, got 'maybe'"),
     (["ckpt_path=a.ckpt", "length=1", "length=2"], "length is given twice (length=1 and length=2); give it once"),

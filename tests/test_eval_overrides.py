@@ -96,8 +96,10 @@ def test_data_of_a_checkpoint_from_another_machine_is_read_from_this_data_dir(tm
     stored = plain_config(compose_train(tmp_path / "ntu", ["task=ntu_cs", "paths.data_dir=/elsewhere/data"]))
     assert stored["task"]["datamodule"]["path"] == "/elsewhere/data/ntu/ntu60.h5"
     cfg = eval_config(tmp_path, "x.ckpt", [f"paths.data_dir={tmp_path}/mine"])
-    assert stored_run_config(stored, cfg, rebase_data=True).task.datamodule.path == f"{tmp_path}/mine/ntu/ntu60.h5"
-    assert stored_run_config(stored, cfg).task.datamodule.path == "/elsewhere/data/ntu/ntu60.h5"  # not asked: as trained
+    rebased = stored_run_config(stored, cfg, rebase_data=True)
+    assert rebased.task.datamodule.path == f"{tmp_path}/mine/ntu/ntu60.h5"
+    as_trained = stored_run_config(stored, cfg)  # paths.data_dir not given: the data stays where it was trained
+    assert as_trained.task.datamodule.path == "/elsewhere/data/ntu/ntu60.h5"
     assert override_key(f"paths.data_dir={tmp_path}", full=True) == "paths.data_dir"
 
 
@@ -105,7 +107,8 @@ def test_data_of_a_checkpoint_from_another_machine_is_read_from_this_data_dir(tm
 def test_eval_py_refuses_fixed_keys_in_one_line_before_hydra(trained, tmp_path):
     run_dir, _ = trained
     for override in ("+model.hidden_size=16", "task.seq_len=50"):
-        completed = run_script("eval.py", [f"ckpt_path={run_dir}", "trainer=cpu", f"paths.log_dir={tmp_path}", override])
+        completed = run_script("eval.py", [f"ckpt_path={run_dir}", "trainer=cpu", f"paths.log_dir={tmp_path}",
+                                           override])
         assert completed.returncode == 1 and "Traceback" not in completed.stderr
         (line,) = completed.stderr.strip().splitlines()
         assert line.startswith(f"error: eval.py does not take {override}:") and "batch_size" in line

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.download import DataError, DownloadError
 from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import write_results
-from lightning_modules.run.build import CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective, build_trainer, count_parameters
+from lightning_modules.run.build import (CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective,
+                                         build_trainer, count_parameters)
 from lightning_modules.run.checkpoints import evaluation_checkpoint, load_our_checkpoint
 from lightning_modules.run.driver import read_results, route_lightning_logs
 from lightning_modules.run.errors import UserError, one_line
@@ -129,7 +130,8 @@ def evaluate(cfg: DictConfig) -> dict:
     output_dir = Path(run_cfg.paths.output_dir)
     record = {"status": "finished", "checkpoint": str(ckpt_path), "task": choices.get("task"),
               "model": choices.get("model"), "experiment": choices.get("experiment"),
-              "training_run": str(checkpoint_run_dir(ckpt_path)), **metrics, "params": count_parameters(objective),
+              "training_run": str(checkpoint_run_dir(ckpt_path)), "overrides": overrides, **metrics,
+              "params": count_parameters(objective),
               "seconds": round(time.time() - started, 2), "output_dir": str(output_dir.resolve())}
     if trainer.is_global_zero:
         write_results(output_dir, record)
