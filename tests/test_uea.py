@@ -259,3 +259,15 @@ def test_basic_motions_real_data_loss_falls(tmp_path):
     assert results["status"] == "finished"
     assert results["val/loss"] < 0.7 * math.log(4) and results["test/loss"] < 0.7 * math.log(4), results
     assert results["test/acc"] >= 0.6, results  # chance: 0.25
+
+
+@pytest.mark.slow
+@needs_bundled
+@pytest.mark.parametrize("experiment, at_least", [("uea_japanesevowels_indrnn", 0.924), ("uea_japanesevowels_lem", 0.924),
+                                                  ("uea_basicmotions_lem", 0.9), ("uea_basicmotions_indrnn", 0.9)])
+def test_bundled_datasets_train_to_the_archive_baselines(tmp_path, experiment, at_least):
+    """The CPU-sized experiments reach the archive paper's 1-NN Euclidean baseline (JapaneseVowels 92.4%)
+    or 90% (BasicMotions, whose baselines are 67.6% Euclidean, 97.5% DTW_D) on the archive's test split."""
+    train(compose_train(tmp_path / "run", [f"experiment={experiment}", *QUICK_TRAINER]))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and results["test/acc"] >= at_least, results
