@@ -234,7 +234,8 @@ full = [(activation, grad_clip, steps, batch, 6, with_h0)
 cases = full if sys.argv[1] == "full" else quick
 for activation, grad_clip, steps, batch, hidden, with_h0 in cases:
     tensors, grad = recurrence_inputs(steps, batch, hidden, seed=steps, with_h0=with_h0)
-    expected = outputs_and_gradients(lambda *a: IndRNNRecurrenceCPU.apply(*a, activation, True, grad_clip), tensors, grad)
+    expected = outputs_and_gradients(lambda *a: IndRNNRecurrenceCPU.apply(*a, activation, True, grad_clip),
+                                     tensors, grad)
     actual = outputs_and_gradients(lambda *a: IndRNNScanTriton.apply(*a, activation, grad_clip), tensors, grad)
     assert_equal(actual, expected, f"triton scan {activation} clip={grad_clip} T={steps} h0={with_h0}")
 if sys.argv[1] == "full":  # float32 arithmetic: the float64 sequential result to float32 precision

@@ -15,13 +15,13 @@ Two implementations, side by side:
   device, O(T log T) work. It is the readable statement of the algebra and what the tests check the
   fast kernels with; no speed intended.
 * :class:`IndRNNScanCPU`: the chunked scan with threads along time (numba loops compiled nogil, run
-  on a small thread pool; as many threads as ``numba.get_num_threads()``). Forward: thread 0 runs the first chunk step by
-  step from h0 while the other threads compose the maps of the later pieces (no stores, cheaper than
-  a step); one short serial pass carries the state across pieces through their maps; then every
-  thread runs its pieces step by step from the carried state. Backward: the same from the last step
-  down, on delta. Each piece's own steps run the sequential kernel's arithmetic, so the results
-  differ from :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` only by the rounding of the
-  carried state at piece boundaries (relative 1e-16 to 1e-15 in float64).
+  on a small thread pool; as many threads as ``numba.get_num_threads()``). Forward: thread 0 runs
+  the first piece step by step from h0 while the other threads compose the maps of the later pieces
+  (no stores, cheaper than a step); one short serial pass carries the state across pieces through
+  their maps; then every thread runs its pieces step by step from the carried state. Backward:
+  the same from the last step down, on delta. Each piece's own steps run the sequential kernel's
+  arithmetic, so the results differ from :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` only
+  by the rounding of the carried states at piece boundaries (relative 1e-16 to 4e-15 in float64).
 
 tanh is not clamp-affine: :func:`scan_applies` is False and the dispatcher uses the sequential
 kernel. A piece whose composed slope u^L overflows (|u| > 1 over a long piece) is carried step by
@@ -30,6 +30,7 @@ step instead, so the result stays exact.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -397,7 +398,7 @@ if numba is not None:
                                 deltas[p], grad_z, partial_u[p], delta_first[p])
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, workers) -> pool; a forked child makes its own
 
 
 def _run_tasks(tasks) -> None:
@@ -405,9 +406,10 @@ def _run_tasks(tasks) -> None:
     functions compiled with nogil=True release the GIL). A pool of sleeping threads rather than numba's
     prange: OpenMP's spinning barrier cost 60-100 ms per region on a loaded 2-core machine."""
     workers = len(tasks) - 1
-    pool = _POOLS.get(workers)
+    key = (os.getpid(), workers)
+    pool = _POOLS.get(key)
     if pool is None and workers > 0:
-        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="indrnn-scan")
+        pool = _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="indrnn-scan")
     futures = [pool.submit(task) for task in tasks[1:]]
     tasks[0]()
     for future in futures:

@@ -81,7 +81,8 @@ if triton is not None:
         return a, z, lo, inf, rows, valid, offsets
 
     @triton.jit
-    def _forward_compose_kernel(z_ptr, u_ptr, maps_ptr, T, BH, H, CHUNK_T, TILES, CHUNK_STRIDE, ACTIVATION: tl.constexpr,
+    def _forward_compose_kernel(z_ptr, u_ptr, maps_ptr, T, BH, H, CHUNK_T, TILES, CHUNK_STRIDE,
+                                ACTIVATION: tl.constexpr,
                                 DOUBLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         chunk = tl.program_id(1)
@@ -105,7 +106,8 @@ if triton is not None:
         tl.store(maps_ptr + 3 * step + base, acc_hi, mask=col_mask)
 
     @triton.jit
-    def _carry_kernel(maps_ptr, first_ptr, states_ptr, BH, chunks, last_chunk, CHUNK_STRIDE, REVERSE: tl.constexpr, DOUBLE: tl.constexpr,
+    def _carry_kernel(maps_ptr, first_ptr, states_ptr, BH, chunks, last_chunk, CHUNK_STRIDE, REVERSE: tl.constexpr,
+                      DOUBLE: tl.constexpr,
                       BLOCK: tl.constexpr):
         """states[k] = the state entering chunk k (forward: from chunk 0 up; REVERSE: from the last down)."""
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -223,7 +225,8 @@ if triton is not None:
             h_start = tl.load(h0_ptr + cols, mask=col_mask, other=0.0).to(u.dtype)
             h_prev = tl.where(first_row, tl.broadcast_to(h_start[None, :], h_prev.shape), h_prev)
             grad_u += tl.sum(tl.where(valid, deltas * h_prev, 0.0), axis=0)
-            tl.store(grad_h0_ptr + tl.broadcast_to(cols[None, :], deltas.shape), (u[None, :] * deltas).to(grad_h0_ptr.dtype.element_ty),
+            grad_h0_ptrs = grad_h0_ptr + tl.broadcast_to(cols[None, :], deltas.shape)
+            tl.store(grad_h0_ptrs, (u[None, :] * deltas).to(grad_h0_ptr.dtype.element_ty),
                      mask=first_row)
             delta = tl.sum(tl.where(last, deltas, 0.0), axis=0)
         tl.store(grad_u_ptr + chunk.to(tl.int64) * BH + cols, grad_u, mask=col_mask)
