@@ -13,7 +13,7 @@ output, so one call on a fresh machine always finishes and reports what it measu
    On the CPU they run under Triton's interpreter when this script sets ``TRITON_INTERPRET=1``
    (it does with ``--device cpu`` when triton is not imported yet), else they are skipped.
 2. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) at T784_B64_H128 and
-   T1024_B128_H512 for several time-tile heights ``BLOCK_T``, as achieved GB/s:
+   T1024_B128_H512 for several time-tile heights ``BLOCK_T`` and program widths ``BLOCK``, as achieved GB/s:
    bytes = (2 + 3) * T * B * H * itemsize (forward reads z and writes h; backward reads g and h
    and writes dz; u, h0 and the (B, H) partials are negligible), GB/s = bytes / time. The device's
    copy bandwidth (``dst.copy_(src)`` of 1 GiB, read + write) is measured as the ceiling it is
@@ -65,7 +65,8 @@ QUICK_SHAPES = ["T12_B4_I2_H16"]
 PRECISIONS = ["fp32", "tf32", "bf16"]
 EXPERIMENTS = ["indrnn_pmnist_6layer", "lstm_pmnist", "indrnn_adding_t1000", "cwrnn_smnist"]
 BANDWIDTH_SHAPES = [(784, 64, 128), (1024, 128, 512)]
-BLOCK_TS = [1, 4, 8, 16, 32]
+BLOCK_TS = [1, 8, 16, 32]  # IndRNN kernel: steps per tile
+BLOCKS = [32, 128]  # IndRNN kernel: columns per program
 
 
 class Budget:
@@ -209,7 +210,7 @@ def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
                      "rows": {}}
     say(f"  copy bandwidth {ceiling:.0f} GB/s")
     shapes = [(9, 2, 40)] if quick else BANDWIDTH_SHAPES
-    saved_block_t = kernel.BLOCK_T
+    saved = kernel.BLOCK, kernel.BLOCK_T
     try:
         for T, B, H in shapes:
             z = torch.randn(T, B, H, device=device)
@@ -218,12 +219,12 @@ def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
             grad = torch.randn(T, B, H, device=device)
             code = kernel.ACTIVATION_CODES["relu"]
             itemsize = z.element_size()
-            for block_t in ([1, 8] if quick else BLOCK_TS):
-                key = f"T{T}_B{B}_H{H}_BLOCK_T{block_t}"
+            for block, block_t in ([(32, 1), (128, 8)] if quick else [(b, t) for b in BLOCKS for t in BLOCK_TS]):
+                key = f"T{T}_B{B}_H{H}_BLOCK{block}_BLOCK_T{block_t}"
                 if not budget.fits(10.0):
                     results["rows"][key] = "skipped (time budget)"
                     continue
-                kernel.BLOCK_T = block_t
+                kernel.BLOCK, kernel.BLOCK_T = block, block_t
                 out = kernel._launch_forward(z, u, h0, code)
                 repeats = 2 if quick else 20
                 fwd_ms = _time_ms(lambda: kernel._launch_forward(z, u, h0, code), device, repeats)
@@ -238,7 +239,7 @@ def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
                     f"{row['bwd_gbs']:.0f} GB/s ({row['fwd_fraction_of_copy']:.0%} / {row['bwd_fraction_of_copy']:.0%}"
                     " of copy)")
     finally:
-        kernel.BLOCK_T = saved_block_t
+        kernel.BLOCK, kernel.BLOCK_T = saved
     return results
 
 
@@ -428,7 +429,7 @@ def targets(results: dict) -> list[dict]:
     for direction in ("fwd", "bwd"):
         fractions = [r[f"{direction}_fraction_of_copy"] for k, r in rows_bw.items()
                      if k.startswith("T1024_B128_H512") and isinstance(r, dict)]
-        add(f"IndRNN recurrence {direction} at T1024_B128_H512, best BLOCK_T, fraction of copy bandwidth",
+        add(f"IndRNN recurrence {direction} at T1024_B128_H512, best BLOCK/BLOCK_T, fraction of copy bandwidth",
             max(fractions) if fractions else None, ">= 0.5", lambda v: v >= 0.5)
     kernels = results.get("kernels", {})
     failed = [k for k, v in kernels.items() if isinstance(v, str) and v.startswith("FAIL")]

@@ -68,7 +68,8 @@ def compare(T, B, H, activation, dtype=torch.float32, device="cuda", tol=None, p
 @pytest.mark.parametrize("shape", [(1, 2, 3), (37, 3, 50), (37, 5, 300), (16, 70, 1000)],
                          ids=["T1", "T37-one-block", "T37-ragged", "wide"])
 def test_float32_matches_float64_reference(activation, shape):
-    # B*H = 6, 150, 1500, 70000: none a multiple of BLOCK (128); T = 37, 16: partial and whole tiles.
+    # B*H = 6, 150, 1500, 70000 (128-column programs): none a multiple of BLOCK; T = 37, 16: partial and
+    # whole tiles.
     compare(*shape, activation)
 
 
@@ -101,12 +102,14 @@ def test_per_step_gradient_clipping(activation, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("block_t", [1, 4, 16, 32])
-def test_every_time_tile_height(block_t, monkeypatch):
-    # gpu_check sweeps BLOCK_T; every height must stay exact (T = 37: partial last tiles).
+def test_every_time_tile_height(block, block_t, monkeypatch):
+    # gpu_check sweeps BLOCK_T and BLOCK; every choice must stay exact (T = 37: partial last tiles).
     from src.kernels import indrnn_triton
 
     monkeypatch.setattr(indrnn_triton, "BLOCK_T", block_t)
+    monkeypatch.setattr(indrnn_triton, "BLOCK", block)
     for activation in ACTIVATIONS:
         compare(37, 5, 300, activation)
         compare(37, 3, 50, activation, grad_clip=0.5)
@@ -135,18 +138,23 @@ import torch
 from src.kernels.reference import ACTIVATIONS
 from tests.test_kernels_triton import compare
 for activation in ACTIVATIONS:
-    # B*H = 6, 150 (two 128-column blocks), 140; T = 17: two full 8-step tiles and a partial one.
-    for shape in [(1, 2, 3), (7, 3, 50), (5, 2, 70), (17, 2, 9)]:
-        compare(*shape, activation, torch.float32, device="cpu")
-    compare(4, 3, 5, activation, torch.bfloat16, device="cpu", param_dtype=torch.float32)
-    compare(9, 3, 50, activation, torch.float32, device="cpu", grad_clip=0.5)  # per-step clipping active
-if FULL:  # other time-tile heights (gpu_check sweeps them), partial last tiles
+    compare(1, 2, 3, activation, torch.float32, device="cpu")  # one step
+    compare(17, 2, 9, activation, torch.float32, device="cpu")  # two full 8-step tiles and a partial one
+    # B*H = 150: five 32-column programs, the last ragged; per-step clipping active
+    compare(9, 3, 50, activation, torch.float32, device="cpu", grad_clip=0.5)
+compare(4, 3, 5, "tanh", torch.bfloat16, device="cpu", param_dtype=torch.float32)
+if FULL:
+    for activation in ACTIVATIONS:
+        for shape in [(7, 3, 50), (5, 2, 70)]:
+            compare(*shape, activation, torch.float32, device="cpu")
+        compare(4, 3, 5, activation, torch.bfloat16, device="cpu", param_dtype=torch.float32)
+if FULL:  # other time-tile heights and program widths (gpu_check sweeps them), partial last tiles
     import src.kernels.indrnn_triton as indrnn_kernel
-    for block_t in (1, 4, 16):
-        indrnn_kernel.BLOCK_T = block_t
+    for block, block_t in ((32, 1), (128, 4), (128, 16), (32, 16)):
+        indrnn_kernel.BLOCK, indrnn_kernel.BLOCK_T = block, block_t
         compare(17, 2, 9, "tanh", torch.float32, device="cpu")
-        compare(9, 3, 50, "relu", torch.float32, device="cpu", grad_clip=0.5)
-    indrnn_kernel.BLOCK_T = 8
+        compare(9, 3, 50, "relu", torch.float32, device="cpu", grad_clip=0.5)  # B*H = 150: ragged blocks
+    indrnn_kernel.BLOCK, indrnn_kernel.BLOCK_T = None, 8
 # RTRL's sensitivity kernel: tests/test_rtrl.py's comparison with the plain loop, on CPU tensors.
 from tests.test_rtrl import test_triton_sensitivity_kernel_equals_plain_loop as rtrl_check
 rtrl_check(0, (19, 3, 5, 4))  # (K, B, H, I): one tile

@@ -175,17 +175,22 @@ if triton is not None:
 # tile ahead, and runs the BLOCK_T dependent steps in registers. gpu_check sweeps it (1 = one step
 # per load, the former kernel); module-level so that a benchmark can set it (a power of 2: tl.arange).
 BLOCK_T = 8
+# Columns per program: None chooses by size (_launch_config); 32 or 128 to force one (gpu_check sweeps it).
+BLOCK: int | None = None
+WIDE = 33792  # B*H from which 128-column programs still give >= 2 programs per SM of a 132-SM GPU
 
 
 def _launch_config(columns: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for ``columns`` = B*H independent recurrences.
 
-    One warp per program, 4 adjacent columns per thread (one 16-byte float32 vector access per tile
-    row): each thread then holds whole columns of every [BLOCK_T, BLOCK] tile, so extracting a step's
-    row is in-thread arithmetic, and the many small programs spread over every SM.
+    One warp per program, so that each thread holds whole columns of every [BLOCK_T, BLOCK] tile and
+    extracting a step's row is in-thread arithmetic. Many columns (B*H >= WIDE): 128 per program, 4
+    adjacent ones per thread (16-byte float32 vector accesses); fewer: 32 per program (one per
+    thread), so that the programs still spread over every SM (B*H = 8192: 256 programs, not 64).
     """
-    del columns  # the same configuration at every size; kept as the place to tune per size
-    return 128, 1
+    if BLOCK is not None:
+        return BLOCK, 1
+    return (128, 1) if columns >= WIDE else (32, 1)
 
 
 def loop_count(steps: int):
