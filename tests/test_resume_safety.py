@@ -72,6 +72,20 @@ def test_a_refused_resume_leaves_every_byte_of_the_run(finished_run, tmp_path, o
     assert json.loads((finished_run / "results.json").read_text())["status"] == "finished"
 
 
+def test_ckpt_path_last_with_other_overrides_is_refused_and_leaves_the_run(finished_run, tmp_path):
+    from omegaconf import open_dict
+
+    before = tree_hashes(finished_run)
+    cfg = compose_train(tmp_path / "new", [*TINY, "ckpt_path=last", "model.hidden_size=16"])
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(finished_run.parents[1])  # where the finished run lies
+    with pytest.raises(UserError) as error:
+        train(cfg)
+    assert str(error.value).startswith("ckpt_path=last: no run of task=adding model=indrnn under")
+    assert f"{finished_run} (differs in model.hidden_size (checkpoint 8, now 16))" in str(error.value)
+    assert tree_hashes(finished_run) == before
+
+
 def test_an_unreadable_checkpoint_is_one_line_and_leaves_the_run(finished_run, monkeypatch):
     # As root, chmod 000 does not stop reading: the open of the checkpoint is made to raise as it would.
     before = tree_hashes(finished_run)
