@@ -398,11 +398,34 @@ class PTBDataModule(pl.LightningDataModule):
         return self._loader(self.windows("test", self.test_batch_size, self.eval_seq_len))
 
     def state_dict(self) -> dict:
-        """The vocabulary (a plain list) and the training pass counter, saved in checkpoints."""
+        """The vocabulary (a plain list) and the training pass counter, saved in checkpoints (Lightning
+        keeps a DataModule's state under its class name): the one place a checkpoint holds the
+        vocabulary, which :func:`saved_vocabulary` reads back (generate.py)."""
         passes = self._train_windows.passes if self._train_windows is not None else 0
         return {"vocabulary": list(self.vocabulary or []), "level": self.level, "passes": passes}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue a checkpoint's training pass counter. Lightning calls it after :meth:`setup`, so the
+        checkpoint's vocabulary is compared with the one the files give: a model's token ids must mean
+        the same tokens (DataError, one line, if not)."""
+        saved = state.get("vocabulary")
+        if saved and self.vocabulary is not None and list(saved) != self.vocabulary:
+            ours = self.vocabulary
+            first = next((i for i, (a, b) in enumerate(zip(saved, ours)) if a != b), min(len(saved), len(ours)))
+            where = (f"token {first} is {saved[first]!r} there, {ours[first]!r} here" if first < min(len(saved), len(ours))
+                     else f"{len(saved)} tokens there, {len(ours)} here")
+            raise DataError(f"PTB: the checkpoint's vocabulary is not the one {self.folder / FILES[self.level]['train']} "
+                            f"gives ({where}): its token ids would mean other tokens; point data_dir at the corpus "
+                            f"the model was trained on")
         self._resumed_passes = int(state.get("passes", 0))
         if self._train_windows is not None:
             self._train_windows.passes = self._resumed_passes
+
+
+def saved_vocabulary(checkpoint: dict) -> list[str] | None:
+    """The vocabulary, a list of V token strings (index = token id), that a checkpoint of a PTB run
+    holds in its DataModule's state (:meth:`PTBDataModule.state_dict`); None if it holds none."""
+    state = checkpoint.get(PTBDataModule.__qualname__)
+    vocabulary = state.get("vocabulary") if isinstance(state, dict) else None
+    return list(vocabulary) if vocabulary else None
+

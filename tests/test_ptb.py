@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from datamodules.download import DownloadError, md5sum
+from datamodules.download import DataError, DownloadError, md5sum
 from datamodules.ptb import (ARCHIVE, ARCHIVE_FOLDER, EOS, FILES, PTBDataModule, StreamWindows, batchify,
-                             window_lengths)
+                             saved_vocabulary, window_lengths)
 from lightning_modules.language_model import LanguageModel, dynamic_evaluate
 from lightning_modules.run import train
 from src.state import detach_state, state_tensors
@@ -425,12 +425,32 @@ def test_short_training_beats_the_unigram_entropy(trained_char_run):
     assert results["test/bpc"] < 0.6 * unigram_bits
 
 
+def stored_lists(value) -> list[list]:
+    """Every list of strings anywhere inside a checkpoint's nested dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return [found for item in value.values() for found in stored_lists(item)]
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(item, str) for item in value):
+            return [list(value)]
+        return [found for item in value for found in stored_lists(item)]
+    return []
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused_in_one_line(corpus):
+    module = datamodule(*corpus)
+    module.load_state_dict({"vocabulary": list(module.vocabulary), "passes": 2})  # the same corpus: fine
+    other = [*module.vocabulary[:3], module.vocabulary[4], module.vocabulary[3], *module.vocabulary[5:]]
+    with pytest.raises(DataError, match=r"^PTB: the checkpoint's vocabulary is not the one .*ptb\.char\.train\.txt "
+                                        r"gives \(token 3 is .* there, .* here\): .* point data_dir at the corpus"):
+        module.load_state_dict({"vocabulary": other, "passes": 0})
+
+
 def test_generate_samples_vocabulary_tokens_reproducibly(trained_char_run, corpus):
     from generate import generate, load_language_model
     run_dir, _ = trained_char_run
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain types only
-    vocabulary = checkpoint["vocabulary"]
+    vocabulary = saved_vocabulary(checkpoint)
     assert isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)
     outputs = [io.StringIO() for _ in range(3)]
     first = generate(str(ckpt), prompt="the cat", length=60, temperature=1.0, seed=5, out=outputs[0])
