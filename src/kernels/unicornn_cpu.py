@@ -21,7 +21,8 @@ incoming gradient of z_{T-1}):
     Y   = Y - alpha * s * Z + w * d    (dL/dy_{t-1} from step t);  Z stays (dL/dz_{t-1})
 
 then dL/dy0 = Y, dL/dz0 = Z and dL/dc = ds * dt * sigmoid(c) * (1 - sigmoid(c)), summed over the
-batch. tanh(a_t) is recomputed from the saved y and x (no (T, B, H) buffer for it).
+batch. The CPU kernel saves tanh(a_t) from the forward pass (in place of x: no exp to redo); the
+Triton kernel recomputes it from the saved y and x.
 
 Backends: ``reference`` (:func:`unicornn_recurrence_reference`, autograd, any device and dtype),
 ``cpu`` (:class:`UnICORNNRecurrenceCPU`, numba loops; the reference where numba is missing),
@@ -71,38 +72,40 @@ if numba is not None:
     # through memory in order and the carried state (2 B*H values) stays in cache. (Unit-outer loops,
     # one oscillator over all T at a time, stride B*H elements per step and ran ~3x slower.)
     @numba.njit(cache=True, nogil=True)
-    def _numba_forward(x, w, step, y0, z0, alpha, ys, zs):  # pragma: no cover - compiled
+    def _numba_forward(x, w, step, y0, z0, alpha, ys, zs, fs):  # pragma: no cover - compiled
         steps, batch, hidden = x.shape
         one, two = x.dtype.type(1), x.dtype.type(2)
         for t in range(steps):
             for b in range(batch):
-                x_t, y_t, z_t = x[t, b], ys[t, b], zs[t, b]
+                x_t, y_t, z_t, f_t = x[t, b], ys[t, b], zs[t, b], fs[t, b]
                 y_prev = ys[t - 1, b] if t > 0 else y0[b]
                 z_prev = zs[t - 1, b] if t > 0 else z0[b]
                 for j in range(hidden):
                     y = y_prev[j]
-                    z = z_prev[j] - step[j] * (_tanh(w[j] * y + x_t[j], one, two) + alpha * y)
+                    f = _tanh(w[j] * y + x_t[j], one, two)
+                    f_t[j] = f
+                    z = z_prev[j] - step[j] * (f + alpha * y)
                     z_t[j] = z
                     y_t[j] = y + step[j] * z
 
     @numba.njit(cache=True, nogil=True)
-    def _numba_backward(grad, batch_major, grad_z_last, x, w, step, y0, ys, zs, alpha, grad_x, grad_w, grad_step,
+    def _numba_backward(grad, batch_major, grad_z_last, fs, w, step, y0, ys, zs, alpha, grad_x, grad_w, grad_step,
                         grad_y0, grad_z0):  # pragma: no cover - compiled
-        steps, batch, hidden = x.shape
-        one, two = x.dtype.type(1), x.dtype.type(2)
-        carry_y = np.zeros((batch, hidden), dtype=x.dtype)  # dL/dy_t from the later steps
+        steps, batch, hidden = fs.shape
+        one = fs.dtype.type(1)
+        carry_y = np.zeros((batch, hidden), dtype=fs.dtype)  # dL/dy_t from the later steps
         carry_z = grad_z_last.copy()                          # dL/dz_t from the later steps
-        partial_w = np.zeros((batch, hidden), dtype=x.dtype)
-        partial_step = np.zeros((batch, hidden), dtype=x.dtype)
+        partial_w = np.zeros((batch, hidden), dtype=fs.dtype)
+        partial_step = np.zeros((batch, hidden), dtype=fs.dtype)
         for t in range(steps - 1, -1, -1):
             for b in range(batch):
                 g_t = grad[b, t] if batch_major else grad[t, b]
-                x_t, z_t, d_t = x[t, b], zs[t, b], grad_x[t, b]
+                f_t, z_t, d_t = fs[t, b], zs[t, b], grad_x[t, b]
                 y_prev = ys[t - 1, b] if t > 0 else y0[b]
                 c_y, c_z, p_w, p_s = carry_y[b], carry_z[b], partial_w[b], partial_step[b]
                 for j in range(hidden):
                     s, u, y = step[j], w[j], y_prev[j]
-                    f = _tanh(u * y + x_t[j], one, two)
+                    f = f_t[j]
                     total_y = g_t[j] + c_y[j]
                     total_z = c_z[j] + s * total_y
                     p_s[j] += total_y * z_t[j] - total_z * (f + alpha * y)
@@ -137,9 +140,11 @@ class UnICORNNRecurrenceCPU(torch.autograd.Function):
         step = dt * torch.sigmoid(c.detach())
         arrays = [contiguous_array(t) for t in (x, w, step, y0, z0)]
         ys = torch.from_numpy(np.empty_like(arrays[0]))
-        zs = torch.from_numpy(np.empty_like(arrays[0]))  # kept for the backward pass
-        _numba_forward(*arrays, arrays[0].dtype.type(alpha), ys.numpy(), zs.numpy())
-        ctx.save_for_backward(x, w, c, y0, ys, zs)
+        # Kept for the backward pass: z_t and tanh(a_t) (instead of x: the same memory, no exp to redo).
+        zs = torch.from_numpy(np.empty_like(arrays[0]))
+        fs = torch.from_numpy(np.empty_like(arrays[0]))
+        _numba_forward(*arrays, arrays[0].dtype.type(alpha), ys.numpy(), zs.numpy(), fs.numpy())
+        ctx.save_for_backward(fs, w, c, y0, ys, zs)
         ctx.dt, ctx.alpha = dt, alpha
         z_last = zs[-1].clone() if len(zs) else z0.detach().clone()
         return ys, z_last
@@ -147,15 +152,15 @@ class UnICORNNRecurrenceCPU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_z_last):
-        x, w, c, y0, ys, zs = ctx.saved_tensors
+        fs, w, c, y0, ys, zs = ctx.saved_tensors
         sigmoid = torch.sigmoid(c.detach())
         step = ctx.dt * sigmoid
-        x_array, w_array, step_array, y0_array = (contiguous_array(t) for t in (x, w, step, y0))
+        f_array, w_array, step_array, y0_array = (contiguous_array(t) for t in (fs, w, step, y0))
         grad_y = torch.zeros_like(ys) if grad_y is None else grad_y
         grad_z_last = torch.zeros_like(y0) if grad_z_last is None else grad_z_last
-        grads = [torch.from_numpy(np.empty_like(a)) for a in (x_array, w_array, step_array, y0_array, y0_array)]
-        _numba_backward(*gradient_rows(grad_y), contiguous_array(grad_z_last), x_array, w_array, step_array,
-                        y0_array, ys.numpy(), zs.numpy(), x_array.dtype.type(ctx.alpha), *(g.numpy() for g in grads))
+        grads = [torch.from_numpy(np.empty_like(a)) for a in (f_array, w_array, step_array, y0_array, y0_array)]
+        _numba_backward(*gradient_rows(grad_y), contiguous_array(grad_z_last), f_array, w_array, step_array,
+                        y0_array, ys.numpy(), zs.numpy(), f_array.dtype.type(ctx.alpha), *(g.numpy() for g in grads))
         grad_x, grad_w, grad_step, grad_y0, grad_z0 = grads
         grad_c = grad_step * ctx.dt * sigmoid * (1 - sigmoid)
         return grad_x, grad_w, grad_c, grad_y0, grad_z0, None, None
