@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import src.kernels.indrnn_scan as scan_module
-from src.kernels import SCAN_MAX_COLUMNS, SCAN_MIN_STEPS, indrnn_recurrence, numba_available, prefer_scan
+from src.kernels import (SCAN_MAX_COLUMNS, SCAN_MIN_STEPS, SCAN_MIN_THREADS, indrnn_recurrence, numba_available,
+                         prefer_scan)
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU
 from src.kernels.indrnn_scan import IndRNNScanCPU, IndRNNScanTorch, compose
 from src.kernels.reference import indrnn_recurrence_reference
@@ -202,9 +203,9 @@ def autograd_nodes(output):
     return names
 
 
-def test_auto_takes_the_scan_for_long_single_streams(monkeypatch):
+def test_auto_takes_the_scan_for_long_single_streams_on_enough_threads(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr("src.kernels.parallel_threads", lambda steps: 2)
+    monkeypatch.setattr("src.kernels.parallel_threads", lambda steps: SCAN_MIN_THREADS)
     assert prefer_scan(SCAN_MIN_STEPS, 128, cpu, "relu")
     assert not prefer_scan(SCAN_MIN_STEPS - 1, 128, cpu, "relu")
     assert not prefer_scan(SCAN_MIN_STEPS, SCAN_MAX_COLUMNS + 1, cpu, "relu")
@@ -215,7 +216,7 @@ def test_auto_takes_the_scan_for_long_single_streams(monkeypatch):
     assert "IndRNNScanCPUBackward" in autograd_nodes(long_output)
     short_output = layer(torch.randn(1, 100, 1))[0]
     assert "IndRNNLinearRecurrenceCPUBackward" in autograd_nodes(short_output)
-    monkeypatch.setattr("src.kernels.parallel_threads", lambda steps: 1)  # one core: no gain from the scan
+    monkeypatch.setattr("src.kernels.parallel_threads", lambda steps: SCAN_MIN_THREADS - 1)  # too few to gain
     assert not prefer_scan(SCAN_MIN_STEPS, 128, cpu, "relu")
 
 

@@ -17,8 +17,8 @@ code's per-step recurrent clipping), identically in every backend. Backends:
   :class:`src.kernels.indrnn_scan_triton.IndRNNScanTriton`, else (no numba/triton, other dtypes)
   the log-depth scan in plain PyTorch, :class:`src.kernels.indrnn_scan.IndRNNScanTorch`.
 * ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
-  installed and the dtype is supported, else the reference loop. On CPU, "auto" takes the scan for
-  long sequences with few columns (:func:`prefer_scan`: one stream, T >= SCAN_MIN_STEPS), where the
+  installed and the dtype is supported, else the reference loop. On CPU with 4 threads or more,
+  "auto" takes the scan for long sequences with few columns (:func:`prefer_scan`), where the
   sequential kernel can use one core only.
 
 ``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
@@ -93,17 +93,21 @@ def _check_activation(activation: str) -> None:
     check_choice("IndRNN activation", activation, ACTIVATIONS)
 
 
-# "auto" on CPU takes the chunked scan from this many steps on, for at most SCAN_MAX_COLUMNS columns
-# (B*H), where the sequential kernel leaves all cores but one idle; measured with
-# benchmarks/recurrence.py --shape-set stream (see src/kernels/README.md).
+# "auto" on CPU takes the chunked scan for long sequences with few columns (B*H), where the sequential
+# kernel leaves all cores but one idle, and only with SCAN_MIN_THREADS threads or more: composing a
+# step costs about half a step (r = 0.5 at B=1, H=128; above 1 at B=64), so 2 threads can at best
+# reach 0.67x of the sequential time and measured no gain on the loaded 2-core VM, while 4 threads
+# predict 0.36x (src/kernels/README.md; benchmarks/recurrence.py --shape-set stream).
 SCAN_MIN_STEPS = 20_000
 SCAN_MAX_COLUMNS = 1024
+SCAN_MIN_THREADS = 4
 
 
 def prefer_scan(steps: int, columns: int, device: torch.device, activation: str) -> bool:
-    """Whether "auto" runs the scan: CPU, relu/identity, T >= SCAN_MIN_STEPS, B*H <= SCAN_MAX_COLUMNS, threads."""
+    """Whether "auto" runs the scan: CPU, relu/identity, T >= SCAN_MIN_STEPS, B*H <= SCAN_MAX_COLUMNS and
+    at least SCAN_MIN_THREADS threads (``numba.get_num_threads()``)."""
     return (device.type == "cpu" and scan_applies(activation) and steps >= SCAN_MIN_STEPS
-            and columns <= SCAN_MAX_COLUMNS and parallel_threads(steps) > 1)
+            and columns <= SCAN_MAX_COLUMNS and parallel_threads(steps) >= SCAN_MIN_THREADS)
 
 
 def _choose_backend(backend: str, x: torch.Tensor, hidden: int, activation: str) -> str:
