@@ -11,6 +11,11 @@ seed) and trains on batches regenerated here from a seed, float64, dropout 0:
   carried from window to window, plus the loss of an evaluation with the running per-window batch
   norm statistics after training (absolute per-step statistics miss it by 0.12).
 
+After training, each network is also evaluated with its running batch norm statistics (pMNIST and
+NTU: with u clamped, as the official next forward pass sees it; the official evaluations between
+training batches see the last step's u unclamped, by at most one Adam step, where ours, clamped
+after every step, never does: the fixtures record both).
+
 The test replays the project's real training path (the experiment files composed as train.py does,
 build(), the callbacks, the Lightning Trainer with value clipping, Adam with the official
 weight-decay groups, u clamped after every step; the Trainer's validation loop for the evaluation)
@@ -125,8 +130,8 @@ EVAL_WINDOWS = 5
 
 
 def evaluation_windows(case: Case) -> list[SequenceBatch]:
-    """Language models: EVAL_WINDOWS windows of other seeded streams, for evaluating with the running
-    batch-norm statistics after training (the state carried from window to window)."""
+    """EVAL_WINDOWS batches of another seed, for evaluating with the running batch-norm statistics
+    after training (language models: windows of other streams, the state carried on)."""
     return parity_batches(case, EVAL_WINDOWS, seed=DATA_SEED + 1)
 
 
@@ -158,11 +163,11 @@ class _LossRecorder(pl.Callback):
 
 
 def project_losses(experiment: str, output_dir: Path, steps: int = STEPS,
-                   overrides: tuple[str, ...] = ()) -> tuple[float, list[float], float | None]:
+                   overrides: tuple[str, ...] = ()) -> tuple[float, list[float], float]:
     """(norm of the initial parameters, per-step training losses, evaluation loss) of ``experiment``
     through the project's training path (``overrides`` after the parity settings). The evaluation
-    loss (language models only, else None) is the validation loss of the trained model on
-    :func:`evaluation_windows`, through the Trainer's validation loop."""
+    loss is the validation loss of the trained model on :func:`evaluation_windows`, through the
+    Trainer's validation loop."""
     cfg = parity_config(experiment, output_dir, steps, overrides)
     objective = initial_objective(cfg)
     initial_norm = parameter_norm(objective.net)
@@ -171,8 +176,6 @@ def project_losses(experiment: str, output_dir: Path, steps: int = STEPS,
     case = CASES[experiment]
     loader = DataLoader(parity_batches(case, steps), batch_size=None, shuffle=False)
     trainer.fit(objective, train_dataloaders=loader)
-    if not case.language_model:
-        return initial_norm, recorder.losses, None
     validation = build_trainer(parity_config(experiment, output_dir / "eval", steps, (*overrides, "trainer.limit_val_batches=1.0")),
                                [], [])
     windows = DataLoader(evaluation_windows(case), batch_size=None, shuffle=False)
@@ -203,10 +206,10 @@ def test_training_matches_the_official_code_step_by_step(experiment, tmp_path):
     differences = [abs(a - b) for a, b in zip(ours, run["official_losses"])]
     worst = max(range(STEPS), key=differences.__getitem__)
     assert differences[worst] <= 1e-9, f"step {worst + 1}: ours {ours[worst]!r}, official {run['official_losses'][worst]!r}"
-    if case.language_model:
-        # Evaluation with the running statistics (per window: rows restart at every window; absolute
-        # per-step rows miss by 0.12). The validation loss is accumulated in float32 (the metric), hence rel 1e-6.
-        assert evaluation == pytest.approx(run["official_evaluation_loss"], rel=1e-6)
+    # Evaluation with the running statistics (char PTB: per window, rows restart at every window;
+    # absolute per-step rows miss by 0.12). The validation loss is accumulated in float32 (the
+    # metric), hence rel 1e-6.
+    assert evaluation == pytest.approx(run["official_evaluation_loss"], rel=1e-6)
 
 
 # --- Regenerating the fixture from the official code ----------------------------------------------------
@@ -362,15 +365,28 @@ def official_losses(experiment: str, official_dir: Path, output_dir: Path) -> di
     run = {"seq_len": case.seq_len, "batch": BATCH, "steps": STEPS, "u_bound": u_bound,
            "initial_parameter_norm": parameter_norm(ours), "official_losses": losses,
            "final_official_parameter_norm": parameter_norm(official), "numpy": np.__version__}
-    if case.language_model:  # the official eval(): running statistics, the state carried from zeros
-        official.eval()
-        hidden = torch.zeros(layers, BATCH, units, dtype=torch.float64)
+    # The official eval(): model.eval() (running statistics); char PTB: the state carried from zeros.
+    official.eval()
+
+    def evaluation_loss() -> float:
         window_losses = []
         with torch.no_grad():
+            hidden = torch.zeros(layers, BATCH, units, dtype=torch.float64) if case.language_model else None
             for batch in evaluation_windows(case):
-                logits, hidden = official(batch.inputs.t().contiguous(), hidden)
-                window_losses.append(torch.nn.functional.cross_entropy(logits, batch.targets.t().reshape(-1)).item())
-        run["official_evaluation_loss"] = sum(window_losses) / len(window_losses)  # windows of equal length
+                if case.language_model:
+                    logits, hidden = official(batch.inputs.t().contiguous(), hidden)
+                    targets = batch.targets.t().reshape(-1)
+                else:
+                    logits, targets = official(batch.inputs.transpose(0, 1)), batch.targets
+                window_losses.append(torch.nn.functional.cross_entropy(logits, targets).item())
+        return sum(window_losses) / len(window_losses)  # batches of equal size
+
+    # The pMNIST/NTU loops clamp u before each training forward pass only, so their evaluations see
+    # the last step's u unclamped (by at most one step), where ours (clamped after every step) sees
+    # it clamped: recorded as is, then with u clamped (what the next training step would see).
+    run["official_evaluation_loss_u_unclamped"] = evaluation_loss()
+    clamp_u()
+    run["official_evaluation_loss"] = evaluation_loss()
     return run
 
 
@@ -413,9 +429,8 @@ def main(argv: list[str]) -> None:
                 run["largest_difference_from_project_when_recorded"] = largest
                 runs[experiment] = run
                 print(experiment, "largest difference", largest)
-                if evaluation is not None:
-                    run["evaluation_difference_from_project_when_recorded"] = abs(evaluation - run["official_evaluation_loss"])
-                    print(experiment, "evaluation difference", run["evaluation_difference_from_project_when_recorded"])
+                run["evaluation_difference_from_project_when_recorded"] = abs(evaluation - run["official_evaluation_loss"])
+                print(experiment, "evaluation difference", run["evaluation_difference_from_project_when_recorded"])
         folder_name = CASES[next(iter(runs))].official_folder
         (FIXTURES / f"official_parity_{benchmark}.json").write_text(json.dumps({
             "note": (f"Per-step training losses of the official {folder_name} networks (Sunnydreamrain/IndRNN_pytorch, "
