@@ -234,10 +234,12 @@ def _delay_table(delays: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _DELAY_TABLES[key]
 
 
-def _blocks(hidden: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K): 16 batch rows (tl.dot's smallest M), unit blocks of up to 64."""
+def _blocks(hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps): 16 batch rows (tl.dot's smallest M), unit blocks of up to
+    64 output units by 32 inputs, 8 warps at full width: no register spills for float32 (IEEE or TF32)
+    or float64 (ptxas for sm_90: at most 181 registers; 64 x 64 on 4 warps spills in float32)."""
     width = min(64, max(16, triton.next_power_of_2(hidden)))
-    return 16, width, width
+    return 16, width, min(32, width), 8 if width == 64 else 4
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -287,7 +289,7 @@ class DenseRecurrenceTriton(torch.autograd.Function):
         states = torch.empty(memory + steps, batch, hidden, dtype=dtype, device=z.device)
         states[:memory] = past.detach()
         delay_table = _delay_table(delays, z.device)
-        block_b, block_n, block_k = _blocks(hidden)
+        block_b, block_n, block_k, warps = _blocks(hidden)
         if steps > 0:
             with _device_guard(z):
                 _forward_kernel[(triton.cdiv(batch, block_b),)](
@@ -295,7 +297,7 @@ class DenseRecurrenceTriton(torch.autograd.Function):
                     loop_count(triton.cdiv(hidden, block_n)), loop_count(triton.cdiv(hidden, block_k)),
                     batch, hidden, memory, lam_in.stride(0), module, ACTIVATION=ACTIVATION_CODES[activation],
                     PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-                    num_warps=4)
+                    num_warps=warps)
         ctx.save_for_backward(z_in, weights_in, lam_in, delay_table, states)
         ctx.delays, ctx.activation, ctx.z_dtype, ctx.lam_dtype = delays, activation, z.dtype, lam.dtype
         ctx.module = module
@@ -323,14 +325,14 @@ class DenseRecurrenceTriton(torch.autograd.Function):
         gain = (slope * (1 - lam[:, None, :])).contiguous()  # (T, B, H): da_t = e_t * gain_t
         adjoint = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # e_t
         grad_pre = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # da_t
-        block_b, block_n, block_k = _blocks(hidden)
+        block_b, block_n, block_k, warps = _blocks(hidden)
         with _device_guard(z):
             _backward_kernel[(triton.cdiv(batch, block_b),)](
                 grad_out.contiguous(), gain, weights, lam, delay_table, adjoint, grad_pre, loop_count(steps),
                 steps, loop_count(len(delays)), loop_count(triton.cdiv(hidden, block_n)),
                 loop_count(triton.cdiv(hidden, block_k)), batch, hidden, lam.stride(0), ctx.module,
                 PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=4)
+                num_warps=warps)
         da = grad_pre[:steps]
         flat_da = da.reshape(steps * batch, hidden)
         grad_weights = torch.stack([

@@ -94,17 +94,19 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_T)
         u = tl.load(u_ptr + cols % H, mask=col_ok, other=0.0).to(tl.float32)
         h = tl.load(h0_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        # Tile pointers advance by BLOCK_T*BH per tile (64-bit pointer arithmetic: T*B*H may exceed 2^31).
+        # Scalar base pointers advance by BLOCK_T*BH per tile (64-bit pointer arithmetic: T*B*H may exceed
+        # 2^31); the int32 tile of offsets is loop-invariant. (Loop-carried tiles of 64-bit pointers would
+        # take 2 registers per element: 210 registers at BLOCK = 128, checked with ptxas.)
         offsets = rows[:, None] * BH + cols[None, :]
-        z_ptrs = z_ptr + offsets
-        out_ptrs = out_ptr + offsets
-        tile = tl.load(z_ptrs, mask=(rows < T)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        z_base = z_ptr
+        out_base = out_ptr
+        tile = tl.load(z_base + offsets, mask=(rows < T)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         t0 = 0
         for _ in range(n_tiles):  # cdiv(T, BLOCK_T), computed by the launcher
             # The next tile's load is issued before this tile's BLOCK_T dependent steps, which hide its
             # latency: no step waits on global memory (beyond the first tile).
             next_ok = ((t0 + BLOCK_T + rows) < T)[:, None] & col_ok[None, :]
-            following = tl.load(z_ptrs + BLOCK_T * BH, mask=next_ok, other=0.0).to(tl.float32)
+            following = tl.load(z_base + BLOCK_T * BH + offsets, mask=next_ok, other=0.0).to(tl.float32)
             out_tile = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
             for i in tl.static_range(BLOCK_T):
                 a = _row(tile, rows, i) + u * h
@@ -116,11 +118,11 @@ if triton is not None:
                     h = a
                 out_tile = tl.where(rows[:, None] == i, h[None, :], out_tile)
             # Steps past T (the last tile's padding) ran on z = 0 and are not stored.
-            tl.store(out_ptrs, out_tile.to(out_ptr.dtype.element_ty),
+            tl.store(out_base + offsets, out_tile.to(out_ptr.dtype.element_ty),
                      mask=((t0 + rows) < T)[:, None] & col_ok[None, :])
             tile = following
-            z_ptrs += BLOCK_T * BH
-            out_ptrs += BLOCK_T * BH
+            z_base += BLOCK_T * BH
+            out_base += BLOCK_T * BH
             t0 += BLOCK_T
 
     @triton.jit
@@ -132,14 +134,14 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_T)
         u = tl.load(u_ptr + cols % H, mask=col_ok, other=0.0).to(tl.float32)
         # Tiles from the last (which may be partial) back to the first; last_tile_offset =
-        # last_tile_start * B * H, computed in Python (may be int64).
-        offsets = last_tile_offset + rows[:, None] * BH + cols[None, :]
-        g_ptrs = grad_ptr + offsets
-        h_ptrs = out_ptr + offsets
-        dz_ptrs = grad_z_ptr + offsets
+        # last_tile_start * B * H, computed in Python (may be int64). Scalar base pointers, as forward.
+        offsets = rows[:, None] * BH + cols[None, :]
+        g_base = grad_ptr + last_tile_offset
+        h_base = out_ptr + last_tile_offset
+        dz_base = grad_z_ptr + last_tile_offset
         ok = ((last_tile_start + rows) < T)[:, None] & col_ok[None, :]
-        g_tile = tl.load(g_ptrs, mask=ok, other=0.0).to(tl.float32)
-        h_tile = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+        g_tile = tl.load(g_base + offsets, mask=ok, other=0.0).to(tl.float32)
+        h_tile = tl.load(h_base + offsets, mask=ok, other=0.0).to(tl.float32)
         carry = tl.zeros([BLOCK], dtype=tl.float32)  # u * delta_{t+1}
         grad_u = tl.zeros([BLOCK], dtype=tl.float32)
         pending = tl.zeros([BLOCK], dtype=tl.float32)  # delta_{t+1}, waiting for h_t to add to grad_u
@@ -147,8 +149,8 @@ if triton is not None:
         for _ in range(n_tiles):  # cdiv(T, BLOCK_T), computed by the launcher
             # Prefetch the previous tile (earlier steps) before running this one's steps.
             previous_ok = ((t0 - BLOCK_T + rows) >= 0)[:, None] & col_ok[None, :]
-            g_previous = tl.load(g_ptrs - BLOCK_T * BH, mask=previous_ok, other=0.0).to(tl.float32)
-            h_previous = tl.load(h_ptrs - BLOCK_T * BH, mask=previous_ok, other=0.0).to(tl.float32)
+            g_previous = tl.load(g_base - BLOCK_T * BH + offsets, mask=previous_ok, other=0.0).to(tl.float32)
+            h_previous = tl.load(h_base - BLOCK_T * BH + offsets, mask=previous_ok, other=0.0).to(tl.float32)
             dz_tile = tl.zeros([BLOCK_T, BLOCK], dtype=tl.float32)
             for j in tl.static_range(BLOCK_T):
                 i = BLOCK_T - 1 - j
@@ -159,12 +161,12 @@ if triton is not None:
                 dz_tile = tl.where(rows[:, None] == i, delta[None, :], dz_tile)
                 carry = u * delta
                 pending = delta
-            tl.store(dz_ptrs, dz_tile.to(grad_z_ptr.dtype.element_ty),
+            tl.store(dz_base + offsets, dz_tile.to(grad_z_ptr.dtype.element_ty),
                      mask=((t0 + rows) < T)[:, None] & col_ok[None, :])
             g_tile, h_tile = g_previous, h_previous
-            g_ptrs -= BLOCK_T * BH
-            h_ptrs -= BLOCK_T * BH
-            dz_ptrs -= BLOCK_T * BH
+            g_base -= BLOCK_T * BH
+            h_base -= BLOCK_T * BH
+            dz_base -= BLOCK_T * BH
             t0 -= BLOCK_T
         h0 = tl.load(h0_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(grad_u_ptr + cols, grad_u + pending * h0, mask=col_ok)  # delta_0 * h_{-1}
@@ -175,22 +177,21 @@ if triton is not None:
 # tile ahead, and runs the BLOCK_T dependent steps in registers. gpu_check sweeps it (1 = one step
 # per load, the former kernel); module-level so that a benchmark can set it (a power of 2: tl.arange).
 BLOCK_T = 8
-# Columns per program: None chooses by size (_launch_config); 32 or 128 to force one (gpu_check sweeps it).
-BLOCK: int | None = None
-WIDE = 33792  # B*H from which 128-column programs still give >= 2 programs per SM of a 132-SM GPU
+# Columns per program, one per thread (a multiple of 32: BLOCK // 32 warps); gpu_check sweeps it.
+BLOCK = 32
 
 
 def _launch_config(columns: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for ``columns`` = B*H independent recurrences.
 
-    One warp per program, so that each thread holds whole columns of every [BLOCK_T, BLOCK] tile and
-    extracting a step's row is in-thread arithmetic. Many columns (B*H >= WIDE): 128 per program, 4
-    adjacent ones per thread (16-byte float32 vector accesses); fewer: 32 per program (one per
-    thread), so that the programs still spread over every SM (B*H = 8192: 256 programs, not 64).
+    One column per thread, warps side by side along the columns, so that each thread holds whole
+    columns of every [BLOCK_T, BLOCK] tile and extracting a step's row is in-thread arithmetic (the
+    row reduction never crosses threads). With BLOCK = 32 (one warp) and BLOCK_T = 8 a thread holds
+    64 registers forward and 96 backward, no spills (ptxas, sm_90); 4 columns per thread would need
+    over 200. Small programs also spread B*H = 8192 columns over 256 programs, every SM busy.
     """
-    if BLOCK is not None:
-        return BLOCK, 1
-    return (128, 1) if columns >= WIDE else (32, 1)
+    del columns  # the same configuration at every size; the place to tune per size after gpu_check
+    return BLOCK, max(1, BLOCK // 32)
 
 
 def loop_count(steps: int):
