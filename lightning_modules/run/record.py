@@ -153,11 +153,14 @@ def storage_error(error: BaseException) -> OSError | None:
     return None
 
 
+def storage_reason(error: OSError) -> str:
+    """``no space left on device``, ``read-only file system``, ... for a storage OSError."""
+    return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}.get(error.errno,
+                                                                                      error.strerror or "")
+
+
 def describe_storage_error(error: OSError) -> str:
     """``no space left on device writing /x/y`` and the like, one line."""
-    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-              errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}.get(error.errno,
-                                                                                           error.strerror or "")
-    where = error.filename or ""
-    return f"{reason} writing {where}".strip() if where else reason
+    return f"{storage_reason(error)} writing {error.filename}" if error.filename else storage_reason(error)

@@ -125,11 +125,11 @@ def register_resolvers() -> None:
 
 def unwritable(folder: Path, error: OSError, what: str) -> str:
     """The one line for a place a run cannot write."""
-    from lightning_modules.run.record import describe_storage_error
+    from lightning_modules.run.record import storage_reason
 
     where = Path(error.filename) if error.filename else folder
-    return (f"cannot write {what} {where} ({describe_storage_error(error).split(' writing ')[0]}): choose a writable "
-            f"place with paths.log_dir=DIR (or hydra.run.dir=DIR)")
+    return (f"cannot write {what} {where} ({storage_reason(error)}): choose a writable place with "
+            f"paths.log_dir=DIR (or hydra.run.dir=DIR)")
 
 
 def check_writable(folder: Path, what: str = "the run directory") -> None:
