@@ -22,7 +22,7 @@ import src.kernels.indrnn_scan as scan_module
 from src.kernels import (SCAN_MAX_COLUMNS, SCAN_MIN_STEPS, SCAN_MIN_THREADS, indrnn_recurrence, numba_available,
                          prefer_scan)
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU
-from src.kernels.indrnn_scan import IndRNNScanCPU, IndRNNScanTorch, compose
+from src.kernels.indrnn_scan import IndRNNScanCPU, IndRNNScanTorch, ProjectionCPU, compose
 from src.kernels.reference import indrnn_recurrence_reference
 from src.layers import IndRNN
 from tests.test_state_contract import CHUNKS, T as CONTRACT_T, assert_same_state, run_chunks
@@ -182,6 +182,31 @@ def test_exact_rtrl_equals_bptt_with_the_scan_backend(nonlinearity, steps, tasks
     assert relative_error(bptt_gradients(net, inputs, targets, initial, weights), expected) < 1e-12
     got = rtrl_gradients(net, inputs, targets, initial, weights, chunk=128 if steps > 100 else 3)
     assert relative_error(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_for_few_inputs(bias, tasks):
+    """The scan's input projection (I <= 8): F.linear's values and gradients, gradcheck, and the
+    layer's scan path takes it (values equal to the reference loop)."""
+    tasks(2)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 3, 2, dtype=DOUBLE, generator=generator, requires_grad=True)
+    weight = torch.randn(5, 2, dtype=DOUBLE, generator=generator, requires_grad=True)
+    b = torch.randn(5, dtype=DOUBLE, generator=generator, requires_grad=True) if bias else None
+    tensors = [t for t in (x, weight, b) if t is not None]
+    grad = torch.randn(9, 3, 5, dtype=DOUBLE, generator=generator)
+    expected = outputs_and_gradients(lambda *a: torch.nn.functional.linear(x, weight, b), tensors, grad)
+    actual = outputs_and_gradients(lambda *a: ProjectionCPU.apply(x, weight, b), tensors, grad)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x, w: ProjectionCPU.apply(x, w, b), (x, weight))
+    layer = IndRNN(2, 5, u_bound=1.0, batch_first=True, backend="scan", bias=bias).double()
+    reference = IndRNN(2, 5, u_bound=1.0, batch_first=True, backend="reference", bias=bias).double()
+    reference.load_state_dict(layer.state_dict())
+    inputs = torch.randn(3, 300, 2, dtype=DOUBLE, generator=generator)
+    output = layer(inputs)[0]
+    assert {"ProjectionCPUBackward", "IndRNNScanCPUBackward"} <= autograd_nodes(output)
+    torch.testing.assert_close(output, reference(inputs)[0], rtol=1e-12, atol=1e-13)
 
 
 def test_tanh_warns_once_and_runs_the_sequential_kernel():
