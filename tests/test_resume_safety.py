@@ -338,3 +338,37 @@ def test_train_py_on_a_read_only_place_is_one_line_naming_it(read_only_folder, w
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {named.format(ro=read_only_folder)}")
     assert "(read-only file system): choose a writable place with paths.log_dir=DIR" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_py_with_a_checkpoint_it_may_not_read_is_one_line(trained_by_train_py):
+    """A real permission error: chmod 000 and train.py run as the user nobody (root reads through
+    permission bits); skipped where that cannot be arranged."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run train.py as another user")
+    base = Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))
+    try:
+        run_dir = base / "logs" / "2026-01-01" / trained_by_train_py.name
+        shutil.copytree(trained_by_train_py, run_dir)
+        home = base / "home"
+        home.mkdir()
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o777 if path == home else (0o755 if path.is_dir() else 0o644))
+        (run_dir / "checkpoints" / "last.ckpt").chmod(0)
+        before = tree_hashes(run_dir)
+        env = dict(os.environ, HOME=str(home), NUMBA_CACHE_DIR=str(home), MPLCONFIGDIR=str(home),
+                   HYDRA_FULL_ERROR="0", PYTHONDONTWRITEBYTECODE="1")
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                               str(Path(__file__).resolve().parents[1] / "train.py"), *TINY, "task.max_epochs=2",
+                               f"paths.log_dir={base / 'logs'}", f"ckpt_path={run_dir}"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: ckpt_path={run_dir}: cannot read {run_dir / 'checkpoints' / 'last.ckpt'} (Permission denied); "
+            f"check its permissions")
+        assert tree_hashes(run_dir) == before
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
