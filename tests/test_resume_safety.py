@@ -122,6 +122,17 @@ def test_resume_safe_keys_are_not_differences():
     assert config_differences({**stored, "seed": 1}, {**current, "seed": 2}) == [("seed", 1, 2)]
 
 
+def test_every_check_compares_the_config_even_for_a_checkpoint_already_loaded(finished_run):
+    from lightning_modules.run.resume import check_resume
+
+    checkpoint = finished_run / "checkpoints" / "last.ckpt"
+    stored = torch.load(checkpoint, weights_only=True)["hyper_parameters"]["run_config"]
+    assert check_resume(checkpoint, stored, "x").step == 4
+    other = {**stored, "model": {**stored["model"], "hidden_size": 64}}
+    with pytest.raises(UserError, match=r"model.hidden_size \(checkpoint 8, now 64\)"):
+        check_resume(checkpoint, other, "x")
+
+
 def fake_run(log_dir: Path, name: str, config: dict, mtime: int) -> Path:
     run_dir = log_dir / "2026-01-01" / name
     (run_dir / "checkpoints").mkdir(parents=True)

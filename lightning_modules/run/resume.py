@@ -169,8 +169,9 @@ class ResumePlan:
     previous: dict
 
 
-# Checkpoints already checked by this process (the Hydra callback, then the driver): (path, mtime, size) -> step.
-_CHECKED: dict[tuple, int] = {}
+# Checkpoints already loaded by this process (the Hydra callback, then the driver): (path, mtime, size) ->
+# (stored run config, step). The config is compared at every check.
+_LOADED: dict[tuple, tuple[dict, int]] = {}
 
 
 def check_resume(checkpoint: Path, current: dict, requested, choices: dict | None = None) -> ResumePlan:
@@ -187,26 +188,27 @@ def check_resume(checkpoint: Path, current: dict, requested, choices: dict | Non
         raise UserError(f"ckpt_path={requested}: cannot read {checkpoint} ({err.strerror or type(err).__name__}); "
                         f"check its permissions") from err
     key = (str(checkpoint), stat.st_mtime_ns, stat.st_size)
-    if key not in _CHECKED:
+    if key not in _LOADED:
         loaded = load_our_checkpoint(checkpoint)
-        stored = loaded["hyper_parameters"]["run_config"]
-        stored_choices = stored.get("choices") or {}
-        changed = [group for group in ("task", "model") if choices and stored_choices.get(group)
-                   and choices.get(group) not in (None, "*", stored_choices[group])]
-        if changed:
-            asked = " ".join(f"{group}={choices[group]}" for group in changed)
-            raise UserError(f"ckpt_path={requested}: the checkpoint is a task={stored_choices.get('task')} "
-                            f"model={stored_choices.get('model')} run and this command asks for {asked}: a resume "
-                            f"continues the same network and task; start a new run (without ckpt_path) instead")
-        differences = config_differences(stored, current)
-        if differences:
-            raise UserError(f"ckpt_path={requested}: this command's config differs from the checkpoint's in "
-                            f"{format_differences(differences)}; a resume may change only trainer.*, logger, "
-                            f"callbacks, paths, task.max_epochs, task.stop_at and the other resume-safe keys "
-                            f"(conf/train.yaml); start a new run to change the others")
-        _CHECKED[key] = int(loaded.get("global_step", 0))
+        _LOADED.clear()  # one checkpoint per run: keep no weights' configs around
+        _LOADED[key] = (loaded["hyper_parameters"]["run_config"], int(loaded.get("global_step", 0)))
+    stored, step = _LOADED[key]
+    stored_choices = stored.get("choices") or {}
+    changed = [group for group in ("task", "model") if choices and stored_choices.get(group)
+               and choices.get(group) not in (None, "*", stored_choices[group])]
+    if changed:
+        asked = " ".join(f"{group}={choices[group]}" for group in changed)
+        raise UserError(f"ckpt_path={requested}: the checkpoint is a task={stored_choices.get('task')} "
+                        f"model={stored_choices.get('model')} run and this command asks for {asked}: a resume "
+                        f"continues the same network and task; start a new run (without ckpt_path) instead")
+    differences = config_differences(stored, current)
+    if differences:
+        raise UserError(f"ckpt_path={requested}: this command's config differs from the checkpoint's in "
+                        f"{format_differences(differences)}; a resume may change only trainer.*, logger, "
+                        f"callbacks, paths, task.max_epochs, task.stop_at and the other resume-safe keys "
+                        f"(conf/train.yaml); start a new run to change the others")
     source = run_of_checkpoint(checkpoint)
-    return ResumePlan(checkpoint, _CHECKED[key], source, read_record_or_empty(source) if source else {})
+    return ResumePlan(checkpoint, step, source, read_record_or_empty(source) if source else {})
 
 
 def plan_resume(requested, log_dir: Path, task: str, model: str, current: dict) -> ResumePlan:
