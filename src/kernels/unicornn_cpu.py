@@ -25,9 +25,10 @@ batch. The CPU kernel saves tanh(a_t) from the forward pass (in place of x: no e
 Triton kernel recomputes it from the saved y and x.
 
 Backends: ``reference`` (:func:`unicornn_recurrence_reference`, autograd, any device and dtype),
-``cpu`` (:class:`UnICORNNRecurrenceCPU`, numba loops; the reference where numba is missing),
-``triton`` (:mod:`src.kernels.unicornn_triton`, CUDA), ``auto``/``fused`` (the fused kernel for the
-device, ``auto`` falling back to the reference where there is none).
+``cpu`` (:class:`UnICORNNRecurrenceCPU`, numba loops, float32/float64), ``triton``
+(:mod:`src.kernels.unicornn_triton`, CUDA), ``fused`` (the fused kernel for the device and dtype, or a
+one-line error) and ``auto`` (that kernel, or the reference where there is none: no numba, CPU
+half precision).
 """
 from __future__ import annotations
 
