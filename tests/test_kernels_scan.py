@@ -296,3 +296,13 @@ def test_triton_scan_under_the_cpu_interpreter():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_scan_under_the_cpu_interpreter_every_case():
     run_interpreter("full")
+
+
+def test_benchmark_stream_shape_set_runs_the_indrnn_kernels_side_by_side():
+    from benchmarks.recurrence import SHAPE_SETS, STREAM_SHAPES, main
+
+    assert SHAPE_SETS["stream"]["shapes"]["cpu"] == STREAM_SHAPES
+    assert [name.split("_")[1:] for name in STREAM_SHAPES] == [["B1", "I1", "H128"]] * 3
+    results = main(["--shape-set", "stream", "--shapes", "T300_B1_I1_H8", "--repeats", "1", "--warmup", "0",
+                    "--budget-s", "0.1"])
+    assert list(results["T300_B1_I1_H8"]) == ["indrnn", "indrnn_fused", "indrnn_scan"]
