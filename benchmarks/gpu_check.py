@@ -24,7 +24,7 @@ output, so one call on a fresh machine always finishes and reports what it measu
    benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
    T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16. Layers
    registered here besides recurrence.IMPLS: the loop layers (leaky, skip, Jordan, NARX, TDNN),
-   their Triton versions (``*_triton``) and CUDA-graph-captured versions (``*_graphs``:
+   their Triton versions (``*_triton``: leaky, skip, Clockwork, Jordan) and CUDA-graph-captured versions (``*_graphs``:
    :class:`lightning_modules.cuda_graph.GraphedForward` on the layer).
 
 Then the issue's targets with the measured value and pass/fail (``targets``), printed as a table;
@@ -310,7 +310,8 @@ def register_layers() -> list[str]:
         "cwrnn_triton": lambda i, h, d: ClockworkRNN(i, h, num_modules=modules(h), batch_first=True,
                                                      backend="triton").to(d),
         "cwrnn_graphs": lambda i, h, d: graphed(ClockworkRNN(i, h, num_modules=modules(h), batch_first=True).to(d)),
-        "jordan": lambda i, h, d: JordanRNN(i, h, batch_first=True).to(d),
+        "jordan": lambda i, h, d: JordanRNN(i, h, batch_first=True, backend="reference").to(d),
+        "jordan_triton": lambda i, h, d: JordanRNN(i, h, batch_first=True, backend="triton").to(d),
         "jordan_graphs": lambda i, h, d: graphed(JordanRNN(i, h, batch_first=True).to(d)),
         "narx": lambda i, h, d: NARX(i, h, batch_first=True).to(d),
         "narx_graphs": lambda i, h, d: graphed(NARX(i, h, batch_first=True).to(d)),
@@ -415,7 +416,8 @@ def targets(results: dict) -> list[dict]:
     wide = "T784_B64_I1_H512"
     rnn = _ms(results, "fp32", wide, "rnn_tanh")
     for impl in ("cwrnn", "cwrnn_triton", "cwrnn_graphs", "leaky", "leaky_triton", "leaky_graphs", "skip",
-                 "skip_triton", "skip_graphs", "jordan", "jordan_graphs", "narx", "narx_graphs", "tdnn"):
+                 "skip_triton", "skip_graphs", "jordan", "jordan_triton", "jordan_graphs", "narx", "narx_graphs",
+                 "tdnn"):
         mine = _ms(results, "fp32", wide, impl)
         limit = 1.0 if impl.startswith("cwrnn") else 2.0
         add(f"{impl} / rnn_tanh at {wide} fp32", None if mine is None or rnn is None else mine / rnn,

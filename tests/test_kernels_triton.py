@@ -222,7 +222,7 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     # The interpreter checks the kernels' arithmetic; this checks that the compiled path (runtime ifs,
     # float64 tl.dot, cache modifiers, the launch configurations actually used) builds for an H100/H200
     # and keeps everything in registers. triton ships ptxas, so no GPU is needed.
-    from src.kernels import dense_triton, indrnn_triton, rtrl_triton
+    from src.kernels import dense_triton, indrnn_triton, jordan_triton, rtrl_triton
 
     pointers = lambda names, dtype="fp32": {name: f"*{dtype}" for name in names}  # noqa: E731
     ints = lambda names: {name: "i32" for name in names}  # noqa: E731
@@ -250,6 +250,18 @@ def test_every_kernel_compiles_for_sm90_without_spills():
             **ints(["n_steps", "T", "n_delays", "n_col_blocks", "n_k_blocks", "B", "H", "lam_stride", "module"])},
             blocks, warps)
         assert spills == 0, f"dense backward {dtype} {precision}: {spills} bytes spilled"
+        block_b, block_n, block_k, warps = jordan_triton._blocks(512)
+        blocks = {"PRECISION": precision, "BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        sizes = ["B", "H", "O", "n_h_blocks", "n_o_blocks", "n_hk_blocks", "n_ok_blocks"]
+        _, spills = _compile_for_hopper(jordan_triton._forward_kernel, {
+            **pointers(["z_ptr", "v_ptr", "u_ptr", "c_ptr", "hs_ptr", "ys_ptr"], dtype), **ints(["T", *sizes])},
+            {"ACT_H": 1, "ACT_Y": 3, **blocks}, warps)
+        assert spills == 0, f"Jordan forward {dtype} {precision}: {spills} bytes spilled"
+        _, spills = _compile_for_hopper(jordan_triton._backward_kernel, {
+            **pointers(["gy_ptr", "gslope_ptr", "fslope_ptr", "v_ptr", "u_ptr", "do_ptr", "da_ptr"], dtype),
+            **ints(["n_steps", "T", *sizes])}, blocks, warps)
+        assert spills == 0, f"Jordan backward {dtype} {precision}: {spills} bytes spilled"
+        block_b, block_n, block_k, warps = dense_triton._blocks(512)
     _, spills = _compile_for_hopper(rtrl_triton._chunk_kernel, {
         **pointers(["carry_ptr", "gain_ptr", "x_ptr", "direct_ptr", "grad_ptr", "s_diag_ptr", "s_weight_ptr",
                     "part_diag_ptr", "part_weight_ptr"]), **ints(["K", "B", "H", "I"])},

@@ -1,6 +1,7 @@
 """The persistent Triton kernel of the dense Python-loop layers (src/kernels/dense_triton.py) against
 the float64 references: the kernel's own autograd loop, and each layer's PyTorch loop (leaky units,
-Clockwork, skip-through-time), values and gradients of every input, parameter and carried state.
+Clockwork, skip-through-time; Jordan by src/kernels/jordan_triton.py), values and gradients of every
+input, parameter and carried state.
 
 The checks are functions run on CPU tensors under Triton's interpreter by
 tests/test_kernels_triton.py's interpreter tests (TRITON_INTERPRET must be set before triton is
@@ -17,7 +18,7 @@ import torch
 
 from src.kernels.dense_triton import (dense_kernel_applies, dense_recurrence_reference, dense_recurrence_triton,
                                       resolve_dense_backend)
-from src.layers import ClockworkRNN, LeakyRNN, SkipRNN
+from src.layers import ClockworkRNN, JordanRNN, LeakyRNN, SkipRNN
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_gpu = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA device")
@@ -70,6 +71,10 @@ LAYERS = {
     "clockwork": lambda i, h: ClockworkRNN(i, h, num_modules=4, periods=(1, 2, 3, 5)),
     "clockwork_identity": lambda i, h: ClockworkRNN(i, h, num_modules=2, nonlinearity="identity", time_origin=1),
     "skip": lambda i, h: SkipRNN(i, h, delays=(1, 3, 4)),
+    "jordan": lambda i, h: JordanRNN(i, h),
+    "jordan_no_bias": lambda i, h: JordanRNN(i, h, bias=False),
+    "jordan_relu_sigmoid_o5": lambda i, h: JordanRNN(i, h, output_size=5, nonlinearity="relu",
+                                                     output_nonlinearity="sigmoid"),
 }
 
 
@@ -168,7 +173,7 @@ def interpreter_checks(full: bool = False, device: str = "cpu") -> dict[str, flo
         "dense_clock_relu_f64": check_kernel(4, 17, 130, (1,), "relu", "clock", device=device),
         "dense_skip_tanh_f64": check_kernel(3, 2, 24, (1, 4), "tanh", "none", device=device),  # T < max delay
     }
-    names = list(LAYERS) if full else ["leaky", "clockwork"]
+    names = list(LAYERS) if full else ["leaky", "clockwork", "jordan_relu_sigmoid_o5"]
     if full:
         errors["dense_leak_tanh_f64"] = check_kernel(5, 3, 20, (1,), "tanh", "leak", device=device)
         errors["dense_leak_identity_f32"] = check_kernel(6, 2, 5, (1,), "identity", "leak", torch.float32,
@@ -190,6 +195,8 @@ def test_backend_choices_fail_in_one_line():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="backend 'triton' needs"):
             LeakyRNN(2, 4, backend="triton")(torch.zeros(3, 1, 2))
+        with pytest.raises(ValueError, match="JordanRNN backend 'triton' needs"):
+            JordanRNN(2, 4, backend="triton")(torch.zeros(3, 1, 2))
     # "auto" keeps the PyTorch loop on CPU: the interpreter is for tests only.
     assert resolve_dense_backend("auto", torch.zeros(2, 2), "SkipRNN") == "reference"
 

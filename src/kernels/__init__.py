@@ -54,7 +54,7 @@ BACKENDS = ("auto", "fused", "cpu", "cpu_torch", "triton", "scan", "reference")
 # The backends each recurrence has besides "auto", "fused" and "reference".
 KERNEL_BACKENDS = {"indrnn": ("cpu", "cpu_torch", "triton", "scan"), "clockwork": ("triton",),
                    # src/kernels/dense_triton.py, chosen by the layers (LeakyRNN, SkipRNN, ClockworkRNN backend=)
-                   "leaky": ("triton",), "skip": ("triton",)}
+                   "leaky": ("triton",), "skip": ("triton",), "jordan": ("triton",)}  # + src/kernels/jordan_triton.py
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from src.activations import FUNCTIONS, activate
 from src.checks import check_choice, check_positive_int
+from src.kernels.dense_triton import DENSE_BACKENDS, resolve_dense_backend
 from src.layers.common import initial_state, init_uniform_, sequence_and_final_state, to_time_major
 
 NONLINEARITIES = tuple(FUNCTIONS)
@@ -33,6 +34,9 @@ class JordanRNN(nn.Module):
         output_nonlinearity: g for the outputs (default "tanh", a bounded feedback).
         bias: learn the biases b and c.
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
+        backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
+            :mod:`src.kernels.jordan_triton`, hand-written backward) or "auto" (as
+            :func:`src.kernels.dense_triton.resolve_dense_backend`: the loop until gpu-check confirms the kernel).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_fb`` V (H, O), ``bias_h`` b (H,), ``weight_out`` U
@@ -48,8 +52,9 @@ class JordanRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int | None = None,
                  nonlinearity: str = "tanh", output_nonlinearity: str = "tanh", bias: bool = True,
-                 batch_first: bool = False, device=None, dtype=None) -> None:
+                 batch_first: bool = False, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
+        self.backend = check_choice("JordanRNN backend", backend, DENSE_BACKENDS)
         self.input_size = check_positive_int("input_size", input_size)
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.output_size = hidden_size if output_size is None else check_positive_int("output_size", output_size)
@@ -78,6 +83,13 @@ class JordanRNN(nn.Module):
         y = initial_state(state, batch, self.output_size, unbatched, "JordanRNN", like=x,
                           what="hx (the previous output y)")
         z = F.linear(x, self.weight_ih, self.bias_h)  # W x_t + b for all steps at once
+        if resolve_dense_backend(self.backend, self.weight_fb, "JordanRNN") == "triton":
+            from src.kernels.jordan_triton import JordanTriton  # triton is optional
+
+            bias_out = self.bias_out if self.bias_out is not None else self.weight_out.new_zeros(self.output_size)
+            output = JordanTriton.apply(z, self.weight_fb, self.weight_out, bias_out, y, self.nonlinearity,
+                                        self.output_nonlinearity)
+            return sequence_and_final_state(output, self.batch_first, unbatched)
         weight_fb_t = self.weight_fb.t()
         outputs = []
         for t in range(x.shape[0]):
@@ -90,4 +102,4 @@ class JordanRNN(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, output_size={self.output_size}, "
                 f"nonlinearity={self.nonlinearity!r}, output_nonlinearity={self.output_nonlinearity!r}, "
-                f"batch_first={self.batch_first}")
+                f"batch_first={self.batch_first}, backend={self.backend!r}")
