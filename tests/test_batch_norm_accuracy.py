@@ -115,3 +115,15 @@ def test_indrnn_per_window_batch_norm_restarts_with_a_carried_state():
 def test_per_window_needs_max_steps():
     with pytest.raises(ValueError, match="per-window batch norm needs max_steps"):
         TimeBatchNorm(2, stats="per_window")
+
+
+@pytest.mark.parametrize("stats", ["all_steps", "per_step"])
+def test_half_precision_inputs_are_normalised_in_float32(stats):
+    half, single = TimeBatchNorm(6, stats=stats, max_steps=50), TimeBatchNorm(6, stats=stats, max_steps=50)
+    x = hidden_states(50, 8, 6).to(torch.bfloat16).requires_grad_()
+    output, reference = half(x), single(x.detach().float())
+    assert output.dtype == torch.bfloat16
+    assert torch.equal(output, reference.to(torch.bfloat16))  # float32 throughout, rounded once at the end
+    assert torch.equal(half.running_mean, single.running_mean) and torch.equal(half.running_var, single.running_var)
+    output.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()

@@ -114,7 +114,12 @@ class TimeBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(rows, num_features))
 
     def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """x: (T, B, H) -> (T, B, H); ``step``: the absolute step number of x[0] (``per_step`` only)."""
+        """x: (T, B, H) -> (T, B, H); ``step``: the absolute step number of x[0] (``per_step`` only).
+
+        Half-precision inputs (bf16/fp16 under autocast) are normalised in float32 (statistics,
+        arithmetic) and returned in their own dtype, as cuDNN's batch norm does."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return self.forward(x.float(), step).to(x.dtype)
         check_non_negative_int("step", step)
         steps, batch, _ = x.shape
         first = 0 if self.stats == "per_window" else step   # the running-statistics row of x[0]
