@@ -130,7 +130,8 @@ class TimeBatchNorm(nn.Module):
             with torch.no_grad():
                 mean, var = mean.flatten(0, 1), var.flatten(0, 1)       # (1, H) or (T, H)
                 unbiased = var * (count / max(count - 1, 1))
-                rows = max(0, min(mean.shape[0], self.running_mean.shape[0] - first))  # rows x has
+                # The rows of x that have running statistics of their own (later steps have none).
+                rows = max(0, min(mean.shape[0], self.running_mean.shape[0] - first))
                 self.running_mean[first:first + rows].lerp_(mean[:rows].to(self.running_mean.dtype), self.momentum)
                 self.running_var[first:first + rows].lerp_(unbiased[:rows].to(self.running_var.dtype), self.momentum)
             return output
