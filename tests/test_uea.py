@@ -264,6 +264,7 @@ def test_basic_motions_real_data_loss_falls(tmp_path):
 @pytest.mark.slow
 @needs_bundled
 @pytest.mark.parametrize("experiment, at_least", [("uea_japanesevowels_indrnn", 0.924), ("uea_japanesevowels_lem", 0.924),
+                                                  ("uea_japanesevowels_unicornn", 0.924),
                                                   ("uea_basicmotions_lem", 0.9), ("uea_basicmotions_indrnn", 0.9)])
 def test_bundled_datasets_train_to_the_archive_baselines(tmp_path, experiment, at_least):
     """The CPU-sized experiments reach the archive paper's 1-NN Euclidean baseline (JapaneseVowels 92.4%)
