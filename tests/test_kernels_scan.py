@@ -23,7 +23,8 @@ import src.kernels.indrnn_scan as scan_module
 from src.kernels import (SCAN_MAX_COLUMNS, SCAN_MIN_STEPS, SCAN_MIN_THREADS, indrnn_recurrence, numba_available,
                          prefer_scan)
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU
-from src.kernels.indrnn_scan import IndRNNScanCPU, IndRNNScanTorch, ProjectionCPU, compose
+from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU
+from src.kernels.indrnn_scan import IndRNNLinearScanCPU, IndRNNScanCPU, IndRNNScanTorch, compose
 from src.kernels.reference import indrnn_recurrence_reference
 from src.layers import IndRNN
 from tests.test_state_contract import CHUNKS, T as CONTRACT_T, assert_same_state, run_chunks
@@ -184,28 +185,41 @@ def test_exact_rtrl_equals_bptt_with_the_scan_backend(nonlinearity, steps, tasks
     assert relative_error(got, expected) < 1e-10
 
 
+@pytest.mark.parametrize("activation", ["relu", "identity"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_projection_for_few_inputs(bias, tasks):
-    """The scan's input projection (I <= 8): F.linear's values and gradients, gradcheck, and the
-    layer's scan path takes it (values equal to the reference loop)."""
-    tasks(2)
+def test_projection_inside_the_scan_for_few_inputs(activation, bias, tasks):
+    """IndRNNLinearScanCPU (I <= 8): the fused sequential kernel's values and every gradient (x, W, b,
+    u, h0) to 1e-12, with and without clipping; gradcheck; the layer's scan path takes it."""
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(9, 3, 2, dtype=DOUBLE, generator=generator, requires_grad=True)
-    weight = torch.randn(5, 2, dtype=DOUBLE, generator=generator, requires_grad=True)
-    b = torch.randn(5, dtype=DOUBLE, generator=generator, requires_grad=True) if bias else None
-    tensors = [t for t in (x, weight, b) if t is not None]
-    grad = torch.randn(9, 3, 5, dtype=DOUBLE, generator=generator)
-    expected = outputs_and_gradients(lambda *a: torch.nn.functional.linear(x, weight, b), tensors, grad)
-    actual = outputs_and_gradients(lambda *a: ProjectionCPU.apply(x, weight, b), tensors, grad)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda x, w: ProjectionCPU.apply(x, w, b), (x, weight))
-    layer = IndRNN(2, 5, u_bound=1.0, batch_first=True, backend="scan", bias=bias).double()
-    reference = IndRNN(2, 5, u_bound=1.0, batch_first=True, backend="reference", bias=bias).double()
+    make = lambda *shape: torch.randn(*shape, dtype=DOUBLE, generator=generator).requires_grad_()  # noqa: E731
+    x, weight, b, h0 = make(300, 3, 2), make(5, 2), make(5) if bias else None, make(3, 5)
+    u = (torch.rand(5, dtype=DOUBLE, generator=generator) * 2.2 - 1.1).detach()
+    u[0] = 0.0
+    u.requires_grad_()
+    tensors = [t for t in (x, weight, b, u, h0) if t is not None]
+    grad = torch.randn(300, 3, 5, dtype=DOUBLE, generator=generator)
+    for grad_clip in (None, 0.5):
+        expected = outputs_and_gradients(
+            lambda *a: IndRNNLinearRecurrenceCPU.apply(x, weight, b, u, h0, activation, grad_clip), tensors, grad)
+        for count in (1, 2, 3):
+            tasks(count)
+            actual = outputs_and_gradients(
+                lambda *a: IndRNNLinearScanCPU.apply(x, weight, b, u, h0, activation, grad_clip), tensors, grad)
+            for k, (a, e) in enumerate(zip(actual, expected)):
+                error = ((a - e).abs().max() / e.abs().max()).item()
+                assert error <= TOLERANCE, f"tensor {k}, clip {grad_clip}, {count} tasks: {error:.2e}"
+    tasks(2)
+    small = [t.detach()[:9].clone().requires_grad_() if t is x else t for t in (x, weight, b, u, h0)]
+    small[4] = h0.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, u, h: IndRNNLinearScanCPU.apply(x, w, b, u, h, activation),
+                                    (small[0], weight, u, small[4]))
+    layer = IndRNN(2, 5, nonlinearity=activation, u_bound=1.0, batch_first=True, backend="scan", bias=bias).double()
+    reference = IndRNN(2, 5, nonlinearity=activation, u_bound=1.0, batch_first=True, backend="reference",
+                       bias=bias).double()
     reference.load_state_dict(layer.state_dict())
     inputs = torch.randn(3, 300, 2, dtype=DOUBLE, generator=generator)
     output = layer(inputs)[0]
-    assert {"ProjectionCPUBackward", "IndRNNScanCPUBackward"} <= autograd_nodes(output)
+    assert "IndRNNLinearScanCPUBackward" in autograd_nodes(output)
     torch.testing.assert_close(output, reference(inputs)[0], rtol=1e-12, atol=1e-13)
 
 
@@ -238,7 +252,7 @@ def test_auto_takes_the_scan_for_long_single_streams_on_enough_threads(monkeypat
     assert not prefer_scan(SCAN_MIN_STEPS, 128, torch.device("cuda"), "relu")
     layer = IndRNN(1, 4, u_bound=1.0, batch_first=True)  # backend "auto"
     long_output = layer(torch.randn(1, SCAN_MIN_STEPS, 1))[0]
-    assert "IndRNNScanCPUBackward" in autograd_nodes(long_output)
+    assert "IndRNNLinearScanCPUBackward" in autograd_nodes(long_output)  # one input: projection inside
     short_output = layer(torch.randn(1, 100, 1))[0]
     assert "IndRNNLinearRecurrenceCPUBackward" in autograd_nodes(short_output)
     monkeypatch.setattr("src.kernels.parallel_threads", lambda steps: SCAN_MIN_THREADS - 1)  # too few to gain

@@ -43,8 +43,8 @@ from src.kernels.clockwork import ClockworkFunction, clockwork_mask, clockwork_r
 from src.kernels.clockwork import check_recurrence_args as check_clockwork_arguments
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
 from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
-from src.kernels.indrnn_scan import (IndRNNScanCPU, IndRNNScanTorch, ProjectionCPU, cpu_scan_applies, parallel_threads,
-                                     scan_applies)
+from src.kernels.indrnn_scan import (IndRNNLinearScanCPU, IndRNNScanCPU, IndRNNScanTorch, cpu_scan_applies,
+                                     parallel_threads, scan_applies)
 from src.kernels.indrnn_scan_triton import IndRNNScanTriton, triton_scan_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
@@ -183,8 +183,8 @@ def indrnn_linear_recurrence(
     chosen = _choose_backend(backend, x, weight.shape[0], activation)
     if chosen == "cpu" and fused_projection_applies(x, activation):
         return IndRNNLinearRecurrenceCPU.apply(x, weight, bias, u, h0, activation, grad_clip)
-    if chosen == "scan" and fused_projection_applies(x, activation):  # few inputs: numba projection, threads
-        return indrnn_recurrence(ProjectionCPU.apply(x, weight, bias), u, h0, activation, "scan", grad_clip)
+    if chosen == "scan" and fused_projection_applies(x, activation):  # few inputs: the projection in the scan
+        return IndRNNLinearScanCPU.apply(x, weight, bias, u, h0, activation, grad_clip)
     return indrnn_recurrence(F.linear(x, weight, bias), u, h0, activation, chosen, grad_clip)
 
 

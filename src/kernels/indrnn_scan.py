@@ -540,79 +540,239 @@ class IndRNNScanCPU(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# The input projection for the scan with few inputs: z = W x + b in numba, split over threads.
+# Projection and scan in one (I <= 8, relu or identity): z = W x + b is never stored, as in the
+# fused sequential kernel (src.kernels.indrnn_linear_cpu), so the scan moves no more memory than it.
 
 if numba is not None:
 
-    @numba.njit(cache=True, nogil=True)
-    def _project(x, weight_t, bias, start, stop, z):  # pragma: no cover - compiled
-        """z[t, b] = bias + sum_i weight_t[i] x[t, b, i] for start <= t < stop (the fused linear
-        kernel's order of operations)."""
+    @numba.njit(inline="always")
+    def _input_row(x, weight_t, bias, t, b, row):  # pragma: no cover - compiled
+        """row = bias + sum_i weight_t[i] x[t, b, i] (H,)."""
+        hidden = row.shape[0]
+        for j in range(hidden):
+            row[j] = bias[j]
+        for i in range(x.shape[2]):
+            x_i, w_i = x[t, b, i], weight_t[i]
+            for j in range(hidden):
+                row[j] += w_i[j] * x_i
+
+    @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _linear_steps(x, weight_t, bias, u, h_in, activation, start, stop, out):  # pragma: no cover - compiled
+        """indrnn_linear_cpu's forward loop for steps start..stop-1 from out[start-1] = h_in (B, H)."""
         batch, inputs = x.shape[1], x.shape[2]
-        hidden = weight_t.shape[1]
+        hidden = u.shape[0]
+        zero = out.dtype.type(0)
         for t in range(start, stop):
+            previous = out[t - 1] if t > start else h_in
             for b in range(batch):
-                z_tb, x_tb = z[t, b], x[t, b]
+                h_t, h_prev, x_tb = out[t, b], previous[b], x[t, b]
                 for j in range(hidden):
-                    z_tb[j] = bias[j]
+                    h_t[j] = bias[j] + u[j] * h_prev[j]
                 for i in range(inputs):
                     x_i, w_i = x_tb[i], weight_t[i]
                     for j in range(hidden):
-                        z_tb[j] += w_i[j] * x_i
+                        h_t[j] += w_i[j] * x_i
+                if activation == 0:
+                    for j in range(hidden):
+                        h_t[j] = max(h_t[j], zero)
 
     @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _project_backward(grad_z, x, weight_t, start, stop, grad_x, partial_w, partial_b):  # pragma: no cover
-        """grad_x[t, b, i] = sum_j grad_z[t, b, j] weight_t[i, j]; partial_w (I, H) += grad_z x^T and
-        partial_b (H,) += grad_z summed over steps start..stop-1 and the batch."""
-        batch, inputs = x.shape[1], x.shape[2]
-        hidden = weight_t.shape[1]
-        zero = grad_z.dtype.type(0)
-        for t in range(start, stop):
+    def _linear_compose_pieces(x, weight_t, bias, u, activation, bounds, first, stop, maps):  # pragma: no cover
+        """_forward_compose_pieces with z_t = W x_t + b computed row by row (see _forward_compose)."""
+        batch, hidden = x.shape[1], u.shape[0]
+        zero, inf = maps.dtype.type(0), maps.dtype.type(np.inf)
+        relu = activation == 0
+        negative = np.nonzero(u < zero)[0] if relu else np.empty(0, dtype=np.int64)
+        row = np.empty(hidden, dtype=maps.dtype)
+        for p in range(first, stop):
+            offset, low, high = maps[p, 1], maps[p, 2], maps[p, 3]
             for b in range(batch):
-                g_tb, x_tb, gx_tb = grad_z[t, b], x[t, b], grad_x[t, b]
                 for j in range(hidden):
-                    partial_b[j] += g_tb[j]
-                for i in range(inputs):
-                    w_i, p_w, x_i = weight_t[i], partial_w[i], x_tb[i]
-                    total = zero
+                    offset[b, j] = zero
+                    low[b, j] = zero if relu else -inf
+                    high[b, j] = inf
+            for t in range(bounds[p], bounds[p + 1]):
+                for b in range(batch):
+                    _input_row(x, weight_t, bias, t, b, row)
+                    o_b, l_b, h_b = offset[b], low[b], high[b]
                     for j in range(hidden):
-                        total += g_tb[j] * w_i[j]
-                        p_w[j] += g_tb[j] * x_i
-                    gx_tb[i] = total
+                        o_b[j] = row[j] + u[j] * o_b[j]
+                    if relu:
+                        for j in range(hidden):
+                            l_b[j] = max(row[j] + u[j] * l_b[j], zero)
+                        for j in negative:
+                            h_b[j] = max(row[j] + u[j] * h_b[j], zero)
+
+    @numba.njit(cache=True, nogil=True)
+    def _linear_carry(x, weight_t, bias, u, activation, bounds, out, states, maps, redo):  # pragma: no cover
+        """_forward_carry for the fused projection."""
+        pieces = bounds.shape[0] - 1
+        batch, hidden = x.shape[1], u.shape[0]
+        states[1] = out[bounds[1] - 1]
+        for p in range(1, pieces - 1):
+            length = bounds[p + 1] - bounds[p]
+            for b in range(batch):
+                for j in range(hidden):
+                    maps[p, 0, b, j] = u[j] ** length
+            if not _carry_through(maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3], states[p], states[p + 1]):
+                _linear_steps(x, weight_t, bias, u, states[p], activation, bounds[p], bounds[p + 1], out)
+                states[p + 1] = out[bounds[p + 1] - 1]
+                redo[p] = True
+
+    @numba.njit(cache=True, nogil=True)
+    def _linear_pieces(x, weight_t, bias, u, activation, bounds, first, stop, states, redo, out):  # pragma: no cover
+        for p in range(first, stop):
+            if not redo[p]:
+                _linear_steps(x, weight_t, bias, u, states[p], activation, bounds[p], bounds[p + 1], out)
+
+    @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, start, stop,
+                               delta_next, grad_x, partial_w, partial_b, partial_u, delta_first):  # pragma: no cover
+        """indrnn_linear_cpu's backward loop for steps stop-1 down to start, from delta_{stop} =
+        ``delta_next`` (B, H): writes grad_x[t]; adds into partial_w (B, I, H), partial_b and
+        partial_u (B, H); leaves delta_start in ``delta_first``."""
+        batch, hidden = out.shape[1], out.shape[2]
+        inputs = x.shape[2]
+        zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
+        carry = np.empty((batch, hidden), dtype=out.dtype)  # u * delta_{t+1}
+        for b in range(batch):
+            for j in range(hidden):
+                carry[b, j] = delta_next[b, j] * u[j]
+                delta_first[b, j] = delta_next[b, j]
+        delta = np.empty(hidden, dtype=out.dtype)
+        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        sink = zero
+        high = stop
+        while high > start:
+            low = max(start, high - block)
+            sink += warm_block(grad_out, batch_major, out, out, low, high)
+            for t in range(high - 1, low - 1, -1):
+                previous = out[t - 1] if t > 0 else h0
+                for b in range(batch):
+                    g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+                    h_t, c_b = out[t, b], carry[b]
+                    h_prev, p_u, p_b = previous[b], partial_u[b], partial_b[b]
+                    for j in range(hidden):
+                        d_j = _delta(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
+                        delta[j] = d_j
+                        p_u[j] += d_j * h_prev[j]
+                        p_b[j] += d_j
+                        c_b[j] = d_j * u[j]
+                    if t == start:
+                        for j in range(hidden):
+                            delta_first[b, j] = delta[j]
+                    x_tb, g_x = x[t, b], grad_x[t, b]
+                    for i in range(inputs):
+                        w_i, p_w, x_i = weight_t[i], partial_w[b, i], x_tb[i]
+                        total = zero
+                        for j in range(hidden):
+                            total += delta[j] * w_i[j]
+                            p_w[j] += delta[j] * x_i
+                        g_x[i] = total
+            high = low
+        return sink
+
+    @numba.njit(cache=True, nogil=True)
+    def _linear_backward_carry(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, bounds, grad_x,
+                               partial_w, partial_b, partial_u, deltas, maps, delta_first, redo):  # pragma: no cover
+        """_backward_carry for the fused projection."""
+        last = bounds.shape[0] - 2
+        deltas[last - 1] = delta_first[last]
+        for p in range(last - 1, 0, -1):
+            if not _carry_through(maps[p, 0], maps[p, 1], maps[p, 2], maps[p, 3], deltas[p], deltas[p - 1]):
+                _linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, bounds[p],
+                                       bounds[p + 1], deltas[p], grad_x, partial_w[p], partial_b[p], partial_u[p],
+                                       delta_first[p])
+                deltas[p - 1] = delta_first[p]
+                redo[p] = True
+
+    @numba.njit(cache=True, nogil=True)
+    def _linear_backward_pieces(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, bounds, first, stop,
+                                grad_x, partial_w, partial_b, partial_u, deltas, delta_first, redo):  # pragma: no cover
+        for p in range(first, stop):
+            if not redo[p]:
+                _linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, bounds[p],
+                                       bounds[p + 1], deltas[p], grad_x, partial_w[p], partial_b[p], partial_u[p],
+                                       delta_first[p])
 
 
-class ProjectionCPU(torch.autograd.Function):
-    """z = x W^T + b for few inputs (I <= 8) on CPU threads: x (T, B, I), weight (H, I), bias (H,) or
-    None -> z (T, B, H). Why not ``F.linear``: with I = 1 or 2 its matrix products have an inner
-    dimension of 1 or 2 and run far below peak, and torch's allocator first-touches the (T, B, H)
-    output page by page (100 ms for T=10^5, B=1, H=128 on the loaded VM, against 14 ms for the scan
-    itself); numpy's buffers get huge pages and the loops split time over the scan's threads."""
+class IndRNNLinearScanCPU(torch.autograd.Function):
+    """h_t = act(W x_t + b + u * h_{t-1}) (relu or identity, I <= 8) by the chunked scan with the
+    projection inside its loops (never storing z or dL/dz), as
+    :class:`src.kernels.indrnn_linear_cpu.IndRNNLinearRecurrenceCPU` does step by step.
+
+    Inputs: x (T, B, I), weight (H, I), bias (H,) or None, u (H,), h0 (B, H), activation, grad_clip.
+    Output: all states (T, B, H). Check ``fused_projection_applies`` first.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        x_array, weight_t = contiguous_array(x), contiguous_array(weight.t())
-        bias_array = contiguous_array(bias) if bias is not None else np.zeros(weight_t.shape[1], weight_t.dtype)
+    def forward(ctx, x, weight, bias, u, h0, activation: str, grad_clip: float | None = None):
+        _check_activation(activation)
+        code = ACTIVATION_CODES[activation]
+        x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
+        bias_array = contiguous_array(bias) if bias is not None else np.zeros_like(u_array)
         steps, batch = x_array.shape[:2]
-        z = np.empty((steps, batch, weight_t.shape[1]), dtype=weight_t.dtype)
+        out = np.empty((steps, batch, u_array.shape[0]), dtype=u_array.dtype)
         threads = parallel_threads(steps)
-        _run_tasks([partial(_project, x_array, weight_t, bias_array, start, stop, z)
-                    for start, stop in _shares(0, steps, threads)])
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.from_numpy(z)
+        head = (x_array, weight_t, bias_array, u_array)
+        if threads == 1:
+            _linear_steps(*head, h0_array, code, 0, steps, out)
+        else:
+            bounds = np.asarray(_piece_bounds(steps, threads), dtype=np.int64)
+            pieces = len(bounds) - 1
+            states = np.empty((pieces + 1,) + h0_array.shape, dtype=out.dtype)
+            maps = np.empty((pieces, 4) + h0_array.shape, dtype=out.dtype)
+            redo = np.zeros(pieces, dtype=np.bool_)
+            _run_tasks([partial(_linear_steps, *head, h0_array, code, 0, int(bounds[1]), out)]
+                       + [partial(_linear_compose_pieces, *head, code, bounds, first, stop, maps)
+                          for first, stop in _shares(1, pieces, threads - 1)])
+            _linear_carry(*head, code, bounds, out, states, maps, redo)
+            _run_tasks([partial(_linear_pieces, *head, code, bounds, first, stop, states, redo, out)
+                        for first, stop in _shares(1, pieces, threads)])
+        out = torch.from_numpy(out)
+        ctx.save_for_backward(x, weight, u, h0, out)
+        ctx.activation_code, ctx.has_bias, ctx.clip = code, bias is not None, clip_code(grad_clip)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z):
-        x, weight = ctx.saved_tensors
-        x_array, weight_t, grad_array = contiguous_array(x), contiguous_array(weight.t()), contiguous_array(grad_z)
-        steps = x_array.shape[0]
+    def backward(ctx, grad_out):
+        x, weight, u, h0, out = ctx.saved_tensors
+        x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
+        out_array = out.numpy()
+        grad_rows, batch_major = gradient_rows(grad_out)
+        steps = out_array.shape[0]
         threads = parallel_threads(steps)
-        shares = _shares(0, steps, threads)
+        bounds = np.asarray([0, steps], dtype=np.int64)
+        if threads > 1:  # mirrored, as IndRNNScanCPU.backward
+            bounds = steps - np.asarray(_piece_bounds(steps, threads)[::-1], dtype=np.int64)
+        pieces = len(bounds) - 1
+        shape = h0_array.shape
+        dtype = out_array.dtype
         grad_x = np.empty_like(x_array)
-        partial_w = np.zeros((len(shares),) + weight_t.shape, dtype=weight_t.dtype)
-        partial_b = np.zeros((len(shares), weight_t.shape[1]), dtype=weight_t.dtype)
-        _run_tasks([partial(_project_backward, grad_array, x_array, weight_t, start, stop, grad_x, partial_w[k],
-                            partial_b[k]) for k, (start, stop) in enumerate(shares)])
-        grad_bias = torch.from_numpy(partial_b.sum(axis=0)) if ctx.has_bias else None
-        return torch.from_numpy(grad_x), torch.from_numpy(partial_w.sum(axis=0)).t(), grad_bias
+        partial_w = np.zeros((pieces, shape[0]) + weight_t.shape, dtype=dtype)
+        partial_b, partial_u = (np.zeros((pieces,) + shape, dtype=dtype) for _ in range(2))
+        deltas, delta_first = (np.zeros((pieces,) + shape, dtype=dtype) for _ in range(2))
+        common = (grad_rows, batch_major, out_array, x_array, weight_t, u_array, h0_array, ctx.activation_code,
+                  ctx.clip)
+        if threads == 1:
+            _linear_backward_steps(*common, 0, steps, deltas[0], grad_x, partial_w[0], partial_b[0], partial_u[0],
+                                   delta_first[0])
+        else:
+            maps = np.empty((pieces, 4) + shape, dtype=dtype)
+            redo = np.zeros(pieces, dtype=np.bool_)
+            last = pieces - 1
+            _run_tasks([partial(_linear_backward_steps, *common, int(bounds[last]), int(bounds[last + 1]),
+                                deltas[last], grad_x, partial_w[last], partial_b[last], partial_u[last],
+                                delta_first[last])]
+                       + [partial(_backward_compose_pieces, grad_rows, batch_major, out_array, u_array,
+                                  ctx.activation_code, ctx.clip, bounds, first, stop, maps)
+                          for first, stop in _shares(0, last, threads - 1)])
+            _linear_backward_carry(*common, bounds, grad_x, partial_w, partial_b, partial_u, deltas, maps,
+                                   delta_first, redo)
+            _run_tasks([partial(_linear_backward_pieces, *common, bounds, first, stop, grad_x, partial_w, partial_b,
+                                partial_u, deltas, delta_first, redo) for first, stop in _shares(0, last, threads)])
+        grad_weight = torch.from_numpy(partial_w.sum(axis=(0, 1))).t()
+        grad_bias = torch.from_numpy(partial_b.sum(axis=(0, 1))) if ctx.has_bias else None
+        return (torch.from_numpy(grad_x), grad_weight, grad_bias, torch.from_numpy(partial_u.sum(axis=(0, 1))),
+                torch.from_numpy(delta_first[0] * u_array), None, None)
