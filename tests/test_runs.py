@@ -248,7 +248,7 @@ def test_two_runs_started_together_get_two_directories(tmp_path):
     ("train.py", ["optimizer.lr=-1"], "error: optimizer.lr=-1 is not allowed: it must be a number >= 0"),
     ("train.py", ["optimizer.weight_decay=-0.5"], "error: optimizer.weight_decay=-0.5 is not allowed"),
     ("eval.py", [], "error: eval.py needs ckpt_path=PATH"),
-    ("eval.py", ["ckpt_path=/nonexistent/best.ckpt"], "error: ckpt_path=/nonexistent/best.ckpt: no such file"),
+    ("eval.py", ["ckpt_path=/nonexistent/best.ckpt"], "error: ckpt_path=/nonexistent/best.ckpt: no such checkpoint"),
 ], ids=["lr", "weight-decay", "eval-without-checkpoint", "eval-missing-checkpoint"])
 def test_bad_values_give_one_line(tmp_path, script, args, line):
     settings = QUICK if script == "train.py" else ["trainer=cpu"]

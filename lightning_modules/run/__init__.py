@@ -16,35 +16,21 @@ Trainer and keeps the run's record (run directory, checkpoints, results.json). M
 * :mod:`.signals`: stopping on SIGINT/SIGTERM with everything saved.
 * :mod:`.sweep`: the table at the end of a sweep, and its exit status.
 * :mod:`.errors`: UserError and the translation of library errors into one line.
-
-``train``, ``evaluate`` and ``RunInterrupted`` are imported on first use (PEP 562), so the light
-modules (record, lock, rundir) do not pull in Lightning, e.g. for results.py.
 """
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
+from lightning_modules.run.driver import RunInterrupted, train
 from lightning_modules.run.errors import UserError
+from lightning_modules.run.evaluate import evaluate
 from lightning_modules.run.rundir import register_resolvers
-
-_LAZY = {"train": "lightning_modules.run.driver", "RunInterrupted": "lightning_modules.run.driver",
-         "evaluate": "lightning_modules.run.evaluate"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_entry(function: Callable, cfg) -> object:
     """Call ``function(cfg)`` for an entry point: a UserError ends the process with its one line
     (status 1), an interrupted run with its message and 128 + the signal number."""
-    from lightning_modules.run.driver import RunInterrupted
-
     try:
         return function(cfg)
     except UserError as err:

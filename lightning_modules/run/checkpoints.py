@@ -30,19 +30,34 @@ def load_our_checkpoint(path: Path, what: str = "ckpt_path") -> dict:
     return checkpoint
 
 
+BEST_CHECKPOINT = "best.ckpt"
+# What a run directory given as ckpt_path stands for: resume continues from its latest state, eval.py
+# tests its best checkpoint (its latest where none was kept, e.g. a run stopped before validating).
+RUN_CHECKPOINTS = {"resume": (LAST_CHECKPOINT,), "eval": (BEST_CHECKPOINT, LAST_CHECKPOINT)}
+
+
+def checkpoint_in(requested, purpose: str) -> Path:
+    """The checkpoint file ``requested`` names for ``purpose`` ("resume" or "eval"): a file, or a run
+    directory's ``checkpoints/<name>`` (or ``<name>`` beside it) for the names of RUN_CHECKPOINTS; a
+    one-line UserError when there is none."""
+    names = RUN_CHECKPOINTS[purpose]
+    path = Path(str(requested)).expanduser()
+    if path.is_dir():
+        for name in names:
+            for candidate in (path / CHECKPOINT_DIR / name, path / name):
+                if candidate.is_file():
+                    return candidate.resolve()
+        wanted = " or ".join(f"{CHECKPOINT_DIR}/{name}" for name in names)
+        raise UserError(f"ckpt_path={requested}: the directory holds no {wanted} (pass a .ckpt file or a run "
+                        f"directory holding {wanted})")
+    if not path.is_file():
+        raise UserError(f"ckpt_path={requested}: no such checkpoint (pass a .ckpt file, e.g. "
+                        f"outputs/<run>/{CHECKPOINT_DIR}/{names[0]}, or a run directory)")
+    return path.resolve()
+
+
 def evaluation_checkpoint(requested) -> Path:
     """The checkpoint eval.py tests: a file, or a run directory's best.ckpt (else its last.ckpt)."""
     if requested in (None, ""):
         raise UserError("eval.py needs ckpt_path=PATH: a .ckpt file or a run directory (outputs/<day>/<run>)")
-    path = Path(str(requested)).expanduser()
-    if path.is_dir():
-        for name in ("best.ckpt", LAST_CHECKPOINT):
-            for candidate in (path / CHECKPOINT_DIR / name, path / name):
-                if candidate.is_file():
-                    return candidate.resolve()
-        raise UserError(f"ckpt_path={requested}: the directory holds no {CHECKPOINT_DIR}/best.ckpt or "
-                        f"{LAST_CHECKPOINT}")
-    if not path.is_file():
-        raise UserError(f"ckpt_path={requested}: no such file (pass outputs/<run>/checkpoints/best.ckpt or a run "
-                        f"directory)")
-    return path.resolve()
+    return checkpoint_in(requested, "eval")

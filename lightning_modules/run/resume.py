@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.run.checkpoints import checkpoint_in, load_our_checkpoint
 from lightning_modules.run.errors import UserError
 from lightning_modules.run.record import read_record_or_empty
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_run_dir
@@ -145,17 +146,7 @@ def requested_checkpoint(requested, log_dir: Path, task: str, model: str, curren
     """The checkpoint file ``ckpt_path`` names (see the module), or a one-line UserError."""
     if str(requested) == "last":
         return last_matching_checkpoint(log_dir, task, model, current)
-    path = Path(str(requested)).expanduser()
-    if path.is_dir():
-        for candidate in (path / CHECKPOINT_DIR / LAST_CHECKPOINT, path / LAST_CHECKPOINT):
-            if candidate.is_file():
-                return candidate.resolve()
-        raise UserError(f"ckpt_path={requested}: the directory holds no {CHECKPOINT_DIR}/{LAST_CHECKPOINT} (pass a "
-                        f".ckpt file, a run directory holding {CHECKPOINT_DIR}/{LAST_CHECKPOINT}, or `last`)")
-    if not path.is_file():
-        raise UserError(f"ckpt_path={requested}: no such checkpoint (pass a .ckpt file, a run directory holding "
-                        f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}, or `last`)")
-    return path.resolve()
+    return checkpoint_in(requested, "resume")
 
 
 @dataclass
@@ -178,8 +169,6 @@ def check_resume(checkpoint: Path, current: dict, requested, choices: dict | Non
     """Every check of a resume from ``checkpoint`` with this command's plain config ``current`` (and
     its config choices, e.g. ``{"task": "adding", "model": "lstm"}``); reads only. A one-line
     UserError on any failure."""
-    from lightning_modules.run.checkpoints import load_our_checkpoint
-
     try:
         with open(checkpoint, "rb") as stream:
             stream.read(1)
