@@ -129,6 +129,7 @@ class MNISTDataModule(SplitDataModule):
         mirrors: base URLs to download from, in order (None: DEFAULT_MIRRORS).
         md5: per-file checksum overrides, {file name: md5 or None (no check)}; others keep MD5.
         download: fetch missing files; False: fail if they are not already in ``data_dir/mnist``.
+        drop_last: drop each epoch's last, short training batch (the official loader cycles: every batch full).
     """
 
     benchmark = "MNIST"
@@ -137,8 +138,8 @@ class MNISTDataModule(SplitDataModule):
     def __init__(self, data_dir: str, layout: str = "pixels", permute: bool = False, permutation_seed: int = 0,
                  normalization: str = "official", val_fraction: float = 0.05, split_seed: int = 0,
                  batch_size: int = 32, num_workers: int = 0, mirrors: list[str] | None = None,
-                 md5: dict[str, str] | None = None, download: bool = True) -> None:
-        super().__init__(batch_size, num_workers)
+                 md5: dict[str, str] | None = None, download: bool = True, drop_last: bool = False) -> None:
+        super().__init__(batch_size, num_workers, drop_last)
         if data_dir is None or str(data_dir) == "":
             raise ValueError("MNIST: data_dir must be a folder path; the files go to <data_dir>/mnist")
         check_choice("layout", layout, tuple(LAYOUTS))

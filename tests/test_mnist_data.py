@@ -375,3 +375,16 @@ def test_rejects_a_validation_split_that_empties_a_split(module):
     with pytest.raises(ValueError, match="leaves 0 for validation") as error:
         module(val_fraction=0.001).setup("fit")
     one_line(error)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_drop_last_keeps_every_training_batch_full(module, drop_last):
+    """The official recipes drop the epoch's short last batch (the official loader cycles); the default keeps it."""
+    datamodule = module(batch_size=32, drop_last=drop_last)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sizes = [batch.inputs.shape[0] for batch in datamodule.train_dataloader()]
+    train_size = len(datamodule.train_dataloader().dataset)
+    assert train_size % 32 != 0  # the tiny split has a short last batch to drop or keep
+    assert sizes == [32] * (train_size // 32) + ([] if drop_last else [train_size % 32])
+    assert sum(batch.inputs.shape[0] for batch in datamodule.val_dataloader()) == len(datamodule.val_dataloader().dataset)

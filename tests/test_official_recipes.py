@@ -33,6 +33,8 @@ def test_pmnist_networks_have_the_official_sizes_and_init(experiment, tmp_path):
     assert cfg.trainer.gradient_clip_val == 10 and cfg.trainer.gradient_clip_algorithm == "value"
     assert all(layer.recurrence.grad_clip is None for layer in net.modules() if isinstance(layer, IndRNN))
     assert cfg.trainer.val_check_interval == 1700 and cfg.callbacks.plateau_reload.official_count
+    # Official batching: every training batch full (the official loader cycles), the datamodule built with it.
+    assert cfg.task.datamodule.drop_last is True
 
 
 def test_residual_fc_layers_use_the_official_init(tmp_path):
