@@ -13,7 +13,7 @@ code's per-step recurrent clipping), identically in every backend. Backends:
   (float32, bfloat16, float16 with a float32 state).
 * ``"scan"``: the clamp-affine scan, parallel over time as well (relu and identity; tanh has no
   scan and runs on the sequential kernel, with a warning): on CPU
-  :class:`src.kernels.indrnn_scan.IndRNNScanCPU` (numba threads along time), on CUDA
+  :class:`src.kernels.indrnn_scan.IndRNNScanCPU` (threads along time), on CUDA
   :class:`src.kernels.indrnn_scan_triton.IndRNNScanTriton`, else (no numba/triton, other dtypes)
   the log-depth scan in plain PyTorch, :class:`src.kernels.indrnn_scan.IndRNNScanTorch`.
 * ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
@@ -23,7 +23,8 @@ code's per-step recurrent clipping), identically in every backend. Backends:
 
 ``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
 ``"cpu"`` backend with few inputs (I <= 8, relu or identity) projection and recurrence run as one
-kernel (:mod:`src.kernels.indrnn_linear_cpu`), else as ``F.linear`` followed by the recurrence.
+kernel (:mod:`src.kernels.indrnn_linear_cpu`; on ``"scan"``
+:class:`src.kernels.indrnn_scan.IndRNNLinearScanCPU`), else as ``F.linear`` followed by the recurrence.
 
 ``clockwork_recurrence(x, weight_ih, bias, weight_hh, h0, periods, ...)`` is the Clockwork RNN
 (:mod:`src.kernels.clockwork`) with the same vocabulary: ``"auto"`` and ``"fused"`` (its

@@ -23,6 +23,9 @@ Two implementations, side by side:
   arithmetic, so the results differ from :class:`src.kernels.indrnn_cpu.IndRNNRecurrenceCPU` only
   by the rounding of the carried states at piece boundaries (relative 1e-16 to 4e-15 in float64).
 
+* :class:`IndRNNLinearScanCPU`: the same with the input projection inside its loops for few inputs
+  (I <= 8), as :mod:`src.kernels.indrnn_linear_cpu` does step by step: z and dL/dz are never stored.
+
 tanh is not clamp-affine: :func:`scan_applies` is False and the dispatcher uses the sequential
 kernel. A piece whose composed slope u^L overflows (|u| > 1 over a long piece) is carried step by
 step instead, so the result stays exact.
