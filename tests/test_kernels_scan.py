@@ -320,3 +320,40 @@ def test_benchmark_stream_shape_set_runs_the_indrnn_kernels_side_by_side():
     results = main(["--shape-set", "stream", "--shapes", "T300_B1_I1_H8", "--repeats", "1", "--warmup", "0",
                     "--budget-s", "0.1"])
     assert list(results["T300_B1_I1_H8"]) == ["indrnn", "indrnn_fused", "indrnn_scan"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="compiles the kernels with triton (no GPU needed), not under the interpreter")
+def test_triton_scan_kernels_compile_for_sm90_without_spills():
+    # The interpreter checks the arithmetic; this builds the compiled path for an H100/H200 with the
+    # tiles the launches use, float32 and float64, every activation/clipping branch.
+    from src.kernels import indrnn_scan_triton as kernels
+    from tests.test_kernels_triton import _compile_for_hopper
+
+    pointers = lambda names, dtype: {name: f"*{dtype}" for name in names}  # noqa: E731
+    sizes = {name: "i32" for name in ("T", "BH", "H", "CHUNK_T", "TILES")}
+    for dtype, double in (("fp32", False), ("fp64", True)):
+        for activation, clip in ((0, True), (0, False), (2, True), (2, False)):
+            tiles = {"DOUBLE": double, "BLOCK_T": kernels.BLOCK_T, "BLOCK_H": kernels.BLOCK_H}
+            cases = {
+                "forward compose": (kernels._forward_compose_kernel, {
+                    **pointers(["z_ptr", "u_ptr", "maps_ptr"], dtype), **sizes, "CHUNK_STRIDE": "i64"},
+                    {"ACTIVATION": activation, **tiles}),
+                "carry": (kernels._carry_kernel, {
+                    **pointers(["maps_ptr", "first_ptr", "states_ptr"], dtype), "BH": "i32", "chunks": "i32",
+                    "last_chunk": "i32", "CHUNK_STRIDE": "i64"}, {"REVERSE": clip, "DOUBLE": double, "BLOCK": 128}),
+                "forward apply": (kernels._forward_apply_kernel, {
+                    **pointers(["z_ptr", "u_ptr", "states_ptr", "out_ptr"], dtype), **sizes},
+                    {"ACTIVATION": activation, **tiles}),
+                "backward compose": (kernels._backward_compose_kernel, {
+                    **pointers(["grad_ptr", "out_ptr", "u_ptr", "maps_ptr"], dtype), **sizes,
+                    "CHUNK_STRIDE": "i64", "clip": "fp32"}, {"ACTIVATION": activation, "CLIP": clip, **tiles}),
+                "backward apply": (kernels._backward_apply_kernel, {
+                    **pointers(["grad_ptr", "out_ptr", "u_ptr", "h0_ptr", "states_ptr", "grad_z_ptr", "grad_u_ptr",
+                                "grad_h0_ptr"], dtype), **sizes, "clip": "fp32"},
+                    {"ACTIVATION": activation, "CLIP": clip, **tiles}),
+            }
+            for name, (kernel, signature, constexprs) in cases.items():
+                _, spills = _compile_for_hopper(kernel, signature, constexprs, kernels.NUM_WARPS)
+                assert spills == 0, f"{name} {dtype} activation {activation} clip {clip}: {spills} bytes spilled"
