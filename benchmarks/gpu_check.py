@@ -22,10 +22,10 @@ output, so one call on a fresh machine always finishes and reports what it measu
    without CUDA graphs) for indrnn_pmnist_6layer, lstm_pmnist, indrnn_adding_t1000, cwrnn_smnist.
 4. ``recurrence``: (its target rows first, as ``recurrence_targets`` before ``train_step``)
    benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
-   T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16. Layers
-   registered here besides recurrence.IMPLS: the loop layers (leaky, skip, Jordan, NARX, TDNN),
-   their Triton versions (``*_triton``: leaky, skip, Clockwork, Jordan) and CUDA-graph-captured versions (``*_graphs``:
-   :class:`lightning_modules.cuda_graph.GraphedForward` on the layer).
+   T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16: every row of
+   benchmarks/layers.py, the loop layers (leaky, skip, Jordan, NARX, TDNN) with their Triton versions
+   (``*_triton``: leaky, skip, Clockwork, Jordan) and CUDA-graph-captured versions (``*_graphs``:
+   :class:`lightning_modules.cuda_graph.GraphedForward` on the layer) included.
 
 Then the issue's targets with the measured value and pass/fail (``targets``), printed as a table;
 ``--json FILE`` (default outputs/gpu_check.json) holds everything.
@@ -287,41 +287,6 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
 
 # --- 4. the recurrence table -----------------------------------------------------------------------
 
-def register_layers() -> list[str]:
-    """Add the loop layers, their Triton and CUDA-graph versions to recurrence.IMPLS; their names."""
-    from src.layers import JordanRNN, LeakyRNN, NARX, SkipRNN, TDNN, ClockworkRNN
-
-    def graphed(layer):
-        from lightning_modules.cuda_graph import GraphedForward
-
-        GraphedForward(layer, report=lambda line: None).install()
-        return layer
-
-    def modules(h: int) -> int:
-        return next(g for g in (8, 4, 2, 1) if h % g == 0)
-
-    extra = {
-        "leaky": lambda i, h, d: LeakyRNN(i, h, batch_first=True, backend="reference").to(d),
-        "leaky_triton": lambda i, h, d: LeakyRNN(i, h, batch_first=True, backend="triton").to(d),
-        "leaky_graphs": lambda i, h, d: graphed(LeakyRNN(i, h, batch_first=True, backend="reference").to(d)),
-        "skip": lambda i, h, d: SkipRNN(i, h, batch_first=True, backend="reference").to(d),
-        "skip_triton": lambda i, h, d: SkipRNN(i, h, batch_first=True, backend="triton").to(d),
-        "skip_graphs": lambda i, h, d: graphed(SkipRNN(i, h, batch_first=True, backend="reference").to(d)),
-        "cwrnn_triton": lambda i, h, d: ClockworkRNN(i, h, num_modules=modules(h), batch_first=True,
-                                                     backend="triton").to(d),
-        "cwrnn_graphs": lambda i, h, d: graphed(ClockworkRNN(i, h, num_modules=modules(h), batch_first=True).to(d)),
-        "jordan": lambda i, h, d: JordanRNN(i, h, batch_first=True, backend="reference").to(d),
-        "jordan_triton": lambda i, h, d: JordanRNN(i, h, batch_first=True, backend="triton").to(d),
-        "jordan_graphs": lambda i, h, d: graphed(JordanRNN(i, h, batch_first=True).to(d)),
-        "narx": lambda i, h, d: NARX(i, h, batch_first=True).to(d),
-        "narx_graphs": lambda i, h, d: graphed(NARX(i, h, batch_first=True).to(d)),
-        "tdnn": lambda i, h, d: TDNN(i, h, batch_first=True).to(d),
-    }
-    for name, factory in extra.items():
-        recurrence.IMPLS.setdefault(name, factory)
-    return list(extra)
-
-
 def recurrence_jobs(quick: bool, impls: list[str], targets_only: bool = False) -> list[tuple[str, str, str]]:
     """(precision, shape, impl) in table order; ``targets_only``: the rows the issue's targets read
     (every layer at T784_B64_I1_H512 fp32; lstm, indrnn and rnn_tanh at T1024_B128_I512_H512 tf32/bf16)."""
@@ -345,8 +310,7 @@ def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list
                    targets_only: bool = False, previous: dict | None = None) -> dict:
     """``{precision: {shape: {impl: row or reason}}}``; rows already in ``previous`` are kept, not re-measured.
     ``targets_only`` measures the targets' rows first (a section of their own, before train_step)."""
-    extra = register_layers()
-    impls = list(dict.fromkeys(list(recurrence.IMPLS) + extra))
+    impls = list(recurrence.IMPLS)
     if only:
         unknown = sorted(set(only) - set(impls))
         if unknown:

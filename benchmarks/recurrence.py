@@ -40,9 +40,10 @@ the machine; nothing else is tuned (no flush-to-zero, no pinning). The speed-up 
 table divide the ``fwd_bwd_ms`` of lstm (resp. indrnn_reference) by that of the row's
 implementation.
 
-Implementations live in :data:`IMPLS`, a registry ``name -> factory(input_size, hidden_size,
-device) -> nn.Module``; a new layer is one line there (the module must follow torch.nn.RNN's
-contract with ``batch_first=True``: ``forward(x) -> (output, state)``).
+Implementations live in :data:`benchmarks.layers.IMPLS`, a registry ``name -> factory(input_size,
+hidden_size, device) -> nn.Module``; a new layer is one line there (the module must follow
+torch.nn.RNN's contract with ``batch_first=True``: ``forward(x) -> (output, state)``). Without
+``--impls`` every layer that runs on the device is timed (``*_triton``/``*_graphs`` rows: CUDA only).
 
 Shapes are named ``T{T}_B{B}_I{I}_H{H}``; any such name is accepted by ``--shapes``. ``--shape-set``
 picks a named set of :data:`SHAPE_SETS`: ``default`` (the shapes above) or ``stream`` (one long
@@ -78,32 +79,9 @@ if str(ROOT) not in sys.path:  # run as a script: make `src` importable without 
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
+from benchmarks.layers import IMPLS, Factory, impls_for  # noqa: E402
 from src.kernels import numba_available, resolve_backend  # noqa: E402
-from src.layers import ClockworkRNN, IndRNN  # noqa: E402
-
-# |u| <= 1: a stable recurrence whatever T (timing does not depend on the value).
-INDRNN_U_BOUND = 1.0
-
-Factory = Callable[[int, int, torch.device], nn.Module]
-
-IMPLS: dict[str, Factory] = {
-    "indrnn": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True, backend="auto").to(device),
-    "indrnn_fused": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
-                                                backend="fused").to(device),
-    "indrnn_scan": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
-                                               backend="scan").to(device),
-    "indrnn_reference": lambda i, h, device: IndRNN(i, h, u_bound=INDRNN_U_BOUND, batch_first=True,
-                                                    backend="reference").to(device),
-    "lstm": lambda i, h, device: nn.LSTM(i, h, batch_first=True, device=device),
-    "gru": lambda i, h, device: nn.GRU(i, h, batch_first=True, device=device),
-    "rnn_tanh": lambda i, h, device: nn.RNN(i, h, nonlinearity="tanh", batch_first=True, device=device),
-    "rnn_relu": lambda i, h, device: nn.RNN(i, h, nonlinearity="relu", batch_first=True, device=device),
-    # Clockwork RNN, 8 modules (periods 1..128); fewer where H is not a multiple of 8 (tiny test shapes).
-    "cwrnn": lambda i, h, device: ClockworkRNN(
-        i, h, num_modules=next(g for g in (8, 4, 2, 1) if h % g == 0), batch_first=True, device=device),
-}
 
 # The speed-up columns of the table are relative to these (when they are part of the run).
 BASELINES = ("lstm", "indrnn_reference")
@@ -133,7 +111,7 @@ DEFAULT_SHAPES["cuda"] = DEFAULT_SHAPES["cpu"] + ["T1024_B128_I512_H512"]
 STREAM_SHAPES = ["T10000_B1_I1_H128", "T100000_B1_I1_H128", "T1000000_B1_I1_H128"]
 # Named shape sets: shapes per device and the implementations run when --impls is not given.
 SHAPE_SETS = {
-    "default": {"shapes": DEFAULT_SHAPES, "impls": list(IMPLS)},
+    "default": {"shapes": DEFAULT_SHAPES, "impls": None},  # None: every layer that runs on the device
     "stream": {"shapes": {"cpu": STREAM_SHAPES, "cuda": STREAM_SHAPES + ["T16384_B4_I1_H256"]},
                "impls": ["indrnn", "indrnn_fused", "indrnn_scan"]},
 }
@@ -350,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a named set of shapes, with its default implementations (default: default; "
                              f"stream: {' '.join(STREAM_SHAPES)}); --shapes overrides its shapes")
     parser.add_argument("--impls", nargs="+", metavar="NAME", choices=list(IMPLS),
-                        help=f"implementations to run (default: all of {', '.join(IMPLS)}; for --shape-set "
+                        help=f"implementations to run (default: every one of {', '.join(IMPLS)} that runs on the device; for --shape-set "
                              f"stream: {' '.join(SHAPE_SETS['stream']['impls'])})")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per measurement (median; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
@@ -381,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device cuda, but CUDA is not available here (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
-    impls = list(dict.fromkeys(args.impls or shape_set["impls"]))  # drop repeats, keep order
+    impls = list(dict.fromkeys(args.impls or shape_set["impls"] or impls_for(args.device)))  # no repeats, in order
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from benchmarks import recurrence
-from benchmarks.recurrence import IMPLS, METRICS, Shape, format_table, main, parse_shape
+from benchmarks.layers import IMPLS, impls_for
+from benchmarks.recurrence import METRICS, Shape, format_table, main, parse_shape
 from tests.conftest import ROOT
 
 TINY = "T5_B2_I3_H4"
@@ -43,15 +44,18 @@ def test_main_writes_exact_json_and_prints_table(tmp_path, capsys):
     results = main([*QUICK, "--json", str(path)])
     written = json.loads(path.read_text())
     assert written == results
-    check_results(written, [TINY], list(IMPLS))
-    assert set(IMPLS) >= {"indrnn", "indrnn_reference", "lstm", "gru", "rnn_tanh", "rnn_relu"}
+    # Without --impls: every layer that runs on the CPU (the *_triton and *_graphs rows need CUDA).
+    check_results(written, [TINY], impls_for("cpu"))
+    assert set(impls_for("cpu")) >= {"indrnn", "indrnn_reference", "lstm", "gru", "rnn_tanh", "rnn_relu", "cwrnn",
+                                     "leaky", "skip", "jordan", "narx", "tdnn", "cornn", "unicornn", "lem"}
+    assert set(IMPLS) - set(impls_for("cpu")) == {name for name in IMPLS if name.endswith(("_triton", "_graphs"))}
     out = capsys.readouterr().out
     table = format_table(results)
     assert table in out
     header = table.splitlines()[0].split()
     assert header == ["shape", "impl", "fwd_bwd_ms", "fwd_ms", "peak_mem_mb", "x_vs_lstm", "x_vs_indrnn_reference"]
     rows = [line.split() for line in table.splitlines()[2:] if line]
-    assert [row[1] for row in rows] == list(IMPLS) and all(row[0] == TINY for row in rows)
+    assert [row[1] for row in rows] == impls_for("cpu") and all(row[0] == TINY for row in rows)
     lstm_row = next(row for row in rows if row[1] == "lstm")
     assert lstm_row[5] == "1.00x"  # speed-up of lstm relative to itself
 
@@ -92,7 +96,7 @@ def test_command_line(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/recurrence.py", *QUICK, "--json", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    check_results(json.loads(path.read_text()), [TINY], list(IMPLS))
+    check_results(json.loads(path.read_text()), [TINY], impls_for("cpu"))
     assert "fwd_bwd_ms" in done.stdout and "x_vs_lstm" in done.stdout
     assert "USDT:" not in done.stderr  # the profiler's banner is filtered out
 
