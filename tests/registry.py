@@ -52,7 +52,7 @@ def _indrnn(**kwargs) -> IndRNN:
 
 PER_STEP = {"batch_norm_stats": "per_step", "bound_steps": 12}  # fewer rows than the contract's T: the last is reused
 
-INDRNN_BACKENDS = ["reference", "cpu_torch", "auto", "fused"] + (["cpu"] if numba_available() else [])
+INDRNN_BACKENDS = ["reference", "cpu_torch", "auto", "fused"] + (["cpu", "scan"] if numba_available() else [])
 
 LAYERS: dict[str, Case] = {
     # IndRNN: every backend available on CPU, every option

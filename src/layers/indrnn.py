@@ -138,7 +138,9 @@ class IndRNN(nn.Module):
         input_init: "uniform" (torch.nn.Linear's default), "kaiming_a8" (official PyTorch code) or
             "normal" with std ``input_init_std`` (official adding-problem code: 0.001).
         batch_norm: "none", "before" the recurrence (on the projection) or "after" it.
-        batch_norm_stats: "all_steps" (classification) or "per_step" (language modelling; needs bound_steps).
+        batch_norm_stats: "all_steps" (classification), "per_step" (language modelling: the absolute step;
+            needs bound_steps) or "per_window" (the position in the current window, as the CVPR char-PTB code;
+            the state then carries h only).
         backend: recurrence kernel ("auto" picks the fused one; "scan" runs parallel over time), see
             :class:`IndRNNRecurrence` and :mod:`src.kernels`.
         grad_clip: None (default), or c > 0: per-step recurrent gradient clipping, see
