@@ -34,6 +34,7 @@ def test_synthetic_batches_have_the_task_shapes(tmp_path):
     assert int(batches[0].targets.max()) < 10
 
 
+@pytest.mark.slow  # several interpreter starts
 def test_command_line_rejects_bad_values():
     completed = run_script("benchmarks/train_step.py", ["--experiments", "nope"])
     assert completed.returncode == 2 and "unknown experiment 'nope'" in completed.stderr

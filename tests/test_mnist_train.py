@@ -62,6 +62,7 @@ def test_offline_without_data_fails_with_one_line(tmp_path):
     assert str(tmp_path / "mnist") in last and "http://127.0.0.1:9/mnist" in last
 
 
+@pytest.mark.slow  # two DDP processes started by train.py: about 40 s on 2 cores
 def test_ddp_cpu_downloads_once_and_trains(tmp_path):
     served, requests = tmp_path / "mirror", []
     served.mkdir()

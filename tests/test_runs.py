@@ -102,7 +102,7 @@ def test_sigterm_exits_143_with_status_interrupted(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", [
-    [],
+    pytest.param([], marks=pytest.mark.slow),  # two train.py processes, one killed: about 25 s on 2 cores
     # The IndRNN papers' schedule, plateaus every few epochs: the first one after the resume must go back to
     # the best weights of before the kill (they travel in last.ckpt).
     pytest.param(["callbacks=official_indrnn", "callbacks.plateau_reload.patience=0", "optimizer.lr=0.05"],

@@ -168,6 +168,7 @@ def test_bad_encoder_decoder_settings_are_rejected(tmp_path):
         train(compose_train(tmp_path / "run", ["task=reverse", "task.datamodule.num_symbols=1", *QUICK_SEQ2SEQ]))
 
 
+@pytest.mark.slow  # a real training to exact-match reversal, then eval.py: about a minute on 2 cores
 def test_gru_encoder_decoder_learns_reversal_and_eval_rescores_it(tmp_path):
     """Short sequences (1-5 symbols of 8), a few hundred steps: greedy decoding gets most of them exactly."""
     overrides = ["task=reverse", "model=gru", "task.seq_len=5", "task.datamodule.train_size=4096",
