@@ -22,7 +22,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from datamodules.ptb import EOS, UNK  # noqa: E402
+from datamodules.ptb import EOS, UNK, saved_vocabulary  # noqa: E402
 from lightning_modules.cli import CommandLineError, Option, as_float, as_int, help_text, parse, wants_help  # noqa: E402
 from lightning_modules.language_model import LanguageModel, sample  # noqa: E402
 from lightning_modules.run import UserError  # noqa: E402
@@ -71,9 +71,10 @@ def load_language_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> La
     if not isinstance(model, LanguageModel):
         raise UserError(f"ckpt_path: {path} is a {type(model).__name__} run, not a language model")
     model.load_state_dict(checkpoint["state_dict"])
-    if not checkpoint.get("vocabulary"):
-        raise UserError(f"ckpt_path: {path} holds no vocabulary (written before language models stored one)")
-    model.vocabulary = list(checkpoint["vocabulary"])
+    vocabulary = saved_vocabulary(checkpoint)
+    if vocabulary is None:
+        raise UserError(f"ckpt_path: {path} holds no vocabulary (its DataModule saved none)")
+    model.vocabulary = vocabulary
     return model.to(device).eval()
 
 

@@ -93,7 +93,8 @@ class EncoderDecoderModule(SequenceObjective):
                                ignore_index=self.net.pad_id)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        source, target, lengths, _ = as_batch(batch)
+        batch = as_batch(batch)
+        source, target, lengths = batch.inputs, batch.targets, batch.lengths
         if lengths is not None:
             raise ValueError("encoder-decoder: batches carry no lengths; pad sources on the left and targets "
                              "after their end token with the network's pad_id")

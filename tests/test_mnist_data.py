@@ -256,7 +256,7 @@ def test_shapes(module, layout, shape):
     datamodule = module(layout=layout, batch_size=8)  # val has 10
     assert (datamodule.seq_len, datamodule.input_size) == shape
     for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
-        inputs, labels, lengths, _ = next(iter(loader))
+        inputs, labels, lengths, *_ = next(iter(loader))
         assert lengths is None and inputs.shape == (8, *shape) and inputs.dtype == torch.float32
         assert labels.shape == (8,) and labels.dtype == torch.int64
     inputs, label = datamodule.splits["test"][3]
