@@ -12,7 +12,8 @@ Sampling, as the official IndRNN code (:func:`sample_frame_indices`): each seque
 (20) frames. Longer than 2 x steps: one random frame in each of ``steps`` equal segments; between steps
 and 2 x steps: a random contiguous window; up to ``steps``: the frames at a random offset in zeros.
 Training draws new frames every time; evaluation draws ``samplings`` (K) sets per sequence, seeded by
-the sample's index so every evaluation sees the same ones, and the objective averages the logits.
+the sample's index so every evaluation sees the same ones: the batch holds the K sets of each sample as
+K adjacent sequences of one group (``SequenceBatch.groups``), and the objective averages their logits.
 
 Each DataLoader worker (and each DDP rank) opens the HDF5 file itself on its first batch: h5py
 handles cannot be pickled, and only the frames of the requested samples are ever read.
@@ -40,7 +41,7 @@ from datamodules.download import DataError, DownloadError
 from datamodules.ntu_convert import FORMAT, MAX_COORDINATE, sample_checksum
 from datamodules.ntu_skeleton import MAX_BODIES, META_FIELDS, NUM_JOINTS
 from datamodules.splits import SplitDataModule, collate_batched
-from src.batch import SequenceBatch
+from src.batch import SequenceBatch, repeat_samplings
 from src.checks import check_choice, check_fraction, check_non_negative_int, check_positive_int
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,11 @@ def rotate_vertical(frames: np.ndarray, angle) -> np.ndarray:
 class NTUSkeletons(Dataset):
     """One split of NTU RGB+D, read lazily from the converter's HDF5 file a batch at a time.
 
-    ``dataset.__getitems__(indices)`` returns a :class:`SequenceBatch` with
-    ``inputs`` float32 (B, T, 150) (training, or ``samplings`` == 1) or (B, K, T, 150) (evaluation with
-    K = ``samplings`` > 1), features ordered (body, joint, xyz), and ``targets`` int64 (B,) = action - 1.
+    ``dataset.__getitems__(indices)`` returns a :class:`SequenceBatch` of the B samples: ``inputs``
+    float32 (B, T, 150), features ordered (body, joint, xyz), and ``targets`` int64 (B,) = action - 1
+    (training, or ``samplings`` == 1); in evaluation with K = ``samplings`` > 1, K sets of frames per
+    sample: ``inputs`` (B * K, T, 150), ``targets`` (B * K,) and ``groups`` (B * K,) = [0] * K + [1] * K
+    + ... (the K sets of sample b are sequences b * K to b * K + K - 1), see :class:`SequenceBatch`.
 
     Args:
         path: the HDF5 file.
@@ -228,9 +231,10 @@ class NTUSkeletons(Dataset):
                 angles = np.radians(self._rng.uniform(-self.rotate_degrees, self.rotate_degrees, len(rows)))
                 rotate_vertical(sequences, angles[:, None, None, None])
             sequences *= tracked
-        inputs = torch.from_numpy(sequences.reshape(len(indices), count, steps, FEATURES))
-        return SequenceBatch(inputs if count > 1 else inputs[:, 0],
-                             self.labels[torch.as_tensor(indices, dtype=torch.long)])
+        inputs = torch.from_numpy(sequences.reshape(len(rows), steps, FEATURES))
+        targets = self.labels[torch.as_tensor(rows, dtype=torch.long)]
+        # K > 1: the K samplings of each sample are adjacent sequences of one group (test-time augmentation).
+        return SequenceBatch(inputs, targets, groups=repeat_samplings(len(indices), count) if count > 1 else None)
 
     def _check_coordinates(self, gathered: np.ndarray, rows: np.ndarray) -> None:
         """One-line DataError if the frames read for this batch, (N, T, 2, 25, 3), hold a coordinate that
@@ -265,10 +269,12 @@ class NTUSkeletons(Dataset):
         return centres
 
     def __getitem__(self, index: int) -> SequenceBatch:
+        """One sample: inputs (T, 150), or its K sets of frames (K, T, 150) in evaluation with K > 1;
+        target () int64."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         batch = self.__getitems__([index % len(self)])
-        return SequenceBatch(batch.inputs[0], batch.targets[0])
+        return SequenceBatch(batch.inputs if batch.groups is not None else batch.inputs[0], batch.targets[0])
 
 
 def read_verified_metadata(path: str | Path, full: bool = False) -> dict[str, np.ndarray]:

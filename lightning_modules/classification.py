@@ -16,6 +16,8 @@ class SequenceClassificationModule(SequenceObjective):
     Batches (:class:`src.batch.SequenceBatch`): inputs (B, T, I), targets (B,) int64 labels in
     [0, num_classes), optional lengths (B,). The network's readout is "last" or "mean" (one
     prediction (B, C) per sequence, read at each sequence's last valid step or averaged over them).
+    Test-time augmentation (``groups`` (B,), e.g. NTU's K samplings of frames per sequence): the
+    logits of each example's samplings are averaged, (G, C), before the loss and the accuracy.
 
     Args:
         num_classes: number of classes, C (the network's output_size).
@@ -36,17 +38,6 @@ class SequenceClassificationModule(SequenceObjective):
 
     def make_metric(self) -> Metric:
         return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs (B, T, I) -> logits (B, C); or inputs (B, K, T, I), K samplings of each sequence (e.g.
-        NTU's test-time sampling of frames) -> the logits averaged over K, (B, C). The K samplings run
-        as one batch of B * K sequences; ``lengths`` (B,) applies to every sampling."""
-        if inputs.dim() != 4:
-            return super().forward(inputs, lengths)
-        batch, samplings = inputs.shape[:2]
-        lengths = None if lengths is None else lengths.repeat_interleave(samplings)
-        logits = super().forward(inputs.flatten(0, 1), lengths)
-        return logits.view(batch, samplings, -1).mean(dim=1)
 
     def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(predictions, targets)

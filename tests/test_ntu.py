@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from datamodules import ntu_convert, ntu_skeleton
@@ -362,19 +363,20 @@ def test_batches_are_sampled_frames_of_the_file(learnable):
     datamodule.setup("fit")
     assert datamodule.sizes == {"train": 57, "val": 3, "test": 20}  # performers 1, 2, 4 train; 3 tests
     test = datamodule.split("test")
-    batch = test.__getitems__([0, 5])
-    assert batch.inputs.shape == (2, 3, 20, 150) and batch.inputs.dtype == torch.float32
-    assert batch.targets.dtype == torch.int64
+    batch = test.__getitems__([0, 5])  # K = 3 samplings of each: 6 sequences in 2 groups
+    assert batch.inputs.shape == (6, 20, 150) and batch.inputs.dtype == torch.float32
+    assert batch.targets.dtype == torch.int64 and batch.groups.tolist() == [0, 0, 0, 1, 1, 1]
     with h5py.File(path, "r") as h5:
         for position, index in enumerate([0, 5]):
             row = int(test.rows[index])
             frames = h5["skeletons"][h5["offset"][row]:h5["offset"][row] + h5["length"][row]].reshape(-1, 150)
-            assert batch.targets[position] == h5["label"][row]
-            for sampled in batch.inputs[position].numpy():
+            assert (batch.targets[3 * position:3 * position + 3] == h5["label"][row]).all()
+            for sampled in batch.inputs[3 * position:3 * position + 3].numpy():
                 present = sampled.any(axis=1)  # padded steps are all zeros
                 assert all(any(np.array_equal(step, frame) for frame in frames) for step in sampled[present])
     train_batch = datamodule.split("train").__getitems__(list(range(8)))
-    assert train_batch.inputs.shape == (8, 20, 150)
+    assert train_batch.inputs.shape == (8, 20, 150) and train_batch.groups is None
+    assert datamodule.split("val").__getitems__([0, 1]).groups is None  # val_samplings=1: one set each
 
 
 def test_workers_read_the_same_batches_as_the_main_process(learnable):
@@ -389,6 +391,7 @@ def test_workers_read_the_same_batches_as_the_main_process(learnable):
     assert len(batches[0]) == len(batches[2]) == 10
     for a, b in zip(batches[0], batches[2]):  # evaluation samplings are seeded per sample
         assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.groups, b.groups) and a.groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 3][:len(a.groups)]
 
 
 def test_augmentations_centre_rotate_and_vary_the_length(learnable):
@@ -407,16 +410,35 @@ def test_augmentations_centre_rotate_and_vary_the_length(learnable):
             NTUDataModule(str(path), **bad)
 
 
-def test_classification_averages_logits_over_samplings():
-    network = RecurrentNetwork(functools.partial(torch.nn.GRU), input_size=6, output_size=3, hidden_size=8)
+def test_test_accuracy_averages_the_logits_of_each_sequence_s_samplings(learnable):
+    """Through the real DataModule and Trainer.test: test loss and accuracy are those of the logits
+    averaged over each sample's K samplings (computed here as a (B, K, T, I) stack, the layout the
+    objective averaged before groups were part of the batch contract)."""
+    _, path = learnable
+    torch.manual_seed(0)
+    samplings = 3
+    datamodule = NTUDataModule(str(path), split="cross_subject", batch_size=8, num_workers=0,
+                               test_samplings=samplings)
+    network = RecurrentNetwork(functools.partial(torch.nn.GRU), input_size=150, output_size=60, hidden_size=8)
     objective = SequenceClassificationModule(network, optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-                                             num_classes=3)
+                                             num_classes=60)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    measured = trainer.test(objective, datamodule=datamodule, verbose=False)[0]
+    correct, loss_sum, count = 0, 0.0, 0
     objective.eval()
-    inputs = torch.randn(4, 5, 7, 6)  # B=4 sequences, K=5 samplings of T=7 steps
-    averaged = objective(inputs)
-    each = torch.stack([objective(inputs[:, k]) for k in range(5)], dim=1)
-    assert averaged.shape == (4, 3)
-    torch.testing.assert_close(averaged, each.mean(dim=1))
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            examples = len(batch.targets) // samplings
+            stacked = batch.inputs.view(examples, samplings, *batch.inputs.shape[1:])       # (B, K, T, I)
+            logits = objective(stacked.flatten(0, 1)).view(examples, samplings, -1).mean(dim=1)
+            targets = batch.targets.view(examples, samplings)[:, 0]
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, targets)) * examples
+            count += examples
+    assert count == datamodule.sizes["test"] == 20
+    assert measured["test/acc"] == pytest.approx(correct / count, abs=1e-6)
+    assert measured["test/loss"] == pytest.approx(loss_sum / count, rel=1e-5)
 
 
 # Training through train.py -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The objectives on their own: classification learns, schedulers and gradient clipping plug in,
-padded variable-length batches score exactly as the sequences one by one, and each objective
-rejects a network whose readout or direction does not suit it."""
+padded variable-length batches score exactly as the sequences one by one, test-time samplings
+(``SequenceBatch.groups``) are averaged per example, and each objective rejects a network whose
+readout or direction does not suit it."""
 import functools
 
 import pytest
@@ -165,6 +166,40 @@ def test_labelling_leaves_padded_steps_out_of_loss_and_accuracy():
     with torch.no_grad():
         predictions, targets = module.valid_steps(module(batch.inputs, batch.lengths), poisoned, batch.lengths)
     assert module.loss(predictions, targets).item() == pytest.approx(expected_loss, rel=1e-5)
+
+
+# Test-time augmentation: groups of samplings ---------------------------------------------------------
+
+@pytest.mark.parametrize("make, target", [
+    (lambda: SequenceClassificationModule(gru(output_size=3), torch.optim.Adam, num_classes=3),
+     lambda g, b: torch.randint(0, 3, (b,), generator=g)),
+    (lambda: SequenceRegressionModule(gru(output_size=2, readout="mean"), torch.optim.Adam),
+     lambda g, b: torch.randn(b, 2, generator=g)),
+    (lambda: SequenceLabellingModule(gru(output_size=3, readout="all"), torch.optim.Adam, num_classes=3),
+     lambda g, b: torch.randint(0, 3, (b, 6), generator=g)),
+], ids=["classification", "regression", "labelling"])
+def test_objectives_average_the_samplings_of_each_example(make, target):
+    """Loss and metric of a batch of B x K samplings with groups equal those of the K-averaged
+    predictions (the old (B, K, T, I) path) against the B examples' targets."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    module, examples, samplings = make().eval(), 4, 3
+    stacked = 4 * torch.randn(examples, samplings, 6, 1, generator=generator)    # (B, K, T, I)
+    targets = target(generator, examples)
+    batch = SequenceBatch(stacked.flatten(0, 1), targets.repeat_interleave(samplings, dim=0),
+                          groups=torch.arange(examples).repeat_interleave(samplings))
+    with torch.no_grad():
+        per_sampling = module(stacked.flatten(0, 1))
+        averaged = per_sampling.view(examples, samplings, *per_sampling.shape[1:]).mean(dim=1)
+    expected_metric = module.make_metric()
+    expected_metric(averaged, targets)
+    loader = DataLoader([batch], batch_size=None)
+    metrics = make_trainer().test(module, loader, verbose=False)[0]
+    name = f"test/{module.metric_name}"
+    assert metrics["test/loss"] == pytest.approx(module.loss(averaged, targets).item(), rel=1e-5)
+    assert metrics[name] == pytest.approx(expected_metric.compute().item(), rel=1e-5)
+    # Scoring the samplings one by one gives another loss: what was measured is the averaging.
+    assert module.loss(per_sampling, batch.targets).item() != pytest.approx(metrics["test/loss"], rel=1e-4)
 
 
 # Each objective checks its network ----------------------------------------------------------------
