@@ -73,7 +73,9 @@ class LanguageModel(HostResetFlags, SequenceObjective):
     Batches: :class:`src.batch.SequenceBatch` with inputs (B, T) and targets (B, T) int64 token ids
     and ``reset`` (B,) bool. The network gets the embeddings (B, T, E) and returns (B, T, O): O is the
     vocabulary size V (its head is then the decoder) or, with a separate decoder, the embedding size
-    E (the head is the projection from the last layer's width to E).
+    E (the head is the projection from the last layer's width to E). The objective knows token ids
+    only: the tokens' strings are the data's, kept by the DataModule (and saved in checkpoints with its
+    state, see :func:`datamodules.ptb.saved_vocabulary`).
 
     Args:
         net: any network of the project with readout "all", input_size E.
@@ -136,7 +138,6 @@ class LanguageModel(HostResetFlags, SequenceObjective):
         self.output_dropout = TimeSharedDropout(output_dropout)
         self.reset_probability, self.base_length = reset_probability, base_length
         self.scale_lr_by_length = scale_lr_by_length
-        self.vocabulary: list[str] | None = None  # from the datamodule; saved in checkpoints as a plain list
         self.train_state = self.eval_state = None
         self._window = None  # the current training window's length, for the LR scaling
         self._unscaled_lrs: list[float] | None = None
@@ -253,24 +254,6 @@ class LanguageModel(HostResetFlags, SequenceObjective):
             for group, lr in zip(optimizer.param_groups, self._unscaled_lrs):
                 group["lr"] = lr
             self._unscaled_lrs = None
-
-    # Vocabulary in checkpoints ---------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        vocabulary = getattr(datamodule, "vocabulary", None)  # its size is checked by the datamodule
-        if vocabulary is not None:
-            self.vocabulary = list(vocabulary)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["vocabulary"] = list(self.vocabulary) if self.vocabulary is not None else None
-        checkpoint["level"] = self.level
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if checkpoint.get("vocabulary") is not None:
-            self.vocabulary = list(checkpoint["vocabulary"])
 
 
 # Evaluation and generation without Lightning -------------------------------------------------------

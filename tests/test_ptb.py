@@ -436,6 +436,15 @@ def stored_lists(value) -> list[list]:
     return []
 
 
+def test_a_checkpoint_holds_the_vocabulary_once_in_the_datamodule_state(trained_char_run, corpus):
+    run_dir, _ = trained_char_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    vocabulary = datamodule(*corpus).vocabulary  # what the training files give
+    assert saved_vocabulary(checkpoint) == vocabulary == checkpoint[PTBDataModule.__qualname__]["vocabulary"]
+    assert stored_lists(checkpoint).count(vocabulary) == 1
+    assert saved_vocabulary({"state_dict": {}}) is None
+
+
 def test_a_checkpoint_of_another_vocabulary_is_refused_in_one_line(corpus):
     module = datamodule(*corpus)
     module.load_state_dict({"vocabulary": list(module.vocabulary), "passes": 2})  # the same corpus: fine
