@@ -78,16 +78,17 @@ def slurm_requeued_run(log_dir: str | os.PathLike) -> Path | None:
 
 def run_dir(log_dir: str, task: str, model: str, *unused) -> str:
     """Resolver behind ``hydra.run.dir``: the run directory of this SLURM job's earlier attempt when
-    SLURM requeued it, else a new unique one (claimed once per process). A resume (``ckpt_path``) is
-    placed by :class:`RunDirectory` before Hydra resolves this."""
+    SLURM requeued it, else the name of a new one, ``<log_dir>/<date>/<time>_<task>_<model>``; it
+    creates nothing (resolving the config has no side effects). :class:`RunDirectory` claims the
+    directory (``-2``, ``-3``... when taken) or, for a resume, places the run, before Hydra writes."""
     key = ("run", f"{log_dir}|{task}|{model}")
-    if key not in _CLAIMED:
+    if key not in _CLAIMED:  # one name per process: Hydra may resolve hydra.run.dir on copies of the config
         requeued = slurm_requeued_run(log_dir)
         if requeued is not None:
             _CLAIMED[key] = str(requeued)
         else:
             day, time = _stamp()
-            _CLAIMED[key] = str(claim_dir(Path(log_dir) / day / f"{time}_{task}_{model}"))
+            _CLAIMED[key] = str(Path(log_dir) / day / f"{time}_{task}_{model}")
     return _CLAIMED[key]
 
 
@@ -215,6 +216,19 @@ class RunDirectory(Callback):
                 raise
             raise UserError(unwritable(folder, cause, what)) from err
 
+    @staticmethod
+    def _claim(name: Path, log_dir: Path) -> Path:
+        """The new run directory ``name`` (or ``name-2``, ...), created now: a requeued SLURM job's
+        existing directory is its own; a folder that cannot be created is a one-line UserError."""
+        from lightning_modules.run.errors import UserError
+
+        if name.is_dir() and slurm_requeued_run(log_dir) == name:
+            return name
+        try:
+            return claim_dir(name)
+        except OSError as err:
+            raise UserError(unwritable(log_dir, err, "the run directory")) from err
+
     def place(self, config: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -234,11 +248,13 @@ class RunDirectory(Callback):
             elif plan.source_run is not None:
                 target = plan.source_run
             else:
-                target = Path(self._resolve(config, "hydra.run.dir", log_dir))
+                target = self._claim(Path(self._resolve(config, "hydra.run.dir", log_dir)), log_dir)
                 print(f"ckpt_path={requested} lies outside any run directory: continuing in a new run directory "
                       f"{target}", file=sys.stderr, flush=True)
+        elif explicit:
+            target = Path(explicit)
         else:
-            target = Path(self._resolve(config, "hydra.run.dir", log_dir))
+            target = self._claim(Path(self._resolve(config, "hydra.run.dir", log_dir)), log_dir)
         check_writable(target)
         if rank_zero():
             acquire(target)
