@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from lightning_modules.learning import BPTT, LearningRule
-from src.batch import as_batch, step_mask
+from src.batch import as_batch, average_samplings, step_mask
 from src.checks import check_choice
 from src.layers.common import apply_constraints
 
@@ -176,9 +176,11 @@ class SequenceObjective(pl.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         batch = as_batch(batch)
         predictions = self(batch.inputs, batch.lengths)
-        predictions, targets = self.valid_steps(predictions, batch.targets, batch.lengths)
+        # Test-time samplings (batch.groups) become one prediction per example before loss and metric.
+        predictions, targets, lengths = average_samplings(predictions, batch)
+        batch_size = predictions.shape[0]  # examples, not samplings (B without groups)
+        predictions, targets = self.valid_steps(predictions, targets, lengths)
         loss = self.loss(predictions, targets)
-        batch_size = batch.inputs.shape[0]
         metric = self.metrics[f"{stage}_metric"]
         if stage == "train":
             self.check_training_loss(loss, inputs=batch.inputs, targets=batch.targets)
