@@ -75,7 +75,9 @@ def collect(dirs: list[Path], papers: dict[str, dict]) -> dict[str, Reproduction
     return found
 
 
-def _figure(value: float, metric: str) -> str:
+def _figure(value: float | None, metric: str) -> str:
+    if value is None:  # a recipe whose paper shows curves only (its ``paper.source`` says so)
+        return "no published figure"
     return f"{100 * value:.2f}%" if metric.endswith("acc") else f"{value:.4g}"
 
 
@@ -113,7 +115,8 @@ def reproductions_markdown(found: dict[str, Reproduction], dirs: list[Path]) -> 
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, reproduction in sorted(found.items()):
         paper = reproduction.paper
-        head = [name, paper.get("source", ""), paper["metric"], _figure(float(paper["value"]), paper["metric"])]
+        figure = None if paper["value"] is None else float(paper["value"])
+        head = [name, paper.get("source", ""), paper["metric"], _figure(figure, paper["metric"])]
         if not reproduction.runs:
             lines.append("| " + " | ".join(_cell(c) for c in [*head, "not run yet", "", "", "", "", ""]) + " |")
             continue

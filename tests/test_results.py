@@ -185,13 +185,15 @@ def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsy
     for seed, (experiment, status, acc) in enumerate([("indrnn_pmnist_6layer", "finished", 0.95),
                                                        ("indrnn_pmnist_6layer", "finished", 0.97),
                                                        ("indrnn_pmnist_6layer", "failed", None),
-                                                       ("irnn_pmnist", "failed", None)]):
+                                                       ("irnn_pmnist", "failed", None),
+                                                       ("indrnn_adding_t100", "finished", 0.006)]):
         run_dir = runs / f"{seed}_pmnist_indrnn"
         run_dir.mkdir(parents=True)
         record = {"status": status, "experiment": experiment, "steps": 1000 * (seed + 1), "seconds": 7200.0,
                   "hardware": "1 x NVIDIA H100 80GB HBM3", "started_at": f"2026-03-0{seed + 1} 10:00:00",
                   "overrides": [f"experiment={experiment}", f"seed={seed}", "trainer=gpu"]}
-        write_record(run_dir, {**record, **({"test/acc": acc} if acc is not None else {})})
+        metric = "test/mse" if "adding" in experiment else "test/acc"
+        write_record(run_dir, {**record, **({metric: acc} if acc is not None else {})})
     assert results.main(["--paper", str(runs), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "REPRODUCTIONS.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -201,4 +203,7 @@ def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsy
     assert "`python train.py experiment=indrnn_pmnist_6layer seed=1 trainer=gpu` | 2026-03-02 |" in ours
     assert "| 82.00% | not run yet |" in rows["irnn_pmnist"]  # its only run failed
     assert "not run yet" in rows["lstm_ptb_word"] and "| test/ppl | 82.7 |" in rows["lstm_ptb_word"]
+    # A recipe whose paper shows curves only (paper.value null, inherited from indrnn_adding_t1000): ours, no figure.
+    assert "| test/mse | no published figure | 0.006 |" in rows["indrnn_adding_t100"]
+    assert "not run yet" in rows["indrnn_adding_t1000"]
     assert capsys.readouterr().out.endswith(f"written: {tmp_path / 'REPRODUCTIONS.md'}\n")
