@@ -196,8 +196,8 @@ def run_rows(runs: list[Run], metrics: list[str]) -> tuple[list[str], list[dict]
 
 
 def _paper_cells(runs: list[Run]) -> dict:
-    papers = [run.paper for run in runs if run.paper and run.paper.get("value") is not None]
-    if not papers:  # none, or a paper with curves only (value null): nothing to compare
+    papers = [run.paper for run in runs if run.paper and run.paper.get("value") is not None]  # null: curves only
+    if not papers:
         return {"paper": None, "paper metric": None, "diff": None}
     paper = papers[0]
     values = [run.metrics[paper["metric"]] for run in runs
