@@ -404,6 +404,7 @@ class NTUDataModule(SplitDataModule):
         verify: how setup checks the file against the converter's manifest: "quick" (the layout, the
             recorded range and the CRC-32 of 16 samples: milliseconds) or "full" (every sample's CRC-32:
             reads the whole file once). Batches are always checked for impossible coordinates.
+        drop_last: drop each epoch's last, short training batch (the official loader: every batch full).
     """
 
     benchmark = "NTU RGB+D"
@@ -412,8 +413,8 @@ class NTUDataModule(SplitDataModule):
     def __init__(self, path: str, split: str = "cross_subject", steps: int = 20, val_fraction: float = 0.05,
                  split_seed: int = 0, val_samplings: int = 1, test_samplings: int = 20, center: bool = False,
                  rotate_degrees: float = 0.0, random_length: list[int] | None = None, batch_size: int = 128,
-                 num_workers: int = 4, verify: str = "quick") -> None:
-        super().__init__(batch_size, num_workers)
+                 num_workers: int = 4, verify: str = "quick", drop_last: bool = False) -> None:
+        super().__init__(batch_size, num_workers, drop_last)
         if path is None or str(path) == "":
             raise ValueError(f"{self.benchmark}: path must name the HDF5 file; {missing_file_message('data/ntu/ntu60.h5')}")
         check_choice(f"{self.benchmark}: split", split, SPLITS)

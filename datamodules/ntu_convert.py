@@ -1,6 +1,6 @@
 """NTU RGB+D (60 and 120) raw ``.skeleton`` text files -> one HDF5 file that the NTU DataModule reads lazily.
 
-Run it as ``python prepare_ntu.py raw=PATH out=data/ntu/ntu60.h5`` (see :func:`main` and README.md).
+Run it as ``python prepare_ntu.py raw=PATH out=data/ntu/ntu60.h5`` (prepare_ntu.py holds the command line; see README.md).
 ``raw`` is the folder of ``.skeleton`` files or the downloaded zip (``nturgbd_skeletons_s001_to_s017.zip``,
 read member by member, never extracted); several sources are separated by commas (NTU-120 = both zips).
 

@@ -145,3 +145,16 @@ def test_cvpr_char_ptb_recipe_trains_and_evaluates_with_per_window_statistics(tm
     train(compose_train(tmp_path / "run", overrides))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "finished" and math.isfinite(results["test/bpc"])
+
+
+@pytest.mark.parametrize("experiment", ["indrnn_smnist_6layer", "indrnn_pmnist_6layer", "res_indrnn_pmnist",
+                                        "dense_indrnn_pmnist", "indrnn_ntu_cs_6layer", "indrnn_ntu_cs_4layer",
+                                        "indrnn_ntu_cv_6layer", "res_indrnn_ntu_cs", "dense_indrnn_ntu_cs"])
+def test_official_recipes_batch_as_the_official_loader(experiment, tmp_path):
+    """Every training batch full (the official loader cycles), reaching the DataModule the run builds."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    assert cfg.task.datamodule.drop_last is True
+    datamodule = instantiate(cfg.task.datamodule)  # builds nothing but the object: no data needed
+    assert isinstance(datamodule, SplitDataModule) and datamodule.drop_last is True
