@@ -6,8 +6,7 @@ Each run directory holds ``results.json`` (the run record, :mod:`lightning_modul
 ``.hydra/``), is listed as ``killed`` with the last error line of its ``train.log``, as the sweep
 summary lists it.
 
-Building the report (:func:`build_report`) writes nothing; :func:`write_report` writes its files, so
-a folder that cannot be written still gets its table printed.
+Building the report (:func:`build_report`) writes nothing; :func:`write_report` writes its files.
 """
 from __future__ import annotations
 
