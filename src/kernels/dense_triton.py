@@ -127,10 +127,13 @@ if triton is not None:
 
     @triton.jit
     def _activate(a, ACTIVATION: tl.constexpr):
+        """f(a) for an activation code: 0 relu, 1 tanh, 2 identity, 3 sigmoid (the Jordan kernel's output)."""
         if ACTIVATION == 0:
             return tl.maximum(a, 0.0)
         elif ACTIVATION == 1:
             return _tanh(a)
+        elif ACTIVATION == 3:
+            return 1.0 / (1.0 + tl.exp(-a))
         else:
             return a
 

@@ -29,7 +29,7 @@ try:  # triton is optional: CPU-only installs never load this backend.
     import triton
     import triton.language as tl
 
-    from src.kernels.indrnn_triton import _tanh
+    from src.kernels.dense_triton import _activate
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
@@ -37,17 +37,6 @@ ACTIVATION_CODES = {"relu": 0, "tanh": 1, "identity": 2, "sigmoid": 3}
 
 
 if triton is not None:
-
-    @triton.jit
-    def _activate(a, ACTIVATION: tl.constexpr):
-        if ACTIVATION == 0:
-            return tl.maximum(a, 0.0)
-        elif ACTIVATION == 1:
-            return _tanh(a)
-        elif ACTIVATION == 3:
-            return 1.0 / (1.0 + tl.exp(-a))
-        else:
-            return a
 
     @triton.jit
     def _block_matmul(acc, left_ptr, right_ptr, batch, batch_ok, cols, col_ok, inner_size, n_k_blocks,
