@@ -19,21 +19,21 @@ Fields (schema version 1; readers accept records without ``schema``, written bef
   per earlier session: how it ended (``status``, ``error``), its ``steps``, ``seconds``, its test and
   best validation metrics, and ``resumed_from_step``/``resumed_at``.
 
-The write is atomic and durable: a temporary file in the same folder, flushed and fsynced, renamed
-over results.json; on any failure (a full disk included) the temporary file is removed and the
-previous results.json is left as it was.
+The write is atomic and durable (storage/atomic.py): a temporary file in the same folder, flushed
+and fsynced, renamed over results.json; on any failure (a full disk included) the temporary file is
+removed and the previous results.json is left as it was.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from storage.atomic import write_text_atomically
 
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
-TEMPORARY_PREFIX = ".results-"
 
 # How a session of a run can end (``running`` while it trains; ``killed`` is only ever derived).
 RUNNING, FITTED, FINISHED, DIVERGED, INTERRUPTED, FAILED, KILLED = (
@@ -89,53 +89,14 @@ def status_now(record: dict, run_dir: str | os.PathLike | None = None) -> str:
     return KILLED
 
 
-def current_umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_record(run_dir: str | os.PathLike, record: dict) -> Path:
     """Write ``run_dir/results.json`` atomically (``schema`` added); the folder must exist.
 
     A failure (e.g. ``ENOSPC``) removes the temporary file, leaves the previous results.json as it
-    was, and raises the OSError.
+    was, and raises the OSError (storage/atomic.py).
     """
-    run_dir = Path(run_dir)
-    target = run_dir / RESULTS_FILE
     text = json.dumps({"schema": SCHEMA_VERSION, **record}, indent=2, sort_keys=True, default=str)
-    handle, temporary = tempfile.mkstemp(dir=run_dir, prefix=TEMPORARY_PREFIX, suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # mkstemp creates the file 0600; a results file is for everyone who may read the run (the umask decides).
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, target)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(run_dir)
-    return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: some filesystems refuse to fsync a folder)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    return write_text_atomically(Path(run_dir) / RESULTS_FILE, text)
 
 
 # Storage faults that a user fixes outside the project (free space, permissions, a read-only mount).
