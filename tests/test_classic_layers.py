@@ -80,6 +80,23 @@ def test_hx_is_the_state_before_the_first_step_and_is_checked(name):
     assert "\n" not in str(error.value)
 
 
+# Leaky with alpha = 0 and skip with the one delay 1 are the Elman recurrence: torch.nn.RNN with their weights.
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("make, recurrent_weight", [
+    (lambda nonlinearity: LeakyRNN(I, H, alpha_range=(0.0, 0.0), nonlinearity=nonlinearity),
+     lambda layer: layer.weight_hh),
+    (lambda nonlinearity: SkipRNN(I, H, delays=[1], nonlinearity=nonlinearity), lambda layer: layer.weight_hh[0]),
+], ids=["leaky-alpha-zero", "skip-delay-one"])
+def test_degenerate_settings_are_torch_rnn(make, recurrent_weight, nonlinearity):
+    layer = make(nonlinearity)
+    rnn = copy_into_rnn(layer, recurrent_weight(layer), nonlinearity)
+    x, hx = torch.randn(T, B, I), torch.randn(1, B, H)
+    output, h_n = layer(x, hx)
+    expected, expected_h = rnn(x, hx)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(h_n, expected_h)
+
+
 @pytest.mark.parametrize("factory, message", [
     (lambda: LeakyRNN(I, 0), "hidden_size must be a positive integer"),
     (lambda: LeakyRNN(I, H, nonlinearity="sigmoid"), "unknown LeakyRNN nonlinearity"),
@@ -108,17 +125,6 @@ def test_bad_arguments_are_one_line_value_errors(factory, message):
 
 
 # --- LeakyRNN ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_leaky_with_alpha_zero_is_torch_rnn(nonlinearity):
-    layer = LeakyRNN(I, H, alpha_range=(0.0, 0.0), nonlinearity=nonlinearity)
-    rnn = copy_into_rnn(layer, layer.weight_hh, nonlinearity)
-    x, hx = torch.randn(T, B, I), torch.randn(1, B, H)
-    output, h_n = layer(x, hx)
-    expected, expected_h = rnn(x, hx)
-    torch.testing.assert_close(output, expected)
-    torch.testing.assert_close(h_n, expected_h)
-
 
 def test_leaky_update_mixes_old_state_and_elman_step_per_unit():
     layer = LeakyRNN(I, H, alpha_groups=[0.0, 0.5, 0.9, 1.0])
@@ -159,17 +165,6 @@ def test_learned_alpha_stays_in_bounds_under_a_huge_learning_rate():
 
 
 # --- SkipRNN -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_skip_with_delay_one_is_torch_rnn(nonlinearity):
-    layer = SkipRNN(I, H, delays=[1], nonlinearity=nonlinearity)
-    rnn = copy_into_rnn(layer, layer.weight_hh[0], nonlinearity)
-    x, hx = torch.randn(T, B, I), torch.randn(1, B, H)
-    output, h_n = layer(x, hx)
-    expected, expected_h = rnn(x, hx)
-    torch.testing.assert_close(output, expected)
-    torch.testing.assert_close(h_n, expected_h)
-
 
 def test_skip_matches_a_hand_written_loop_with_zero_history_before_hx():
     layer = build("skip")  # delays [1, 3]

@@ -1,6 +1,6 @@
-"""Copy memory, running parity and sequence generation: data layout, determinism, the per-step
-labelling objective, and the checks of a task's readout through the training pipeline (every model
-runs each task through train.py in tests/test_train.py)."""
+"""Copy memory, running parity and sequence generation: data layout, determinism (the adding problem's
+too, across DataLoader workers), the per-step labelling objective, and the checks of a task's readout
+through the training pipeline (every model runs each task through train.py in tests/test_train.py)."""
 import math
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from datamodules.adding import AddingProblemDataset
 from datamodules.synthetic import (CopyMemoryDataModule, CopyMemoryDataset, GenerationDataModule, ParityDataModule,
                                    ParityDataset, generation_waveform, memoryless_baseline)
 from lightning_modules.labelling import SequenceLabellingModule
@@ -81,11 +82,12 @@ def test_deterministic_and_split_dependent(make):
     assert not torch.equal(first.splits["train"][0][0], make(seed=4).splits["train"][0][0])
 
 
-def test_identical_across_dataloader_workers():
-    dataset = CopyMemoryDataset(20, 24, seed=1)
-    batches = [torch.cat([y for _, y in DataLoader(dataset, batch_size=8, num_workers=workers)])
-               for workers in (0, 2)]
-    torch.testing.assert_close(batches[0], batches[1])
+@pytest.mark.parametrize("dataset", [AddingProblemDataset(50, 40, seed=1), CopyMemoryDataset(20, 24, seed=1)],
+                         ids=["adding", "copy_memory"])
+def test_identical_across_dataloader_workers(dataset):
+    """Every sample is a function of (seed, split, index): two worker processes give the batches of one."""
+    single, workers = (list(DataLoader(dataset, batch_size=8, num_workers=count)) for count in (0, 2))
+    torch.testing.assert_close(workers, single)
 
 
 def test_generation_waveform():
