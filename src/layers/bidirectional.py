@@ -25,6 +25,13 @@ def stack_directions(forward_state, backward_state):
     return forward_state, backward_state
 
 
+def refuse_carried_state(state) -> None:
+    """A one-line ValueError unless ``state`` is None."""
+    if state is not None:
+        raise ValueError("Bidirectional layers take no carried state (state must be None): the backward "
+                         "direction of a continued sequence would need steps that have not been read yet")
+
+
 class Bidirectional(nn.Module):
     """Runs ``layer`` forwards and an independent copy of it backwards in time; concatenates outputs.
 
@@ -59,10 +66,17 @@ class Bidirectional(nn.Module):
         self.forward_layer = layer(input_size=input_size, hidden_size=hidden_size, batch_first=False, **kwargs)
         self.backward_layer = layer(input_size=input_size, hidden_size=hidden_size, batch_first=False, **kwargs)
 
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> None:
+        """None: a bidirectional layer always starts afresh (it takes no carried state)."""
+        return None
+
+    def reset_streams(self, state, restart: torch.Tensor):
+        """Only None (the start) can be restarted: a bidirectional layer's state is never carried."""
+        refuse_carried_state(state)
+        return None
+
     def forward(self, input: torch.Tensor, state=None):
-        if state is not None:
-            raise ValueError("Bidirectional layers take no carried state (state must be None): the backward "
-                             "direction of a continued sequence would need steps that have not been read yet")
+        refuse_carried_state(state)
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "Bidirectional")
         forward_out, forward_state = self.forward_layer(x)
         backward_out, backward_state = self.backward_layer(x.flip(0))

@@ -123,9 +123,10 @@ class ClockworkRNN(nn.Module):
         """Zero the blocks of W_h below the block diagonal (fast modules never feed slow ones)."""
         self.weight_hh.mul_(self.mask)
 
-    def initial_state(self, batch_size: int) -> ClockworkState:
-        """Zeros (1, batch_size, H) at clock time ``time_origin``."""
-        return ClockworkState(self.weight_hh.new_zeros(1, batch_size, self.hidden_size), self.time_origin)
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> ClockworkState:
+        """Zeros (1, batch_size, H) at clock time ``time_origin`` (dtype and device of ``like``, default W_h)."""
+        like = self.weight_hh if like is None else like
+        return ClockworkState(like.new_zeros(1, batch_size, self.hidden_size), self.time_origin)
 
     def forward(self, input: torch.Tensor, state: ClockworkState | torch.Tensor | None = None):
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "ClockworkRNN")

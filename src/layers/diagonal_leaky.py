@@ -92,6 +92,10 @@ class DiagonalLeakyRNN(nn.Module):
         """Leak rate per unit, shape (H,)."""
         return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
 
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros (1, batch_size, H) (dtype and device of ``like``, default the parameters)."""
+        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.hidden_size)
+
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "DiagonalLeakyRNN")
         h = initial_state(state, x.shape[1], self.hidden_size, unbatched, "DiagonalLeakyRNN", like=x)

@@ -73,9 +73,9 @@ class JordanRNN(nn.Module):
     def reset_parameters(self) -> None:
         init_uniform_((self.weight_ih, self.weight_fb, self.bias_h, self.weight_out, self.bias_out), self.hidden_size)
 
-    def initial_state(self, batch_size: int) -> torch.Tensor:
-        """Zeros (1, batch_size, O): no output fed back yet."""
-        return self.weight_ih.new_zeros(1, batch_size, self.output_size)
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros (1, batch_size, O): no output fed back yet (dtype and device of ``like``, default the parameters)."""
+        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.output_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "JordanRNN")

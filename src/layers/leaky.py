@@ -127,9 +127,9 @@ class LeakyRNN(nn.Module):
         """Leak rate per unit, shape (H,), in [0, 1] (fixed) or (0, 1) (learned)."""
         return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
 
-    def initial_state(self, batch_size: int) -> torch.Tensor:
-        """Zeros (1, batch_size, H)."""
-        return self.weight_ih.new_zeros(1, batch_size, self.hidden_size)
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros (1, batch_size, H) (dtype and device of ``like``, default the parameters)."""
+        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.hidden_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LeakyRNN")

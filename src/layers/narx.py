@@ -83,10 +83,11 @@ class NARX(nn.Module):
                 if param is not None:
                     nn.init.uniform_(param, -bound, bound)
 
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros: (y_past (p, batch_size, H), x_past (q, batch_size, I))."""
-        return (self.weight_out.new_zeros(self.output_delays, batch_size, self.hidden_size),
-                self.weight_out.new_zeros(self.input_delays, batch_size, self.input_size))
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros: (y_past (p, batch_size, H), x_past (q, batch_size, I)) (dtype and device of ``like``)."""
+        like = self.weight_out if like is None else like
+        return (like.new_zeros(self.output_delays, batch_size, self.hidden_size),
+                like.new_zeros(self.input_delays, batch_size, self.input_size))
 
     def _unpack(self, x: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
         batch, p, q = x.shape[1], self.output_delays, self.input_delays

@@ -88,9 +88,9 @@ class SkipRNN(nn.Module):
         """D = max(delays): the hidden states the layer's state keeps."""
         return max(self.delays)
 
-    def initial_state(self, batch_size: int) -> torch.Tensor:
-        """Zeros (D, batch_size, H)."""
-        return self.weight_ih.new_zeros(self.memory, batch_size, self.hidden_size)
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros (D, batch_size, H) (dtype and device of ``like``, default the parameters)."""
+        return (self.weight_ih if like is None else like).new_zeros(self.memory, batch_size, self.hidden_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "SkipRNN")

@@ -11,6 +11,7 @@ from src.batch import step_mask
 from src.checks import check_choice, check_fraction, check_positive_int
 from src.layers.bidirectional import Bidirectional
 from src.layers.common import apply_constraints
+from src.state import initial_state, reset_streams
 
 READOUTS = ("last", "mean", "all")
 LINEAR_INITS = ("default", "kaiming_normal", "kaiming_a8")
@@ -103,6 +104,21 @@ class SequenceNetwork(nn.Module):
     def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         raise NotImplementedError
 
+    @property
+    def recurrent_layers(self) -> list[nn.Module]:
+        """The recurrent layers in the order of the state's entries (one entry per layer)."""
+        raise NotImplementedError
+
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> list:
+        """One entry per recurrent layer: each layer's state before the first step (see :func:`src.state.initial_state`)."""
+        return [initial_state(layer, batch_size, like) for layer in self.recurrent_layers]
+
+    def reset_streams(self, state: list, restart: torch.Tensor) -> list:
+        """Layer by layer, the streams with ``restart`` (B,) bool start afresh (see :func:`src.state.reset_streams`)."""
+        layers = self.recurrent_layers
+        return [reset_streams(layer, entry, restart)
+                for layer, entry in zip(layers, layer_states(state, len(layers), type(self).__name__))]
+
     def forward(self, inputs: torch.Tensor, state: list | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         features, final_state = self.features(inputs, state)
@@ -164,6 +180,10 @@ class RecurrentNetwork(SequenceNetwork):
             input_size = output_width(self.layers[-1], hidden_size)
         self.dropout = TimeSharedDropout(dropout)
         self.head = init_linear_(nn.Linear(input_size, output_size), head_init)
+
+    @property
+    def recurrent_layers(self) -> list[nn.Module]:
+        return list(self.layers)
 
     def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         states = layer_states(state, len(self.layers), type(self).__name__)

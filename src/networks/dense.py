@@ -81,6 +81,15 @@ class DenseIndRNN(SequenceNetwork):
         """Recurrent layers, i.e. entries of the state: first + 2 per dense layer + transitions."""
         return 1 + 2 * sum(len(block) for block in self.blocks) + len(self.transitions)
 
+    @property
+    def recurrent_layers(self) -> list[nn.Module]:
+        """First layer; per dense layer its bottleneck, then the dense layer; each transition after its block."""
+        found = [self.first_layer]
+        for index, block in enumerate(self.blocks):
+            found += [layer for pair in block for layer in pair]
+            found += [self.transitions[index]] if index < len(self.transitions) else []
+        return found
+
     def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         initial = iter(layer_states(state, self.num_recurrent_layers, "DenseIndRNN"))
         final_states = []

@@ -57,6 +57,11 @@ class ResidualIndRNN(SequenceNetwork):
         for module in [self.input_fc, *(m for block in self.blocks for m in block if isinstance(m, nn.Linear))]:
             init_linear_(module, fc_init)
 
+    @property
+    def recurrent_layers(self) -> list[nn.Module]:
+        """Each block's two recurrences, then the last one."""
+        return [layer for block in self.blocks for layer in (block[0], block[2])] + [self.last]
+
     def features(self, inputs: torch.Tensor, state: list | None) -> tuple[torch.Tensor, list]:
         initial = iter(layer_states(state, 2 * len(self.blocks) + 1, "ResidualIndRNN"))
         final_states = []
