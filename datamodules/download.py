@@ -2,7 +2,8 @@
 
 Shared by every datamodule that downloads (MNIST, PTB, NTU). A file only ever appears under its
 final name complete and verified: it is streamed into a hidden temporary file in the same folder
-(``.{filename}.part-XXXX``) and renamed with ``os.replace``, which is atomic on one file system. So
+(``.{filename}.part-XXXX``) and renamed with ``os.replace``, which is atomic on one file system
+(storage/atomic.py, the project's one atomic write). So
 an interrupted or corrupt download never looks like a good file, and concurrent readers see either
 no file or the whole file.
 """
@@ -12,11 +13,12 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from storage.atomic import replace_atomically, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +148,12 @@ def download_file(filename: str, mirrors: list[str], md5: str | None, destinatio
     attempts: list[tuple[str, str]] = []
     for mirror in mirrors:
         url = str(mirror).rstrip("/") + "/" + filename
-        handle, part_name = tempfile.mkstemp(prefix=f".{filename}.part-", dir=destination_dir)
-        os.close(handle)
-        part = Path(part_name)
+        part = temporary_path(target)  # a folder that cannot be written is an OSError for the caller
         try:
             log.info("downloading %s", url)
-            _fetch(url, part, md5, timeout)
-            os.replace(part, target)  # atomic: the final name only ever holds a verified file
+            # The final name only ever holds a verified file; a failure or Ctrl-C removes the part file.
+            with replace_atomically(target, temporary=part):
+                _fetch(url, part, md5, timeout)
             log.info("saved %s", target)
             return target
         except (OSError, ValueError, http.client.HTTPException) as error:
@@ -160,9 +161,6 @@ def download_file(filename: str, mirrors: list[str], md5: str | None, destinatio
             # malformed URLs and our own size/checksum checks.
             attempts.append((url, _reason(error)))
             log.warning("mirror %s failed for %s: %s", mirror, filename, attempts[-1][1])
-        finally:
-            # Reached on failure and on interruption (KeyboardInterrupt); after os.replace it is gone.
-            part.unlink(missing_ok=True)
     raise DownloadError(filename, destination_dir, attempts, corrupt=corrupt)
 
 

@@ -37,7 +37,7 @@ Bad files never stop a conversion: each is skipped with a reason (:data:`REASONS
 the manifest and in the summary table printed at the end. The file is written under a hidden
 temporary name next to ``out`` and renamed when complete, so an interrupted run leaves no file that
 looks finished; the next run removes the leftover and starts again. One converter writes an output
-at a time: a lock file next to it (``.{name}.lock``, datamodules/filelock.py) refuses a second one in
+at a time: a lock file next to it (``.{name}.lock``, storage/lock.py) refuses a second one in
 one line naming the first, and a lock left by a killed converter is taken over.
 """
 from __future__ import annotations
@@ -58,10 +58,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from datamodules.filelock import FileLock, LockHeld
 from datamodules.ntu_skeleton import (MAX_BODIES, META_FIELDS, NUM_JOINTS, SkeletonFormatError, parse_sample_name,
                                        skeleton_array)
 from src.checks import check_choice, check_non_negative_int, check_positive_int
+from storage.atomic import replace_atomically
+from storage.lock import FileLock, LockHeld
 
 log = logging.getLogger(__name__)
 
@@ -315,33 +316,33 @@ def _convert_locked(sources: list, out: Path, tasks: list, found: list, skipped:
             leftover.unlink()
     start = time.time()
     try:
-        samples, total_frames = write_samples(partial, _results(tasks, workers), len(tasks), dtype, compression,
-                                              progress, skipped)
-        if not samples.names:
-            counts = ", ".join(f"{n} {reason}" for reason, n in _reason_counts(skipped).items())
-            example = next((f"e.g. {e['name']}: {e['detail']}" for e in skipped if e["reason"] != "excluded"), "")
-            raise ConvertError(f"raw: none of the {len(found)} .skeleton files under {', '.join(map(str, sources))} "
-                               f"could be converted ({counts}{'; ' + example if example else ''}); nothing written "
-                               f"to {out}: check that raw= is NTU RGB+D's skeleton data and that the files are intact "
-                               f"(download them again)")
-        manifest = {
-            "format": FORMAT, "converter_version": CONVERTER_VERSION,
-            "source": [str(Path(s).resolve()) for s in sources],
-            "options": {"dtype": dtype, "compression": compression, "min_body_frames": min_body_frames,
-                        "max_bodies": MAX_BODIES, "exclude": None if exclude is None else str(exclude)},
-            "counts": {"files": len(found), "samples": len(samples.names), "frames": total_frames,
-                       "skipped": len(skipped), **{reason: n for reason, n in _reason_counts(skipped).items()}},
-            "skipped": skipped,
-            "content": samples.content(),
-            "seconds": round(time.time() - start, 1),
-        }
-        with h5py.File(partial, "a") as h5:
-            h5.attrs["manifest"] = json.dumps(manifest)
-            h5.attrs["complete"] = True  # last: a file without it is never read
-        os.replace(partial, out)
+        # Atomic (storage/atomic.py): ``out`` appears only complete; Ctrl-C, a full disk, ... remove the partial file.
+        with replace_atomically(out, temporary=partial):
+            samples, total_frames = write_samples(partial, _results(tasks, workers), len(tasks), dtype, compression,
+                                                  progress, skipped)
+            if not samples.names:
+                counts = ", ".join(f"{n} {reason}" for reason, n in _reason_counts(skipped).items())
+                example = next((f"e.g. {e['name']}: {e['detail']}" for e in skipped if e["reason"] != "excluded"), "")
+                raise ConvertError(f"raw: none of the {len(found)} .skeleton files under "
+                                   f"{', '.join(map(str, sources))} could be converted ({counts}"
+                                   f"{'; ' + example if example else ''}); nothing written to {out}: check that raw= "
+                                   f"is NTU RGB+D's skeleton data and that the files are intact (download them again)")
+            manifest = {
+                "format": FORMAT, "converter_version": CONVERTER_VERSION,
+                "source": [str(Path(s).resolve()) for s in sources],
+                "options": {"dtype": dtype, "compression": compression, "min_body_frames": min_body_frames,
+                            "max_bodies": MAX_BODIES, "exclude": None if exclude is None else str(exclude)},
+                "counts": {"files": len(found), "samples": len(samples.names), "frames": total_frames,
+                           "skipped": len(skipped), **{reason: n for reason, n in _reason_counts(skipped).items()}},
+                "skipped": skipped,
+                "content": samples.content(),
+                "seconds": round(time.time() - start, 1),
+            }
+            with h5py.File(partial, "a") as h5:
+                h5.attrs["manifest"] = json.dumps(manifest)
+                h5.attrs["complete"] = True  # last: a file without it is never read
     except BaseException as error:
-        partial.unlink(missing_ok=True)  # Ctrl-C, a full disk, ...: no half file stays behind
-        Path(f"{partial}.frames").unlink(missing_ok=True)
+        Path(f"{partial}.frames").unlink(missing_ok=True)  # write_samples' side file, if it was interrupted
         if isinstance(error, OSError):  # writing failed (a full disk, a read-only folder): one line
             raise ConvertError(f"out: cannot write {partial} ({_reason(error)}); nothing was written: free space or "
                                f"choose out= elsewhere") from None

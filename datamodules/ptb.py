@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.download import DataError, DownloadError, download_file, ensure_files, md5sum
 from src.batch import SequenceBatch
+from storage.atomic import replace_atomically
 from src.checks import check_choice, check_fraction, check_int, check_positive_int
 
 LEVELS = ("word", "char")
@@ -305,17 +306,13 @@ class PTBDataModule(pl.LightningDataModule):
                     member = members.get(ARCHIVE_FOLDER + file_name)
                     if member is None or not member.isfile():
                         raise ValueError(f"{name} has no {ARCHIVE_FOLDER + file_name}")
-                    handle, part_name = tempfile.mkstemp(prefix=f".{file_name}.part-", dir=self.folder)
-                    part = Path(part_name)
-                    try:
-                        with os.fdopen(handle, "wb") as out, bundle.extractfile(member) as source:
-                            out.write(source.read())
+                    # Atomic (storage/atomic.py): only a verified file gets the name.
+                    with replace_atomically(self.folder / file_name) as part:
+                        with open(part, "wb") as out, bundle.extractfile(member) as source:
+                            shutil.copyfileobj(source, out)
                         expected = self.md5[file_name]
                         if expected is not None and md5sum(part) != expected.lower():
                             raise ValueError(f"{file_name} in {name}: md5 mismatch")
-                        os.replace(part, self.folder / file_name)  # atomic: only a verified file gets the name
-                    finally:
-                        part.unlink(missing_ok=True)
         finally:
             archive.unlink(missing_ok=True)  # the text files are all a run needs
 

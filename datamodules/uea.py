@@ -34,8 +34,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
-import tempfile
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from datamodules.download import DataError, ensure_files
 from datamodules.splits import SplitDataModule
 from datamodules.ts_format import TSData, read_ts
 from src.checks import check_choice, check_fraction, check_int
+from storage.atomic import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class UEADataModule(SplitDataModule):
 
     def _extract(self, archive: Path) -> None:
         """Write the zip's ``<Name>_TRAIN.ts`` and ``<Name>_TEST.ts`` into :attr:`folder`, each through a
-        temporary file and an atomic rename, after the zip's CRC-32 check."""
+        temporary file and an atomic rename (storage/atomic.py), after the zip's CRC-32 check."""
         try:
             with zipfile.ZipFile(archive) as bundle:
                 members = {Path(info.filename).name: info for info in bundle.infolist() if not info.is_dir()}
@@ -238,14 +238,9 @@ class UEADataModule(SplitDataModule):
                                     f"{', '.join(sorted(members)[:6]) or 'nothing'}); delete it and check task.dataset")
                 self.folder.mkdir(parents=True, exist_ok=True)
                 for name in wanted:
-                    handle, part = tempfile.mkstemp(prefix=f".{name}.part-", dir=self.folder)
-                    try:
-                        with os.fdopen(handle, "wb") as out, bundle.open(members[name]) as source:
-                            for block in iter(lambda: source.read(1 << 20), b""):
-                                out.write(block)  # reading to the end checks the member's CRC-32
-                        os.replace(part, self.folder / name)
-                    finally:
-                        Path(part).unlink(missing_ok=True)
+                    with replace_atomically(self.folder / name) as part:
+                        with open(part, "wb") as out, bundle.open(members[name]) as source:
+                            shutil.copyfileobj(source, out)  # reading to the end checks the member's CRC-32
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
             raise DataError(f"{archive}: not a valid zip ({error}); delete it to fetch it again") from None
 

@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.download import DataError
-from datamodules.filelock import FileLock, LockHeld
 from datamodules.idx import write_idx
 from datamodules.mnist import MNISTDataModule, TRAIN_LABELS
 from datamodules.ntu import NTUDataModule
@@ -37,6 +36,7 @@ from lightning_modules.classification import SequenceClassificationModule
 from lightning_modules.run import UserError, train
 from src.batch import SequenceBatch
 from src.networks import RecurrentNetwork
+from storage.lock import FileLock, LockHeld
 from tests.conftest import ROOT, compose_train, run_script
 from tests.mnist_files import write_tiny_mnist
 from tests.ntu_files import write_learnable_set
@@ -292,7 +292,7 @@ def test_a_second_converter_on_the_same_output_is_refused_and_leaves_the_first_a
     raw, _ = ntu
     out = tmp_path / "ntu.h5"
     # The first converter: another process, holding the lock while its partial file grows.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from datamodules.filelock import FileLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from storage.lock import FileLock; "
                                f"FileLock({str(lock_path(out))!r}, purpose='converting').acquire(); print('held', "
                                "flush=True); sys.stdin.read()"], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -326,8 +326,8 @@ def test_the_lock_names_its_holder_in_one_line_and_is_reusable(tmp_path):
 
 
 def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch):
-    import datamodules.filelock as filelock
-    monkeypatch.setattr(filelock, "fcntl", None)  # a file system without flock
+    import storage.lock
+    monkeypatch.setattr(storage.lock, "fcntl", None)  # a file system without flock
     path = tmp_path / "x.lock"
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = os.uname().nodename

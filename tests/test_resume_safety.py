@@ -195,12 +195,12 @@ def test_a_held_run_directory_refuses_a_second_process_naming_the_holder(finishe
 
 
 def test_a_stale_lock_file_without_flock_is_taken_over_by_its_dead_pid(tmp_path, monkeypatch):
-    import lightning_modules.run.lock as lock
+    import storage.lock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    monkeypatch.setattr(lock, "fcntl", None)  # a filesystem without flock: only the PID and host tell
+    monkeypatch.setattr(storage.lock, "fcntl", None)  # a filesystem without flock: only the PID and host tell
     assert not holder_alive(tmp_path)
     assert acquire(tmp_path)
     release(tmp_path)
