@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import src.kernels.indrnn_scan as scan_module
+import src.kernels.indrnn_scan.chunk_cpu as scan_module
 from src.kernels import (SCAN_MAX_COLUMNS, SCAN_MIN_STEPS, SCAN_MIN_THREADS, indrnn_recurrence, numba_available,
                          prefer_scan)
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU
@@ -263,7 +263,7 @@ INTERPRETER_SCRIPT = """
 import sys
 import torch
 from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU
-from src.kernels.indrnn_scan_triton import IndRNNScanTriton
+from src.kernels.indrnn_scan.chunk_triton import IndRNNScanTriton
 from tests.test_kernels_scan import assert_equal, outputs_and_gradients, recurrence_inputs
 # (activation, grad_clip, T, B, H, with_h0). Tiles of 4 steps x 8 columns, chunks of 8 steps under the
 # interpreter: T = 9 is 2 chunks and a ragged tile, B*H = 12 or 18 a ragged column block.
@@ -328,7 +328,7 @@ def test_benchmark_stream_shape_set_runs_the_indrnn_kernels_side_by_side():
 def test_triton_scan_kernels_compile_for_sm90_without_spills():
     # The interpreter checks the arithmetic; this builds the compiled path for an H100/H200 with the
     # tiles the launches use, float32 and float64, every activation/clipping branch.
-    from src.kernels import indrnn_scan_triton as kernels
+    from src.kernels.indrnn_scan import chunk_triton as kernels
     from tests.test_kernels_triton import _compile_for_hopper
 
     pointers = lambda names, dtype: {name: f"*{dtype}" for name in names}  # noqa: E731
@@ -336,24 +336,18 @@ def test_triton_scan_kernels_compile_for_sm90_without_spills():
     for dtype, double in (("fp32", False), ("fp64", True)):
         for activation, clip in ((0, True), (0, False), (2, True), (2, False)):
             tiles = {"DOUBLE": double, "BLOCK_T": kernels.BLOCK_T, "BLOCK_H": kernels.BLOCK_H}
-            cases = {
-                "forward compose": (kernels._forward_compose_kernel, {
-                    **pointers(["z_ptr", "u_ptr", "maps_ptr"], dtype), **sizes, "CHUNK_STRIDE": "i64"},
-                    {"ACTIVATION": activation, **tiles}),
-                "carry": (kernels._carry_kernel, {
-                    **pointers(["maps_ptr", "first_ptr", "states_ptr"], dtype), "BH": "i32", "chunks": "i32",
-                    "last_chunk": "i32", "CHUNK_STRIDE": "i64"}, {"REVERSE": clip, "DOUBLE": double, "BLOCK": 128}),
-                "forward apply": (kernels._forward_apply_kernel, {
-                    **pointers(["z_ptr", "u_ptr", "states_ptr", "out_ptr"], dtype), **sizes},
-                    {"ACTIVATION": activation, **tiles}),
-                "backward compose": (kernels._backward_compose_kernel, {
-                    **pointers(["grad_ptr", "out_ptr", "u_ptr", "maps_ptr"], dtype), **sizes,
-                    "CHUNK_STRIDE": "i64", "clip": "fp32"}, {"ACTIVATION": activation, "CLIP": clip, **tiles}),
-                "backward apply": (kernels._backward_apply_kernel, {
-                    **pointers(["grad_ptr", "out_ptr", "u_ptr", "h0_ptr", "states_ptr", "grad_z_ptr", "grad_u_ptr",
-                                "grad_h0_ptr"], dtype), **sizes, "clip": "fp32"},
-                    {"ACTIVATION": activation, "CLIP": clip, **tiles}),
-            }
+            flags = {"ACTIVATION": activation, "CLIP": clip, **tiles}
+            buffers = pointers(["src_ptr", "out_ptr", "u_ptr", "maps_ptr"], dtype)
+            cases = {"carry": (kernels._carry_kernel, {
+                **pointers(["maps_ptr", "first_ptr", "states_ptr"], dtype), "BH": "i32", "chunks": "i32",
+                "last_chunk": "i32", "CHUNK_STRIDE": "i64"}, {"REVERSE": clip, "DOUBLE": double, "BLOCK": 128})}
+            for backward in (False, True):
+                direction = "backward" if backward else "forward"
+                cases[f"{direction} compose"] = (kernels._compose_kernel, {
+                    **buffers, **sizes, "CHUNK_STRIDE": "i64", "clip": "fp32"}, {**flags, "BACKWARD": backward})
+                cases[f"{direction} apply"] = (kernels._apply_kernel, {
+                    **pointers(["src_ptr", "out_ptr", "u_ptr", "h0_ptr", "states_ptr", "result_ptr", "grad_u_ptr",
+                                "grad_h0_ptr"], dtype), **sizes, "clip": "fp32"}, {**flags, "BACKWARD": backward})
             for name, (kernel, signature, constexprs) in cases.items():
                 _, spills = _compile_for_hopper(kernel, signature, constexprs, kernels.NUM_WARPS)
                 assert spills == 0, f"{name} {dtype} activation {activation} clip {clip}: {spills} bytes spilled"

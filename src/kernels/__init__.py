@@ -13,9 +13,9 @@ code's per-step recurrent clipping), identically in every backend. Backends:
   (float32, bfloat16, float16 with a float32 state).
 * ``"scan"``: the clamp-affine scan, parallel over time as well (relu and identity; tanh has no
   scan and runs on the sequential kernel, with a warning): on CPU
-  :class:`src.kernels.indrnn_scan.IndRNNScanCPU` (threads along time), on CUDA
-  :class:`src.kernels.indrnn_scan_triton.IndRNNScanTriton`, else (no numba/triton, other dtypes)
-  the log-depth scan in plain PyTorch, :class:`src.kernels.indrnn_scan.IndRNNScanTorch`.
+  :class:`src.kernels.indrnn_scan.chunk_cpu.IndRNNScanCPU` (threads along time), on CUDA
+  :class:`src.kernels.indrnn_scan.chunk_triton.IndRNNScanTriton`, else (no numba/triton, other dtypes)
+  the log-depth scan in plain PyTorch, :class:`src.kernels.indrnn_scan.naive.IndRNNScanTorch`.
 * ``"auto"``: the fused CPU kernel for CPU tensors; on CUDA the Triton kernel where triton is
   installed and the dtype is supported, else the reference loop. On CPU with 4 threads or more,
   "auto" takes the scan for long sequences with few columns (:func:`prefer_scan`), where the
@@ -24,7 +24,7 @@ code's per-step recurrent clipping), identically in every backend. Backends:
 ``indrnn_linear_recurrence(x, weight, bias, u, h0, ...)`` adds the input projection: on the
 ``"cpu"`` backend with few inputs (I <= 8, relu or identity) projection and recurrence run as one
 kernel (:mod:`src.kernels.indrnn_linear_cpu`; on ``"scan"``
-:class:`src.kernels.indrnn_scan.IndRNNLinearScanCPU`), else as ``F.linear`` followed by the recurrence.
+:class:`src.kernels.indrnn_scan.chunk_linear_cpu.IndRNNLinearScanCPU`), else as ``F.linear`` followed by the recurrence.
 
 ``clockwork_recurrence(x, weight_ih, bias, weight_hh, h0, periods, ...)`` is the Clockwork RNN
 (:mod:`src.kernels.clockwork`) with the same vocabulary: ``"auto"`` and ``"fused"`` (its
@@ -46,7 +46,7 @@ from src.kernels.indrnn_cpu import IndRNNRecurrenceCPU, numba_available
 from src.kernels.indrnn_linear_cpu import IndRNNLinearRecurrenceCPU, fused_projection_applies
 from src.kernels.indrnn_scan import (IndRNNLinearScanCPU, IndRNNScanCPU, IndRNNScanTorch, cpu_scan_applies,
                                      parallel_threads, scan_applies)
-from src.kernels.indrnn_scan_triton import IndRNNScanTriton, triton_scan_applies
+from src.kernels.indrnn_scan.chunk_triton import IndRNNScanTriton, triton_scan_applies
 from src.kernels.indrnn_triton import SUPPORTED_DTYPES as TRITON_DTYPES
 from src.kernels.indrnn_triton import IndRNNRecurrenceTriton, triton_available
 from src.kernels.reference import ACTIVATIONS, check_grad_clip, indrnn_recurrence_reference

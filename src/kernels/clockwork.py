@@ -223,10 +223,10 @@ class ClockworkFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight_ih, weight, states = ctx.saved_tensors
-        pattern_of_step, patterns = ctx.schedule
         steps, batch, hidden = grad_out.shape
         module_size = hidden // len(ctx.periods)
+        x, weight_ih, weight, states = ctx.saved_tensors
+        pattern_of_step, patterns = ctx.schedule
         # (module, its rows lo:hi, the steps it ran at) for every module that ran at least once.
         groups = []
         for i, period in enumerate(ctx.periods):

@@ -54,12 +54,14 @@ if numba is not None:
     # the loop over units and constants take the array's dtype (a float64 literal would force
     # float32 -> float64), so that LLVM vectorises the innermost loop.
     @numba.njit(cache=True, nogil=True)
-    def _numba_forward(z, u, h0, activation, out):  # pragma: no cover - compiled
-        """relu (0) or identity (2); tanh's forward pass runs as PyTorch steps (see IndRNNRecurrenceCPU)."""
-        steps, batch, hidden = z.shape
+    def forward_steps(z, u, h_in, activation, start, stop, out):  # pragma: no cover - compiled
+        """out[t] = act(z[t] + u * out[t-1]) for start <= t < stop, from out[start-1] = h_in (B, H); relu (0)
+        or identity (2): tanh's forward pass runs as PyTorch steps (see IndRNNRecurrenceCPU). The scan
+        (src/kernels/indrnn_scan/chunk_cpu.py) runs its pieces with it, so both round alike."""
+        batch, hidden = z.shape[1], z.shape[2]
         zero = z.dtype.type(0)
-        for t in range(steps):
-            previous = out[t - 1] if t > 0 else h0
+        for t in range(start, stop):
+            previous = out[t - 1] if t > start else h_in
             for b in range(batch):
                 z_t, h_t, h_prev = z[t, b], out[t, b], previous[b]
                 for j in range(hidden):
@@ -112,36 +114,60 @@ if numba is not None:
                     sink += h_t[j] + g_t[j] + d_t[j]
         return sink
 
+    @numba.njit(inline="always")
+    def block_bottom(top, start, columns):  # pragma: no cover - compiled
+        """The first step of the backward block that ends before step ``top``: blocks of about
+        WARM_ELEMENTS values (steps x B*H), walked from the last step down (see warm_block)."""
+        return max(start, top - max(1, WARM_ELEMENTS // max(1, columns)))
+
+    @numba.njit(inline="always")
+    def step_rows(grad_out, batch_major, out, h0, t, b):  # pragma: no cover - compiled
+        """(g_t, h_t, h_{t-1}) of batch row b: the incoming gradient (read in its own layout), the output
+        and the state before the step (h0 at t = 0), each (H,)."""
+        g_t = grad_out[b, t] if batch_major else grad_out[t, b]
+        return g_t, out[t, b], (out[t - 1, b] if t > 0 else h0[b])
+
+    @numba.njit(inline="always")
+    def carry_into(delta_next, u, delta_first):  # pragma: no cover - compiled
+        """u * delta_next (B, H): what the step below a piece receives from above; ``delta_first`` starts as
+        delta_next (what an empty piece leaves)."""
+        carry = np.empty_like(delta_next)
+        for b in range(carry.shape[0]):
+            for j in range(carry.shape[1]):
+                carry[b, j] = delta_next[b, j] * u[j]
+                delta_first[b, j] = delta_next[b, j]
+        return carry
+
     # One pass over units per (step, row) that does everything, rather than one pass per quantity:
     # the work per element is a few FLOPs, so extra passes cost as much as the arithmetic (9.2 ms
     # -> 6.4 ms at T=784, B=64, H=128). The activation test is loop-invariant and hoisted by LLVM.
     @numba.njit(cache=True, nogil=True)
-    def _numba_backward(grad_out, grad_batch_major, out, u, h0, activation, clip, grad_z, grad_u,
-                        grad_h0):  # pragma: no cover - compiled
-        steps, batch, hidden = out.shape
+    def backward_steps(grad_out, batch_major, out, u, h0, activation, clip, start, stop, delta_next, grad_z,
+                       partial_u, delta_first):  # pragma: no cover - compiled
+        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H):
+        writes grad_z[t] = delta_t, adds delta_t h_{t-1} into ``partial_u`` (B, H) and leaves delta_start
+        in ``delta_first`` (B, H). The whole sequence is start = 0, stop = T, delta_next = 0; the scan runs
+        its pieces with it."""
+        batch, hidden = out.shape[1], out.shape[2]
         zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
-        carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
-        partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # sum over t of delta_t * h_{t-1}
-        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
+        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
         sink = zero
-        stop = steps
-        while stop > 0:  # blocks of steps from the last down, each warmed upwards first (see warm_block)
-            start = max(0, stop - block)
-            sink += warm_block(grad_out, grad_batch_major, out, grad_z, start, stop)
-            for t in range(stop - 1, start - 1, -1):
-                previous = out[t - 1] if t > 0 else h0
+        top = stop
+        while top > start:  # blocks of steps from the last down, each warmed upwards first (see warm_block)
+            bottom = block_bottom(top, start, batch * hidden)
+            sink += warm_block(grad_out, batch_major, out, grad_z, bottom, top)
+            for t in range(top - 1, bottom - 1, -1):
                 for b in range(batch):
-                    g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
-                    h_t, d_t, c_b = out[t, b], grad_z[t, b], carry[b]
-                    h_prev, p_b = previous[b], partial_u[b]
+                    g_t, h_t, h_prev = step_rows(grad_out, batch_major, out, h0, t, b)
+                    d_t, c_b, p_b = grad_z[t, b], carry[b], partial_u[b]
                     for j in range(hidden):
                         delta = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
                         d_t[j] = delta
                         p_b[j] += delta * h_prev[j]
                         c_b[j] = delta * u[j]
-            stop = start
-        grad_h0[:] = carry
-        grad_u[:] = partial_u.sum(axis=0)
+            top = bottom
+        if stop > start:
+            delta_first[:] = grad_z[start]
         return sink
 
 
@@ -218,7 +244,7 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
                 # forward pass runs as PyTorch steps (22 ms); the backward pass needs no tanh.
                 _torch_forward(*(torch.from_numpy(a) for a in (z_array, u_array, h0_array)), code, out)
             else:
-                _numba_forward(z_array, u_array, h0_array, code, out.numpy())
+                forward_steps(z_array, u_array, h0_array, code, 0, z_array.shape[0], out.numpy())
         else:
             z, u, h0 = z.contiguous(), u.contiguous(), h0.contiguous()
             out = torch.empty_like(z)
@@ -234,9 +260,11 @@ class IndRNNRecurrenceCPU(torch.autograd.Function):
         out, u, h0 = ctx.saved_tensors
         if ctx.numba_path:
             out_array, u_array, h0_array = out.numpy(), contiguous_array(u), contiguous_array(h0)
-            grad_z, grad_u, grad_h0 = (torch.from_numpy(np.empty_like(a)) for a in (out_array, u_array, h0_array))
-            _numba_backward(*gradient_rows(grad_out), out_array, u_array, h0_array,
-                            ctx.activation_code, ctx.clip, grad_z.numpy(), grad_u.numpy(), grad_h0.numpy())
+            grad_z, partial_u, delta_first = np.empty_like(out_array), np.zeros_like(h0_array), np.empty_like(h0_array)
+            backward_steps(*gradient_rows(grad_out), out_array, u_array, h0_array, ctx.activation_code, ctx.clip,
+                           0, out_array.shape[0], np.zeros_like(h0_array), grad_z, partial_u, delta_first)
+            grad_z, grad_u, grad_h0 = (torch.from_numpy(a) for a in (grad_z, partial_u.sum(axis=0),
+                                                                     delta_first * u_array))
         else:
             grad_out = grad_out.contiguous()
             grad_z, grad_u, grad_h0 = torch.empty_like(out), torch.empty_like(u), torch.empty_like(h0)

@@ -21,7 +21,7 @@ from src.kernels.indrnn_cpu import (ACTIVATION_CODES, NUMBA_DTYPES, clip_code, c
                                      numba, numba_available)
 
 if numba is not None:
-    from src.kernels.indrnn_cpu import WARM_ELEMENTS, delta_of, warm_block
+    from src.kernels.indrnn_cpu import block_bottom, carry_into, delta_of, step_rows, warm_block
 
 FUSED_ACTIVATIONS = ("relu", "identity")
 # Above this many inputs a separate BLAS projection is faster than the fused per-element loops.
@@ -35,12 +35,14 @@ if numba is not None:
     _FAST = {"reassoc", "contract"}
 
     @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-    def _linear_forward(x, weight_t, bias, u, h0, activation, out):  # pragma: no cover - compiled
-        steps, batch, inputs = x.shape
+    def linear_forward_steps(x, weight_t, bias, u, h_in, activation, start, stop, out):  # pragma: no cover
+        """out[t] = act(W x[t] + b + u * out[t-1]) for start <= t < stop, from out[start-1] = h_in (B, H);
+        x (T, B, I), weight_t = W^T (I, H), bias (H,). The scan runs its pieces with it."""
+        batch, inputs = x.shape[1], x.shape[2]
         hidden = u.shape[0]
         zero = out.dtype.type(0)
-        for t in range(steps):
-            previous = out[t - 1] if t > 0 else h0
+        for t in range(start, stop):
+            previous = out[t - 1] if t > start else h_in
             for b in range(batch):
                 h_t, h_prev, x_tb = out[t, b], previous[b], x[t, b]
                 for j in range(hidden):
@@ -54,28 +56,25 @@ if numba is not None:
                         h_t[j] = max(h_t[j], zero)
 
     @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-    def _linear_backward(grad_out, grad_batch_major, out, x, weight_t, u, h0, activation, clip,
-                         grad_x, grad_weight_t, grad_bias, grad_u, grad_h0):  # pragma: no cover - compiled
-        steps, batch, hidden = out.shape
+    def linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, start, stop,
+                              delta_next, grad_x, partial_w, partial_b, partial_u, delta_first):  # pragma: no cover
+        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H): writes
+        grad_x[t] = W^T delta_t; adds delta_t x_t^T into partial_w (B, I, H), delta_t into partial_b and
+        delta_t h_{t-1} into partial_u (B, H); leaves delta_start in ``delta_first`` (B, H)."""
+        batch, hidden = out.shape[1], out.shape[2]
         inputs = x.shape[2]
         zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
-        carry = np.zeros((batch, hidden), dtype=out.dtype)      # u * delta_{t+1}
-        partial_u = np.zeros((batch, hidden), dtype=out.dtype)  # per-row sums, reduced at the end
-        partial_b = np.zeros((batch, hidden), dtype=out.dtype)
-        partial_w = np.zeros((batch, inputs, hidden), dtype=out.dtype)
+        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
         delta = np.empty(hidden, dtype=out.dtype)
-        block = max(1, WARM_ELEMENTS // max(1, batch * hidden))
         sink = zero
-        stop = steps
-        while stop > 0:  # blocks of steps from the last down, each warmed upwards first (see indrnn_cpu)
-            start = max(0, stop - block)
-            sink += warm_block(grad_out, grad_batch_major, out, out, start, stop)
-            for t in range(stop - 1, start - 1, -1):
-                previous = out[t - 1] if t > 0 else h0
+        top = stop
+        while top > start:  # as indrnn_cpu.backward_steps: blocks from the last step down, each warmed first
+            bottom = block_bottom(top, start, batch * hidden)
+            sink += warm_block(grad_out, batch_major, out, out, bottom, top)
+            for t in range(top - 1, bottom - 1, -1):
                 for b in range(batch):
-                    g_t = grad_out[b, t] if grad_batch_major else grad_out[t, b]
-                    h_t, c_b = out[t, b], carry[b]
-                    h_prev, p_u, p_b = previous[b], partial_u[b], partial_b[b]
+                    g_t, h_t, h_prev = step_rows(grad_out, batch_major, out, h0, t, b)
+                    c_b, p_u, p_b = carry[b], partial_u[b], partial_b[b]
                     for j in range(hidden):  # one pass for everything that needs no input (see indrnn_cpu)
                         d_j = delta_of(g_t[j], c_b[j], h_t[j], activation, zero, one, clip)
                         delta[j] = d_j
@@ -90,11 +89,9 @@ if numba is not None:
                             total += delta[j] * w_i[j]
                             p_w[j] += delta[j] * x_i
                         g_x[i] = total
-            stop = start
-        grad_h0[:] = carry
-        grad_u[:] = partial_u.sum(axis=0)
-        grad_bias[:] = partial_b.sum(axis=0)
-        grad_weight_t[:] = partial_w.sum(axis=0)
+                    if t == start:
+                        delta_first[b] = delta
+            top = bottom
         return sink
 
 
@@ -120,7 +117,8 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
         steps, batch = x.shape[:2]
         # numpy's allocator asks for huge pages: first-touch faults would otherwise cost as much as the loop.
         out = torch.from_numpy(np.empty((steps, batch, u_array.shape[0]), dtype=u_array.dtype))
-        _linear_forward(x_array, weight_t, bias_array, u_array, h0_array, ACTIVATION_CODES[activation], out.numpy())
+        linear_forward_steps(x_array, weight_t, bias_array, u_array, h0_array, ACTIVATION_CODES[activation], 0, steps,
+                             out.numpy())
         ctx.save_for_backward(x, weight, u, h0, out)
         ctx.activation_code, ctx.has_bias = ACTIVATION_CODES[activation], bias is not None
         ctx.clip = clip_code(grad_clip)
@@ -130,10 +128,11 @@ class IndRNNLinearRecurrenceCPU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, u, h0, out = ctx.saved_tensors
         x_array, weight_t, u_array, h0_array = (contiguous_array(t) for t in (x, weight.t(), u, h0))
-        grad_x, grad_weight_t = np.empty_like(x_array), np.empty_like(weight_t)
-        grad_bias, grad_u, grad_h0 = np.empty_like(u_array), np.empty_like(u_array), np.empty_like(h0_array)
-        _linear_backward(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array,
-                         ctx.activation_code, ctx.clip, grad_x, grad_weight_t, grad_bias, grad_u, grad_h0)
-        return (torch.from_numpy(grad_x), torch.from_numpy(grad_weight_t).t(),
-                torch.from_numpy(grad_bias) if ctx.has_bias else None,
-                torch.from_numpy(grad_u), torch.from_numpy(grad_h0), None, None)
+        grad_x, partial_w = np.empty_like(x_array), np.zeros((h0_array.shape[0],) + weight_t.shape, dtype=u_array.dtype)
+        partial_b, partial_u, delta_first = np.zeros_like(h0_array), np.zeros_like(h0_array), np.empty_like(h0_array)
+        linear_backward_steps(*gradient_rows(grad_out), out.numpy(), x_array, weight_t, u_array, h0_array,
+                              ctx.activation_code, ctx.clip, 0, x_array.shape[0], np.zeros_like(h0_array), grad_x,
+                              partial_w, partial_b, partial_u, delta_first)
+        return (torch.from_numpy(grad_x), torch.from_numpy(partial_w.sum(axis=0)).t(),
+                torch.from_numpy(partial_b.sum(axis=0)) if ctx.has_bias else None,
+                torch.from_numpy(partial_u.sum(axis=0)), torch.from_numpy(delta_first * u_array), None, None)

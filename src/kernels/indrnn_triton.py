@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from src.kernels.function import RecurrenceFunction
 from src.kernels.reference import ACTIVATIONS
 
 try:  # triton is optional: CPU-only installs never load this backend.
@@ -262,7 +263,7 @@ def _check_inputs(z, u, h0, activation: str) -> None:
         raise ValueError(f"the Triton IndRNN kernel runs on CUDA tensors, got device {z.device}")
 
 
-class IndRNNRecurrenceTriton(torch.autograd.Function):
+class IndRNNRecurrenceTriton(RecurrenceFunction):
     """Fused h_t = act(z_t + u * h_{t-1}) on CUDA; see the module docstring for the backward pass.
 
     ``IndRNNRecurrenceTriton.apply(z, u, h0, activation, grad_clip=None)`` with z (T, B, H), u (H,),
@@ -270,20 +271,8 @@ class IndRNNRecurrenceTriton(torch.autograd.Function):
     dtype; ``grad_clip`` c clamps dL/da_t to [-c, c] at every step of the backward pass.
     """
 
-    @staticmethod
-    def forward(ctx, z, u, h0, activation: str, grad_clip: float | None = None):
-        _check_inputs(z, u, h0, activation)
-        code = ACTIVATION_CODES[activation]
-        z, u, h0 = z.detach().contiguous(), u.detach().contiguous(), h0.detach().contiguous()
-        out = _launch_forward(z, u, h0, code)
-        ctx.save_for_backward(out, u, h0)
-        ctx.activation_code, ctx.grad_clip = code, grad_clip
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        out, u, h0 = ctx.saved_tensors
-        grad_z, grad_u, grad_h0 = _launch_backward(grad_out.contiguous(), out, u, h0, ctx.activation_code,
-                                                   ctx.grad_clip)
-        return grad_z, grad_u, grad_h0, None, None
+    check = staticmethod(_check_inputs)
+    run_forward = staticmethod(lambda z, u, h0, activation: _launch_forward(
+        z.contiguous(), u.contiguous(), h0.contiguous(), ACTIVATION_CODES[activation]))
+    run_backward = staticmethod(lambda grad_out, out, u, h0, activation, grad_clip: _launch_backward(
+        grad_out.contiguous(), out, u.contiguous(), h0.contiguous(), ACTIVATION_CODES[activation], grad_clip))
