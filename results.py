@@ -1,63 +1,86 @@
-"""Gather a sweep (or any folder of runs) into one table: `python results.py outputs/multirun/DATE/TIME`.
+"""Gather a sweep (or any folder of runs) into one table: `python results.py dir=outputs/multirun/DATE/TIME`.
 
 Prints a markdown table of every run (overrides, status, final metrics, the paper's number and the
 difference, parameters, steps, seconds), the mean ± std over seeds per configuration, and the runs
 that failed or diverged with their error line. Writes DIR/results_table.{csv,json} and, with
---plot, learning curves DIR/curves_<metric>.png read from the TensorBoard events (--out: elsewhere).
+plot=TAG,TAG, learning curves DIR/curves_<tag>.png read from the TensorBoard events (out=: elsewhere).
 A folder that cannot be written still gets its table printed, then one line (exit status 1).
 
-`python results.py --paper DIR [DIR ...]` writes REPRODUCTIONS.md instead (in --out, default the
+`python results.py paper=true dir=DIR[,DIR...]` writes REPRODUCTIONS.md instead (in out=, default the
 current folder): every recipe of conf/experiment with a paper target, the paper's figure and ours.
+
+key=value arguments as every entry point (lightning_modules/cli.py); the tables are built by
+lightning_modules/report.py and lightning_modules/reproductions.py.
 """
-import argparse
 import sys
 from pathlib import Path
 
-from lightning_modules.report import ReportNotWritten, build_report, plot_curves, write_report
+from lightning_modules.cli import CommandLineError, Option, as_bool, as_optional_str, help_text, parse, wants_help
+
+COMMAND = "results.py"
+SUMMARY = "One table of the runs under a folder (a sweep, a run, any tree of runs), or REPRODUCTIONS.md."
+OPTIONS = (
+    Option("dir", None, "a sweep folder, a run directory or any folder of runs (paper=true: several, comma-separated)",
+           required=True, metavar="DIR[,DIR...]"),
+    Option("group_by", None, "override keys to group by, e.g. model,model.hidden_size (default: every override "
+                             "that varies except seed)", as_optional_str, metavar="KEY[,KEY...]"),
+    Option("metrics", None, "metric columns, e.g. test/acc,val/acc_best (default: test/* and best val/*)",
+           as_optional_str, metavar="A[,B...]"),
+    Option("plot", None, "learning curves of these TensorBoard scalars, e.g. val/mse,train/loss", as_optional_str,
+           metavar="TAG[,TAG...]"),
+    Option("out", None, "where the CSV/JSON/PNG files (or REPRODUCTIONS.md) go (default: DIR; paper=true: the "
+                        "current folder)", as_optional_str, metavar="DIR"),
+    Option("paper", False, "true: write REPRODUCTIONS.md, every paper recipe, the paper's figure and ours", as_bool),
+)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", type=Path, nargs="+",
-                        help="a sweep folder, a run directory, or any folder of runs (--paper: several)")
-    parser.add_argument("--group-by", action="append", default=None, metavar="KEY",
-                        help="an override key (e.g. model, model.hidden_size); repeat or comma-separate for "
-                             "several; default: every override that varies except seed")
-    parser.add_argument("--metrics", default=None, metavar="A,B",
-                        help="metric columns, e.g. test/acc,val/acc_best (default: test/* and best val/*)")
-    parser.add_argument("--plot", default=None, metavar="TAG,TAG",
-                        help="learning curves of these TensorBoard scalars, e.g. val/mse,train/loss")
-    parser.add_argument("--out", type=Path, default=None, help="where the CSV/JSON/PNG files go (default: DIR)")
-    parser.add_argument("--paper", action="store_true",
-                        help="write REPRODUCTIONS.md: every paper recipe, the paper's figure and ours from the runs")
-    args = parser.parse_args(argv)
-    if args.paper:
-        return paper_table(args.dir, args.out)
-    if len(args.dir) > 1:
-        parser.error("one DIR (several only with --paper)")
-    args.dir = args.dir[0]
-    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    group_by = [key for item in args.group_by for key in split(item)] if args.group_by else None
+def items(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; None -> []."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``results.py`` command: 0 on success, 1 when the files cannot be written, 2 on bad arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or wants_help(argv):
+        print(help_text(COMMAND, SUMMARY, OPTIONS))
+        return 0 if argv else 2
+    from lightning_modules.report import ReportNotWritten, build_report, plot_curves, write_report
+
     try:
-        text, files = build_report(args.dir, group_by=group_by, metrics=split(args.metrics) if args.metrics else None,
-                                   out_dir=args.out)
+        args = parse(argv, OPTIONS, COMMAND, bare_means="dir")
+        dirs = [Path(folder) for folder in items(args["dir"])]
+        out = Path(args["out"]) if args["out"] else None
+        if args["paper"]:
+            return paper_table(dirs, out)
+        if len(dirs) != 1:
+            raise CommandLineError(f"dir={args['dir']}: one folder (several only with paper=true)")
+        target = dirs[0]
+        text, files = build_report(target, group_by=items(args["group_by"]) or None,
+                                   metrics=items(args["metrics"]) or None, out_dir=out)
         print(text, flush=True)
         write_report(files)
-        if args.plot:
-            for path in plot_curves(args.dir, split(args.plot), out_dir=args.out):
+        if args["plot"]:
+            for path in plot_curves(target, items(args["plot"]), out_dir=out):
                 print(f"plot: {path}")
-    except ValueError as err:
+    except ValueError as err:  # CommandLineError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ReportNotWritten as err:
-        print(f"error: the files could not be written: {err.folder} is not writable ({err.strerror}); choose "
-              f"another folder with --out DIR", file=sys.stderr)
-        return 1
+        return not_written("the files", err)
     return 0
 
 
+def not_written(what: str, err) -> int:
+    """One line for a :class:`~lightning_modules.report.ReportNotWritten`; exit status 1."""
+    print(f"error: {what} could not be written: {err.folder} is not writable ({err.strerror}); choose another "
+          f"folder with out=DIR", file=sys.stderr)
+    return 1
+
+
 def paper_table(dirs: list[Path], out: Path | None) -> int:
+    """``paper=true``: write REPRODUCTIONS.md into ``out`` (default: the current folder)."""
+    from lightning_modules.report import ReportNotWritten
     from lightning_modules.reproductions import write_reproductions
 
     target = (out or Path.cwd()) / "REPRODUCTIONS.md"
@@ -67,9 +90,7 @@ def paper_table(dirs: list[Path], out: Path | None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ReportNotWritten as err:
-        print(f"error: {target} could not be written: {err.folder} is not writable ({err.strerror}); choose "
-              f"another folder with --out DIR", file=sys.stderr)
-        return 1
+        return not_written(str(target), err)
     print(text, flush=True)
     print(f"written: {path}")
     return 0

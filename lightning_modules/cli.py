@@ -1,7 +1,7 @@
 """The command-line convention of every entry point: ``key=value`` arguments, as Hydra's.
 
 train.py and eval.py take Hydra's overrides (``python train.py model=lstm trainer=cpu``, ``--help``);
-the small entry points (generate.py, prepare_ntu.py) take the same shape through :func:`parse`:
+the small entry points (generate.py, prepare_ntu.py, results.py) take the same shape through :func:`parse`:
 
 * every argument is ``key=value``; a value is taken as written (``ckpt_path=best.ckpt`` keeps its
   dot; OmegaConf's command-line parser would read it as a nested key) and converted by its option;
@@ -102,7 +102,9 @@ def parse(argv: Sequence[str], options: Sequence[Option], command: str, bare_mea
     for argument in argv:
         key, equals, value = argument.partition("=")
         if not equals:
-            hint = f"did you mean {bare_means}={argument}? " if bare_means else ""
+            flag = argument.lstrip("-").replace("-", "_")  # an argparse habit: --group-by -> group_by=...
+            hint = (f"did you mean {flag}=...? " if argument.startswith("-") and flag in by_key else
+                    f"did you mean {bare_means}={argument}? " if bare_means else "")
             raise CommandLineError(f"{argument!r} is not key=value; {hint}{command} accepts {accepted(options)} "
                                    f"(python {command} --help)")
         if key not in by_key:

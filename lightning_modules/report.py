@@ -24,6 +24,7 @@ import yaml
 from lightning_modules.run.lock import holder_alive
 from lightning_modules.run.record import (KILLED, OK_STATUSES, RESULTS_FILE, RUNNING, UnreadableRecord, read_record,
                                           status_now)
+from storage.atomic import write_text_atomically
 
 TABLE_STEM = "results_table"   # DIR/results_table.{csv,json}: never mistaken for a run's results.json
 
@@ -122,7 +123,7 @@ def load_runs(root: Path) -> list[Run]:
     """Every run under ``root``; a ValueError when there is none."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"DIR: {root} is not a folder")
+        raise ValueError(f"dir: {root} is not a folder")
     runs = [load_run(path, root) for path in find_run_dirs(root)]
     if not runs:
         raise ValueError(f"DIR: no run directories (with {RESULTS_FILE} or .hydra/) under {root}")
@@ -213,7 +214,7 @@ def group_rows(runs: list[Run], metrics: list[str], group_by: list[str] | None) 
     unknown = [key for key in keys if all(key not in run.overrides for run in runs)]
     if group_by and unknown:
         allowed = ", ".join(varying_keys(runs) + list(common_overrides(runs))) or "none"
-        raise ValueError(f"--group-by: no run sets {', '.join(unknown)} (overrides found: {allowed})")
+        raise ValueError(f"group_by: no run sets {', '.join(unknown)} (overrides found: {allowed})")
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.overrides.get(key, "") for key in keys), []).append(run)
@@ -268,8 +269,7 @@ def write_report(files: dict[Path, str]) -> list[Path]:
     for path, text in files.items():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", newline="") as stream:
-                stream.write(text)
+            write_text_atomically(path, text)  # the text as built: the CSV's \r\n line ends kept
         except OSError as err:
             raise ReportNotWritten(path.parent, err) from err
         written.append(path)
@@ -366,7 +366,7 @@ def plot_curves(root: Path, tags: list[str], out_dir: Path | None = None) -> lis
     existing = scalar_tags([run.path for run in runs])
     missing = [tag for tag in tags if tag not in existing]
     if missing:
-        raise ValueError(f"--plot: no run under {root} logged {', '.join(missing)}; tags found: "
+        raise ValueError(f"plot: no run under {root} logged {', '.join(missing)}; tags found: "
                          f"{', '.join(sorted(existing)) or 'none (no TensorBoard events)'}")
     keys = varying_keys(runs)
     out_dir = Path(out_dir) if out_dir else root

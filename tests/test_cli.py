@@ -8,6 +8,7 @@ import torch
 
 import generate
 import prepare_ntu
+import results
 from lightning_modules.cli import CommandLineError, Option, as_bool, as_float, as_int, help_text, parse
 from tests.conftest import run_script
 
@@ -45,7 +46,7 @@ def test_help_lists_every_option_with_its_default():
     assert all(f"  {usage}" in text for usage in ("ckpt_path=PATH", "length=200", "temperature=1.0", "overwrite=false"))
 
 
-@pytest.mark.parametrize("module", [generate, prepare_ntu])
+@pytest.mark.parametrize("module", [generate, prepare_ntu, results])
 def test_entry_points_take_help(module, capsys):
     assert module.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -79,6 +80,20 @@ def test_prepare_ntu_bare_argument_and_unknown_key(capsys):
     assert prepare_ntu.main(["raw=x", "out=y.h5", "progres=false"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: unknown argument 'progres=false'; prepare_ntu.py accepts raw, out, workers")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["outputs/multirun/x"], "error: 'outputs/multirun/x' is not key=value; did you mean dir=outputs/multirun/x? "
+                             "results.py accepts dir, group_by, metrics, plot, out, paper"),
+    (["dir=a,b"], "error: dir=a,b: one folder (several only with paper=true)"),
+    (["dir=/nonexistent/sweep"], "error: dir: /nonexistent/sweep is not a folder"),
+    (["paper=true", "dir=/nonexistent/sweep"], "error: dir: /nonexistent/sweep is not a folder"),
+    (["dir=x", "--group-by", "seed"], "error: '--group-by' is not key=value; did you mean group_by=...? "),
+])
+def test_results_command_line_errors_are_one_line(argv, line, capsys):
+    assert results.main(argv) == 2
+    (printed,) = capsys.readouterr().err.strip().splitlines()
+    assert printed.startswith(line)
 
 
 def test_prepare_ntu_help_from_the_shell_is_quick_and_complete():

@@ -28,7 +28,7 @@ def sweep(tmp_path_factory):
 @pytest.mark.slow
 def test_table_groups_seeds_compares_with_the_paper_and_lists_failures(sweep):
     sweep_dir, results = sweep
-    done = run_script("results.py", [str(sweep_dir), "--plot", "val/mse,train/loss"])
+    done = run_script("results.py", [f"dir={sweep_dir}", "plot=val/mse,train/loss"])
     assert done.returncode == 0, done.stderr
     text = done.stdout
     finished = {name: r for name, r in results.items() if r["status"] == "finished"}
@@ -77,8 +77,7 @@ def test_table_groups_seeds_compares_with_the_paper_and_lists_failures(sweep):
 @pytest.mark.slow
 def test_group_by_and_bad_keys(sweep, tmp_path):
     sweep_dir, results = sweep
-    done = run_script("results.py", [str(sweep_dir), "--group-by", "seed", "--metrics", "test/mse",
-                                     "--out", str(tmp_path)])
+    done = run_script("results.py", [f"dir={sweep_dir}", "group_by=seed", "metrics=test/mse", f"out={tmp_path}"])
     assert done.returncode == 0, done.stderr
     table = json.loads((tmp_path / "results_table.json").read_text())
     for group in table["groups"]:  # each seed: one finished run (hidden_size 8) and one failed
@@ -88,12 +87,12 @@ def test_group_by_and_bad_keys(sweep, tmp_path):
         assert group["test/mse values"] == pytest.approx([expected])
     assert "grouped by seed" in done.stdout
 
-    done = run_script("results.py", [str(sweep_dir), "--group-by", "model.nope"])
+    done = run_script("results.py", [f"dir={sweep_dir}", "group_by=model.nope"])
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: --group-by: no run sets model.nope (overrides found: model.hidden_size, seed, "
+        "error: group_by: no run sets model.nope (overrides found: model.hidden_size, seed, "
         + ", ".join(k for k in table["common_overrides"]) + ")"]
-    done = run_script("results.py", [str(tmp_path / "empty")])
+    done = run_script("results.py", [f"dir={tmp_path / 'empty'}"])
     assert done.returncode == 2 and "is not a folder" in done.stderr
 
 
@@ -143,12 +142,12 @@ def test_results_py_on_a_read_only_folder_prints_the_table_then_one_line(tmp_pat
     try:
         fake_runs(folder, ("finished", "failed"))
         assert subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True).returncode == 0
-        assert results.main([str(folder)]) == 1
+        assert results.main([f"dir={folder}"]) == 1
         out, err = capsys.readouterr()
         assert "| 0_adding_lstm | 0 | finished |" in out and "## 1 of 2 runs did not finish" in out
         assert err.strip().splitlines() == [f"error: the files could not be written: {folder} is not writable "
-                                            "(Read-only file system); choose another folder with --out DIR"]
-        assert results.main([str(folder), "--out", str(tmp_path / "elsewhere")]) == 0
+                                            "(Read-only file system); choose another folder with out=DIR"]
+        assert results.main([f"dir={folder}", f"out={tmp_path / 'elsewhere'}"]) == 0
         assert (tmp_path / "elsewhere" / "results_table.csv").is_file()
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
@@ -165,12 +164,12 @@ def test_plot_of_a_tag_no_run_logged_lists_the_tags(tmp_path, capsys):
         writer.add_scalar("val/mse", 1.0 / (step + 1), step)
         writer.add_scalar("train/loss", 2.0 / (step + 1), step)
     writer.close()
-    assert results.main([str(tmp_path), "--plot", "val/nonexistent", "--out", str(tmp_path / "out")]) == 2
+    assert results.main([f"dir={tmp_path}", "plot=val/nonexistent", f"out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"error: --plot: no run under {tmp_path} logged val/nonexistent; tags found: "
+    assert err.strip().splitlines() == [f"error: plot: no run under {tmp_path} logged val/nonexistent; tags found: "
                                         "train/loss, val/mse"]
     assert not list((tmp_path / "out").glob("*.png"))
-    assert results.main([str(tmp_path), "--plot", "val/mse", "--out", str(tmp_path / "out")]) == 0
+    assert results.main([f"dir={tmp_path}", "plot=val/mse", f"out={tmp_path / 'out'}"]) == 0
     assert (tmp_path / "out" / "curves_val_mse.png").is_file()
 
 
@@ -194,7 +193,7 @@ def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsy
                   "overrides": [f"experiment={experiment}", f"seed={seed}", "trainer=gpu"]}
         metric = "test/mse" if "adding" in experiment else "test/acc"
         write_record(run_dir, {**record, **({metric: acc} if acc is not None else {})})
-    assert results.main(["--paper", str(runs), "--out", str(tmp_path)]) == 0
+    assert results.main(["paper=true", f"dir={runs}", f"out={tmp_path}"]) == 0
     text = (tmp_path / "REPRODUCTIONS.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert set(papers) <= set(rows)  # every recipe with a paper target, run or not
