@@ -25,7 +25,10 @@ output, so one call on a fresh machine always finishes and reports what it measu
    T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16: every row of
    benchmarks/layers.py, the loop layers (leaky, skip, Jordan, NARX, TDNN) with their Triton versions
    (``*_triton``: leaky, skip, Clockwork, Jordan) and CUDA-graph-captured versions (``*_graphs``:
-   :class:`lightning_modules.cuda_graph.GraphedForward` on the layer) included.
+   :class:`lightning_modules.cuda_graph.GraphedForward` on the layer) included; and the IndRNN scan
+   against the sequential kernel (``indrnn_scan``, ``indrnn_fused``) at SCAN_SHAPES.
+
+Sections 1 and 2 live in benchmarks/gpu_kernel_checks.py; this file runs every section and the targets.
 
 Then the issue's targets with the measured value and pass/fail (``targets``), printed as a table;
 ``--json FILE`` (default outputs/gpu_check.json) holds everything.
@@ -36,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -59,188 +61,15 @@ if __name__ == "__main__" and _cpu_requested(sys.argv) and "triton" not in sys.m
 import torch  # noqa: E402
 
 from benchmarks import recurrence  # noqa: E402
+from benchmarks.gpu_kernel_checks import Budget, failure, kernels_can_run, run_bandwidth, run_kernels, say  # noqa: E402
 
 SHAPES = ["T784_B64_I1_H128", "T784_B64_I1_H512", "T1024_B128_I512_H512"]
 QUICK_SHAPES = ["T12_B4_I2_H16"]
+# issue 22: the scan against the sequential Triton kernel, one long stream per column block (CUDA, fp32).
+SCAN_SHAPES = ["T16384_B4_I1_H256", "T784_B64_I1_H128"]
+SCAN_IMPLS = ("indrnn_fused", "indrnn_scan")
 PRECISIONS = ["fp32", "tf32", "bf16"]
 EXPERIMENTS = ["indrnn_pmnist_6layer", "lstm_pmnist", "indrnn_adding_t1000", "cwrnn_smnist"]
-BANDWIDTH_SHAPES = [(784, 64, 128), (1024, 128, 512)]
-BLOCK_TS = [1, 8, 16]  # IndRNN kernel: steps per tile (32 spills registers backward, ptxas sm_90)
-BLOCKS = [32, 128]  # IndRNN kernel: columns per program
-
-
-class Budget:
-    """Seconds left of ``total``; ``fits(estimate)`` says whether a step of ``estimate`` s still fits."""
-
-    def __init__(self, total: float) -> None:
-        self.total, self.start = total, time.perf_counter()
-
-    @property
-    def left(self) -> float:
-        return self.total - (time.perf_counter() - self.start)
-
-    def fits(self, estimate: float) -> bool:
-        return self.left >= estimate
-
-
-def say(line: str) -> None:
-    print(line, flush=True)
-
-
-def _failure(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"FAIL {type(error).__name__}: {text[0][:300] if text else ''}"
-
-
-def kernels_can_run(device: torch.device) -> str | None:
-    """None when the Triton kernels can run on ``device``; else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (run this script with --device cpu)"
-
-
-# --- 1. kernels against float64 ----------------------------------------------------------------------
-
-def kernel_checks(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], float]]]:
-    """(name, check) pairs; each check returns the worst relative error (and raises past its tolerance)."""
-    from tests.test_kernels_triton import compare
-    from tests.test_kernels_triton_layers import LAYERS, check_clockwork, check_kernel, check_layer
-    from tests.test_rtrl import random_chunk, run_chunk
-
-    dev = device.type
-    big = (9, 3, 50) if quick else (200, 64, 512)
-    dense = (5, 3, 70) if quick else (50, 64, 512)
-
-    def rtrl(n_diag: int, shape) -> float:
-        read, state = random_chunk(*shape, n_diag, torch.float32, True)
-        expected = run_chunk(read, state, "reference")
-        moved = {k: (v.to(device) if v is not None else None) for k, v in read.items()}
-        got = run_chunk(moved, {k: v.to(device) for k, v in state.items()}, "triton")
-        worst = max(((got[k].cpu() - expected[k]).abs().max() / expected[k].abs().max().clamp_min(1)).item()
-                    for k in expected)
-        assert worst <= 1e-4, f"RTRL sensitivities: error {worst:.1e}"
-        return worst
-
-    checks: list[tuple[str, Callable[[], float]]] = []
-    for activation in ("relu", "tanh", "identity"):
-        checks.append((f"indrnn_{activation}_fp32", lambda a=activation: compare(*big, a, torch.float32, device=dev,
-                                                                                  tol=1e-3)))
-    checks.append(("indrnn_tanh_bf16", lambda: compare(*big, "tanh", torch.bfloat16, device=dev,
-                                                       param_dtype=torch.float32)))
-    checks.append(("indrnn_relu_clip_fp32", lambda: compare(*big, "relu", torch.float32, device=dev, grad_clip=0.5,
-                                                            tol=1e-3)))
-    checks.append(("rtrl_n3", lambda: rtrl(3, (6, 2, 70, 40) if quick else (50, 16, 128, 64))))
-    for gate, delays, activation in (("leak", (1,), "tanh"), ("clock", (1,), "relu"), ("none", (1, 2, 8), "tanh")):
-        checks.append((f"dense_{gate}_{activation}_fp32",
-                       lambda g=gate, d=delays, a=activation: check_kernel(*dense, d, a, g, torch.float32, device=dev)))
-    checks.append(("dense_leak_tanh_fp64", lambda: check_kernel(*dense, (1,), "tanh", "leak", torch.float64,
-                                                                device=dev)))
-    checks.append(("clockwork_triangular_fp64", lambda: check_clockwork(
-        T=4 if quick else 40, B=2 if quick else 64, H=160 if quick else 512, device=dev)))
-    for name in LAYERS:
-        checks.append((f"layer_{name}_fp64", lambda n=name: check_layer(
-            n, T=7 if quick else 60, B=3 if quick else 32, H=8 if quick else 64, device=dev, chunks=None)))
-    return checks
-
-
-def run_kernels(device: torch.device, quick: bool, budget: Budget) -> dict:
-    reason = kernels_can_run(device)
-    if reason is not None:
-        say(f"kernels: skipped ({reason})")
-        return {"skipped": reason}
-    results = {}
-    for name, check in kernel_checks(device, quick):
-        if not budget.fits(5.0):
-            results[name] = "skipped (time budget)"
-            continue
-        started = time.perf_counter()
-        try:
-            results[name] = {"max_rel_error": check(), "seconds": round(time.perf_counter() - started, 2)}
-            say(f"  kernel {name}: max error {results[name]['max_rel_error']:.1e} ({results[name]['seconds']} s)")
-        except Exception as error:  # a failed check is a result: name it and go on
-            results[name] = _failure(error)
-            say(f"  kernel {name}: {results[name]}")
-    return results
-
-
-# --- 2. IndRNN recurrence bandwidth --------------------------------------------------------------------
-
-def _time_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
-    """GB/s (1e9 bytes) of ``dst.copy_(src)``: reads and writes ``size`` bytes each."""
-    size = 2 ** 20 if quick else 2 ** 30
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device, 3 if quick else 10)
-    return 2 * size / (ms * 1e-3) / 1e9
-
-
-def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
-    reason = kernels_can_run(device)
-    if reason is not None:
-        say(f"indrnn_bandwidth: skipped ({reason})")
-        return {"skipped": reason}
-    from src.kernels import indrnn_triton as kernel
-
-    ceiling = copy_bandwidth_gbs(device, quick)
-    results: dict = {"copy_gbs": round(ceiling, 1), "bytes_formula": "(2 fwd + 3 bwd) * T * B * H * itemsize",
-                     "rows": {}}
-    say(f"  copy bandwidth {ceiling:.0f} GB/s")
-    shapes = [(9, 2, 40)] if quick else BANDWIDTH_SHAPES
-    saved = kernel.BLOCK, kernel.BLOCK_T
-    try:
-        for T, B, H in shapes:
-            z = torch.randn(T, B, H, device=device)
-            u = torch.rand(H, device=device) * 2 - 1
-            h0 = torch.zeros(B, H, device=device)
-            grad = torch.randn(T, B, H, device=device)
-            code = kernel.ACTIVATION_CODES["relu"]
-            itemsize = z.element_size()
-            for block, block_t in ([(32, 1), (128, 8)] if quick else [(b, t) for b in BLOCKS for t in BLOCK_TS]):
-                key = f"T{T}_B{B}_H{H}_BLOCK{block}_BLOCK_T{block_t}"
-                if not budget.fits(10.0):
-                    results["rows"][key] = "skipped (time budget)"
-                    continue
-                kernel.BLOCK, kernel.BLOCK_T = block, block_t
-                out = kernel._launch_forward(z, u, h0, code)
-                repeats = 2 if quick else 20
-                fwd_ms = _time_ms(lambda: kernel._launch_forward(z, u, h0, code), device, repeats)
-                bwd_ms = _time_ms(lambda: kernel._launch_backward(grad, out, u, h0, code), device, repeats)
-                n = T * B * H * itemsize
-                row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_gbs": 2 * n / (fwd_ms * 1e-3) / 1e9,
-                       "bwd_gbs": 3 * n / (bwd_ms * 1e-3) / 1e9}
-                row["fwd_fraction_of_copy"] = row["fwd_gbs"] / ceiling
-                row["bwd_fraction_of_copy"] = row["bwd_gbs"] / ceiling
-                results["rows"][key] = {k: round(v, 4) for k, v in row.items()}
-                say(f"  indrnn {key}: fwd {fwd_ms:.3f} ms {row['fwd_gbs']:.0f} GB/s, bwd {bwd_ms:.3f} ms "
-                    f"{row['bwd_gbs']:.0f} GB/s ({row['fwd_fraction_of_copy']:.0%} / {row['bwd_fraction_of_copy']:.0%}"
-                    " of copy)")
-    finally:
-        kernel.BLOCK, kernel.BLOCK_T = saved
-    return results
 
 
 # --- 3. train_step -----------------------------------------------------------------------------------
@@ -275,7 +104,7 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
             results[name] = row
             say(f"  train_step {name}: {row} ({time.perf_counter() - started:.0f} s)")
         except Exception as error:
-            results[name] = _failure(error)
+            results[name] = failure(error)
             say(f"  train_step {name}: {results[name]}")
             traceback.print_exc()
         estimate = max(estimate, 1.2 * (time.perf_counter() - started))
@@ -289,7 +118,8 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
 
 def recurrence_jobs(quick: bool, impls: list[str], targets_only: bool = False) -> list[tuple[str, str, str]]:
     """(precision, shape, impl) in table order; ``targets_only``: the rows the issue's targets read
-    (every layer at T784_B64_I1_H512 fp32; lstm, indrnn and rnn_tanh at T1024_B128_I512_H512 tf32/bf16)."""
+    (every layer at T784_B64_I1_H512 fp32; lstm, indrnn and rnn_tanh at T1024_B128_I512_H512 tf32/bf16;
+    indrnn_fused and indrnn_scan at SCAN_SHAPES fp32, not with ``quick``)."""
     shapes = QUICK_SHAPES if quick else SHAPES
     precisions = ["fp32"] if quick else PRECISIONS
     jobs = []
@@ -303,6 +133,9 @@ def recurrence_jobs(quick: bool, impls: list[str], targets_only: bool = False) -
                         (shape == "T1024_B128_I512_H512" and impl in ("lstm", "indrnn", "rnn_tanh"))):
                     continue
                 jobs.append((precision, shape, impl))
+    if not quick:  # the scan's targets (T784_B64_I1_H128 is in SHAPES already, but not in targets_only)
+        jobs += [("fp32", shape, impl) for shape in SCAN_SHAPES for impl in SCAN_IMPLS
+                 if impl in impls and ("fp32", shape, impl) not in jobs]
     return jobs
 
 
@@ -334,7 +167,7 @@ def run_recurrence(device: torch.device, quick: bool, budget: Budget, only: list
                                          budget_s=per_measurement, precision=precision)[shape][impl]
             say(f"  recurrence {precision} {shape} {impl}: fwd+bwd {table[impl]['fwd_bwd_ms']:.2f} ms")
         except Exception as error:
-            table[impl] = _failure(error)
+            table[impl] = failure(error)
             say(f"  recurrence {precision} {shape} {impl}: {table[impl]}")
         estimate = max(2.0, min(30.0, 1.5 * (time.perf_counter() - started)))
     recurrence.set_precision("fp32")
@@ -391,6 +224,10 @@ def targets(results: dict) -> list[dict]:
         lstm, indrnn = _ms(results, precision, big, "lstm"), _ms(results, precision, big, "indrnn")
         add(f"lstm / indrnn at {big} {precision}", None if lstm is None or indrnn is None else lstm / indrnn,
             ">= 20", lambda v: v >= 20)
+    for shape, goal in zip(SCAN_SHAPES, (5.0, 1.0)):
+        fused, scan = (_ms(results, "fp32", shape, impl) for impl in SCAN_IMPLS)
+        add(f"indrnn_fused / indrnn_scan at {shape} fp32", None if fused is None or scan is None else fused / scan,
+            f">= {goal:g}", lambda v, goal=goal: v >= goal)
     rows_bw = results.get("indrnn_bandwidth", {}).get("rows", {})
     for direction in ("fwd", "bwd"):
         fractions = [r[f"{direction}_fraction_of_copy"] for k, r in rows_bw.items()
@@ -458,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 results[section] = SECTIONS[section](device, args.quick, budget)
         except Exception as error:  # one broken section must not cost the others' figures
-            results[section] = _failure(error)
+            results[section] = failure(error)
             say(f"{section}: {results[section]}")
             traceback.print_exc()
         results.setdefault("seconds", {})[section] = round(time.perf_counter() - started, 1)
