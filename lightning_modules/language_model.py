@@ -3,19 +3,21 @@
 Training is truncated backpropagation through time: the batches are consecutive windows of B
 parallel streams (datamodules/ptb.py), and the network's state at the end of one window starts the
 next, detached, so values flow across window boundaries and gradients do not. Lightning 2 has no
-TBPTT of its own, so the objective keeps the state. It starts afresh at each epoch, where a batch's
-``reset`` says so, and with probability ``reset_probability`` before any training batch (official
-IndRNN code: 1/10). Validation and test carry their own state through the whole split, never reset
-(the papers' protocol: validation batch 10, test batch 1).
+TBPTT of its own, so the objective keeps the state. It starts afresh at each epoch, stream by stream
+where a batch's ``reset`` says so, and with probability ``reset_probability`` before any training
+batch: all streams together (official IndRNN code: 1/10), or each stream on its own
+(``reset_per_stream``). Validation and test carry their own state through the whole split, never
+reset (the papers' protocol: validation batch 10, test batch 1).
 
 The state is whatever the network returns, one entry per layer in each layer's own format (LSTM
 (h, c), IndRNN h, Clockwork's phase, TDNN's window...), handled through :mod:`src.state`.
 
-Also here: :func:`dynamic_evaluate` (Krause et al. 2018) and :func:`sample` (text generation).
+Evaluation modes: the test split is scored as it is and, with ``dynamic_eval``, also by dynamic
+evaluation (Krause et al. 2018; :mod:`lightning_modules.dynamic_evaluation`). Also here:
+:func:`sample` (text generation).
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 from typing import Iterable
@@ -23,32 +25,33 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric
+from torchmetrics import Metric, SumMetric
 
 from lightning_modules.base import SequenceObjective, check_causal
-from lightning_modules.carried_state import HostResetFlags
+from lightning_modules.carried_state import CarriedState, refuse_samplings
+from lightning_modules.dynamic_evaluation import DynamicEvaluation
 from src.batch import as_batch
-from src.layers.common import apply_constraints
 from src.checks import check_choice, check_fraction, check_positive_int
 from src.networks import TimeSharedDropout
-from src.state import detach_state
+from src.state import detach_state, reset_streams
 
 LEVELS = ("word", "char")
 LOG2 = math.log(2.0)
 
 
 class TokenCrossEntropy(Metric):
-    """Token-weighted mean cross-entropy, reported as bits per character or perplexity.
+    """Token-weighted mean cross-entropy, reported as bits per character, perplexity or nats.
 
     ``update(loss_sum, tokens)`` adds a window's summed negative log-likelihood (nats) and its token
-    count; ``compute()`` returns mean / ln 2 (``unit="bpc"``) or exp(mean) (``unit="ppl"``).
+    count; ``compute()`` returns mean / ln 2 (``unit="bpc"``), exp(mean) (``unit="ppl"``) or the mean
+    itself (``unit="nats"``).
     """
 
     full_state_update = False
 
     def __init__(self, unit: str) -> None:
         super().__init__()
-        self.unit = check_choice("language-model metric", unit, ("bpc", "ppl"))
+        self.unit = check_choice("language-model metric", unit, ("bpc", "ppl", "nats"))
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -58,15 +61,12 @@ class TokenCrossEntropy(Metric):
 
     def compute(self) -> torch.Tensor:
         mean = self.total / self.tokens.clamp(min=1)
+        if self.unit == "nats":
+            return mean
         return mean / LOG2 if self.unit == "bpc" else torch.exp(mean)
 
 
-def nll_to_metric(mean_nll: float, level: str) -> float:
-    """Mean cross-entropy in nats -> bits per character (char) or perplexity (word)."""
-    return mean_nll / LOG2 if level == "char" else math.exp(mean_nll)
-
-
-class LanguageModel(HostResetFlags, SequenceObjective):
+class LanguageModel(CarriedState, SequenceObjective):
     """Next-token prediction with truncated BPTT; logs ``{stage}/loss`` and ``{stage}/bpc`` (char) or
     ``{stage}/ppl`` (word), token-weighted, and ``val/bpc_best`` / ``val/ppl_best``.
 
@@ -87,10 +87,16 @@ class LanguageModel(HostResetFlags, SequenceObjective):
         input_dropout: time-shared dropout on the embeddings (one mask per stream and window).
         output_dropout: time-shared dropout on the network's output before the separate decoder.
         reset_probability: chance of starting the carried state afresh before a training batch.
+        reset_per_stream: False: all streams restart together with that chance (the official recipe);
+            True: each stream on its own.
         base_length: the base window length; with ``scale_lr_by_length`` a window of length t is
             trained with learning rate x t / base_length (the official variable-length recipe).
         scale_lr_by_length: see ``base_length``.
         init_range: embeddings (and a separate decoder) start in U(-init_range, init_range).
+        dynamic_eval: the test also scores the split by dynamic evaluation, logged as
+            ``test/dynamic_loss``, ``test/dynamic_bpc`` or ``test/dynamic_ppl`` and ``test/dynamic_tokens``.
+        dynamic_eval_lr, dynamic_eval_decay, dynamic_eval_rms: its step size, pull back towards the
+            trained weights and RMS scaling (:class:`lightning_modules.dynamic_evaluation.DynamicEvaluation`).
         (optimizer, scheduler, monitor, scheduler_interval, decay_1d_params, run_config: as
         :class:`lightning_modules.base.SequenceObjective`)
     """
@@ -102,8 +108,9 @@ class LanguageModel(HostResetFlags, SequenceObjective):
     def __init__(self, net: nn.Module, optimizer, scheduler=None, *, vocab_size: int, embedding_size: int,
                  level: str = "word", tie_weights: bool = False, embedding_dropout: float = 0.0,
                  input_dropout: float = 0.0, output_dropout: float = 0.0, reset_probability: float = 0.0,
-                 base_length: int | None = None, scale_lr_by_length: bool = False, init_range: float = 0.1,
-                 **kwargs) -> None:
+                 reset_per_stream: bool = False, base_length: int | None = None, scale_lr_by_length: bool = False,
+                 init_range: float = 0.1, dynamic_eval: bool = False, dynamic_eval_lr: float = 1e-4,
+                 dynamic_eval_decay: float = 0.0, dynamic_eval_rms: bool = False, **kwargs) -> None:
         self.level = check_choice("language-model level", level, LEVELS)
         self.metric_name = "bpc" if level == "char" else "ppl"
         check_positive_int("language model vocab_size", vocab_size)
@@ -136,7 +143,11 @@ class LanguageModel(HostResetFlags, SequenceObjective):
         self.vocab_size, self.embedding_dropout = vocab_size, embedding_dropout
         self.input_dropout = TimeSharedDropout(input_dropout)
         self.output_dropout = TimeSharedDropout(output_dropout)
-        self.reset_probability, self.base_length = reset_probability, base_length
+        self.reset_probability, self.reset_per_stream = reset_probability, bool(reset_per_stream)
+        self.base_length = base_length
+        self.dynamic = DynamicEvaluation(dynamic_eval_lr, dynamic_eval_decay, dynamic_eval_rms) if dynamic_eval else None
+        self.dynamic_scores = nn.ModuleDict({"loss": TokenCrossEntropy("nats"), self.metric_name: self.make_metric(),
+                                             "tokens": SumMetric()})
         self.scale_lr_by_length = scale_lr_by_length
         self.train_state = self.eval_state = None
         self._window = None  # the current training window's length, for the LR scaling
@@ -177,20 +188,19 @@ class LanguageModel(HostResetFlags, SequenceObjective):
 
     # Carried state --------------------------------------------------------------------------------
 
-    def reset_state(self, state, reset: torch.Tensor | None):
-        """The state to start a batch from: None where every stream resets, the state where none does
-        (the flags as read on the host before the batch moved: :class:`HostResetFlags`).
-
-        A reset of only some streams would need each layer's batch dimension, which the state formats
-        do not name; the PTB loaders reset all streams together.
-        """
-        all_reset, any_reset = self.reset_flags(reset)
-        if state is None or reset is None or not any_reset:
+    def training_state(self, batch) -> object:
+        """The state a training batch starts from: the carried one, with the streams of ``batch.reset``
+        restarted (:meth:`CarriedState.restart`) and, with ``reset_probability``, all streams (or each
+        stream, ``reset_per_stream``) restarted by chance. No tensor is read back to the host: the
+        all-streams draw uses Python's generator (seeded by seed_everything, saved in checkpoints), the
+        per-stream one draws on the device."""
+        state = self.restart(self.train_state, batch.reset)
+        if self.reset_probability == 0:
             return state
-        if all_reset:
-            return None
-        raise ValueError("language model: batch.reset restarts only some streams; a carried state can only be "
-                         "reset for all streams at once")
+        if not self.reset_per_stream:  # drawn before every batch, a state or not, as the official loop does
+            return None if random.random() < self.reset_probability else state
+        restart = torch.rand(batch.inputs.shape[0], device=batch.inputs.device) < self.reset_probability
+        return reset_streams(self.net, state, restart)
 
     def on_train_epoch_start(self) -> None:
         self.train_state = None
@@ -200,16 +210,14 @@ class LanguageModel(HostResetFlags, SequenceObjective):
 
     def on_test_epoch_start(self) -> None:
         self.eval_state = None
+        if self.dynamic is not None:
+            self.dynamic.start()
 
     # Steps ----------------------------------------------------------------------------------------
 
     def bptt_training_step(self, batch) -> torch.Tensor:
-        batch = as_batch(batch)
-        state = self.reset_state(self.train_state, batch.reset)
-        # Python's generator (seeded by seed_everything, saved in checkpoints): no tensor read back per step.
-        if self.reset_probability > 0 and random.random() < self.reset_probability:
-            state = None
-        summed, state = self.summed_loss(batch.inputs, batch.targets, state)
+        batch = self.checked(batch)
+        summed, state = self.summed_loss(batch.inputs, batch.targets, self.training_state(batch))
         self.train_state = detach_state(state)  # values carry on; no gradient crosses into the next window
         tokens = batch.targets.numel()
         loss = summed / tokens
@@ -222,8 +230,15 @@ class LanguageModel(HostResetFlags, SequenceObjective):
             self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=tokens)
         return loss
 
-    def _evaluate(self, batch, stage: str) -> None:
+    def checked(self, batch):
+        """``batch`` as a :class:`src.batch.SequenceBatch`; one without test-time samplings."""
         batch = as_batch(batch)
+        refuse_samplings(batch, type(self).__name__, "a language model carries each stream's state from "
+                                                     "window to window and scores every token")
+        return batch
+
+    def _evaluate(self, batch, stage: str) -> None:
+        batch = self.checked(batch)
         summed, state = self.summed_loss(batch.inputs, batch.targets, self.eval_state)
         self.eval_state = detach_state(state)
         tokens = batch.targets.numel()
@@ -238,6 +253,13 @@ class LanguageModel(HostResetFlags, SequenceObjective):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
+        if self.dynamic is not None:  # the evaluation mode: dynamic evaluation beside the static score
+            batch = as_batch(batch)
+            summed = self.dynamic.score(self, batch.inputs, batch.targets)
+            tokens = batch.targets.numel()
+            for name, score in self.dynamic_scores.items():
+                score.update(*((tokens,) if name == "tokens" else (summed, tokens)))
+                self.log(f"test/dynamic_{name}", score, on_epoch=True)
 
     # Learning rate x window / base ------------------------------------------------------------------
 
@@ -256,72 +278,7 @@ class LanguageModel(HostResetFlags, SequenceObjective):
             self._unscaled_lrs = None
 
 
-# Evaluation and generation without Lightning -------------------------------------------------------
-
-def dynamic_evaluate(model: LanguageModel, datamodule, lr: float = 1e-4, decay: float = 0.0, rms: bool = False,
-                     split: str = "test", device: str | torch.device | None = None, epsilon: float = 1e-8) -> dict:
-    """Dynamic evaluation (Krause et al., 2018): score each window of a split, then adapt to it.
-
-    The split is read as in the papers' protocol (its loader: test batch 1, validation batch 10, the
-    state carried, never reset). For every window in order, its cross-entropy is counted with the
-    current weights; then one gradient step on that same loss moves the weights, pulled back towards
-    the trained weights theta_0: ``theta <- theta - lr * g + decay * (theta_0 - theta)``. With ``rms``
-    the gradient is divided by the root of its running mean square over the windows so far (the
-    paper's RMS-normalised step). Dropout and batch norm stay in evaluation mode. ``model`` itself
-    is left unchanged: the steps act on a copy.
-
-    Args:
-        model: a trained :class:`LanguageModel` (e.g. the objective after ``trainer.test(ckpt_path=...)``).
-        datamodule: its DataModule (e.g. :class:`datamodules.ptb.PTBDataModule`); prepared and set
-            up here if it was not yet.
-        lr: step size, >= 0 (0: plain evaluation).
-        decay: pull towards the trained weights per step, in [0, 1).
-        rms: scale the steps by the gradients' running RMS.
-        split: "test" or "val".
-        device: where to run (None: where ``model`` is).
-
-    Returns:
-        ``{"{split}/dynamic_loss": mean nats, "{split}/dynamic_bpc" or "..._ppl": value,
-        "{split}/dynamic_tokens": count}``.
-    """
-    if not isinstance(model, LanguageModel):
-        raise ValueError(f"dynamic_eval=true needs a language model's checkpoint, got a {type(model).__name__} run")
-    check_fraction("dynamic_eval lr", lr, 0.0, math.inf)
-    check_fraction("dynamic_eval decay", decay)
-    check_choice("dynamic_eval split", split, ("val", "test"))
-    if getattr(datamodule, "vocabulary", None) is None:
-        datamodule.prepare_data()
-        datamodule.setup("test")
-    windows = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    adapted = copy.deepcopy(model).to(device if device is not None else model.device)
-    adapted.eval()
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    initial = [p.detach().clone() for p in params]
-    mean_square = [torch.zeros_like(p) for p in params]
-    state, total, tokens, steps = None, 0.0, 0, 0
-    for batch in windows:
-        batch = as_batch(batch)
-        summed, state = adapted.summed_loss(batch.inputs.to(adapted.device), batch.targets.to(adapted.device), state)
-        count = batch.targets.numel()
-        total += float(summed.detach())
-        tokens += count
-        state = detach_state(state)
-        grads = torch.autograd.grad(summed / count, params, allow_unused=True)
-        steps += 1
-        with torch.no_grad():
-            for param, grad, start, square in zip(params, grads, initial, mean_square):
-                if grad is None:
-                    continue
-                if rms:
-                    square.mul_(1 - 1 / steps).add_(grad * grad, alpha=1 / steps)
-                    grad = grad / (square.sqrt() + epsilon)
-                param.add_(grad, alpha=-lr)
-                param.add_(start - param, alpha=decay)
-        apply_constraints(adapted.net)  # e.g. IndRNN's |u| bound, as after every training step
-    mean = total / max(tokens, 1)
-    return {f"{split}/dynamic_loss": mean, f"{split}/dynamic_{model.metric_name}": nll_to_metric(mean, model.level),
-            f"{split}/dynamic_tokens": tokens}
-
+# Generation without Lightning -----------------------------------------------------------------------
 
 @torch.no_grad()
 def sample(model: LanguageModel, prompt_ids: list[int], length: int, temperature: float = 1.0,

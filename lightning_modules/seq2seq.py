@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from lightning_modules.base import STAGES, SequenceObjective, check_causal
+from lightning_modules.carried_state import refuse_samplings
 from lightning_modules.labelling import PerStepAccuracy
 from src.batch import as_batch
 
@@ -94,6 +95,7 @@ class EncoderDecoderModule(SequenceObjective):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         batch = as_batch(batch)
+        refuse_samplings(batch, type(self).__name__, "greedy decoding scores each source's own output sequence")
         source, target, lengths = batch.inputs, batch.targets, batch.lengths
         if lengths is not None:
             raise ValueError("encoder-decoder: batches carry no lengths; pad sources on the left and targets "

@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from lightning_modules.carried_state import HostResetFlags
+from lightning_modules.carried_state import CarriedState, refuse_samplings
 from lightning_modules.regression import SequenceRegressionModule
 from src.batch import SequenceBatch, as_batch
 from src.state import detach_state
 
 
-class StreamRegressionModule(HostResetFlags, SequenceRegressionModule):
+class StreamRegressionModule(CarriedState, SequenceRegressionModule):
     """Per-step MSE over the steps with a finite target, on consecutive segments of B streams.
 
     Batches (:class:`src.batch.SequenceBatch`): inputs (B, T, I), targets (B, T, O) float, NaN at
     steps without a target, ``reset`` (B,) bool where a stream starts afresh. The network's state
     is carried across batches of each stage (truncated BPTT in training: detached at every segment
-    boundary) and restarted where ``reset`` is set. Logs ``{stage}/loss`` and ``{stage}/mse`` over the
-    target steps. (Other arguments as :class:`lightning_modules.regression.SequenceRegressionModule`.)
+    boundary) and restarted stream by stream where ``reset`` is set (every stream where a batch has no
+    ``reset``). Batches with ``groups`` (test-time samplings) are refused. Logs ``{stage}/loss`` and
+    ``{stage}/mse`` over the target steps. (Other arguments as
+    :class:`lightning_modules.regression.SequenceRegressionModule`.)
     """
 
     carries_state = True  # learning rules keep their own carried state across batches too (RTRL)
@@ -47,17 +49,13 @@ class StreamRegressionModule(HostResetFlags, SequenceRegressionModule):
         return F.mse_loss(predictions, targets)
 
     def _carried_state(self, batch: SequenceBatch, stage: str):
-        state = self.carried.get(stage)
-        all_reset, any_reset = self.reset_flags(batch.reset)
-        if state is None or batch.reset is None or all_reset:
-            return None
-        if any_reset:  # restart the streams that begin here
-            keep = (~batch.reset).to(batch.inputs.dtype).view(1, -1, 1)
-            state = [h * keep.to(h.device) for h in state]
-        return state
+        """The state this stage's batch starts from: a batch without ``reset`` holds new sequences."""
+        state = self.restart(self.carried.get(stage), batch.reset)
+        return None if batch.reset is None else state
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         batch = as_batch(batch)
+        refuse_samplings(batch, type(self).__name__, "each stream carries its own state from segment to segment")
         predictions, state = self.net(batch.inputs, self._carried_state(batch, stage))
         self.carried[stage] = detach_state(state)
         loss = self.loss(predictions, batch.targets)

@@ -1,6 +1,6 @@
 """eval.py never silently ignores what it is told (issue 19, section 3): an override of what the
 checkpoint fixes is one line listing what eval.py accepts; its own settings (trainer, paths, seed,
-batch size, workers, NTU test samplings, dynamic evaluation) work."""
+batch size, workers, NTU test samplings, the objective's evaluation modes such as dynamic evaluation) work."""
 from __future__ import annotations
 
 import json
@@ -90,6 +90,19 @@ def test_ptb_batch_size_sets_its_test_streams(tmp_path):
     run_cfg = stored_run_config(stored, eval_config(tmp_path, "x.ckpt", ["batch_size=4"]))
     assert run_cfg.task.datamodule.test_batch_size == 4
     assert run_cfg.task.datamodule.batch_size == stored["task"]["datamodule"]["batch_size"]
+
+
+def test_evaluation_modes_set_the_objective_and_an_objective_without_them_refuses_them(tmp_path):
+    stored = plain_config(compose_train(tmp_path / "ptb", ["task=ptb_char"]))
+    run_cfg = stored_run_config(stored, eval_config(tmp_path, "x.ckpt", ["dynamic_eval=true", "dynamic_eval_lr=0.01"]))
+    assert run_cfg.objective.dynamic_eval is True and run_cfg.objective.dynamic_eval_lr == 0.01
+    assert run_cfg.objective.dynamic_eval_rms is False and stored["objective"]["dynamic_eval"] is False
+    adding = plain_config(compose_train(tmp_path / "adding", ["task=adding"]))
+    assert stored_run_config(adding, eval_config(tmp_path, "x.ckpt")).objective == adding["objective"]  # none given
+    with pytest.raises(UserError, match=r"^dynamic_eval=true: this checkpoint's objective "
+                                        r"\(lightning_modules.regression.SequenceRegressionModule\) has no "
+                                        r"dynamic_eval; leave dynamic_eval out$"):
+        stored_run_config(adding, eval_config(tmp_path, "x.ckpt", ["dynamic_eval=true"]))
 
 
 def test_data_of_a_checkpoint_from_another_machine_is_read_from_this_data_dir(tmp_path):

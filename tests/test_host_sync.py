@@ -35,6 +35,9 @@ OBJECTIVES = {
     "language_model": ["task=ptb_char", "task.seq_len=20", "task.datamodule.batch_size=4", "task.vocab_size=20",
                        "task.datamodule.max_offset=0",
                        "objective.reset_probability=0.5"],
+    "language_model_reset_per_stream": ["task=ptb_char", "task.seq_len=20", "task.datamodule.batch_size=4",
+                                        "task.vocab_size=20", "task.datamodule.max_offset=0",
+                                        "objective.reset_probability=0.5", "objective.reset_per_stream=true"],
 }
 
 
@@ -73,7 +76,7 @@ def counting_read_backs(counts: dict[str, int]):
 def test_no_host_read_back_in_training_steps_that_do_not_log(objective, tmp_path):
     # The reference IndRNN loop: the fused CPU kernel hands numpy arrays to numba, a CPU-only path.
     overrides = ["trainer=cpu", "model.hidden_size=8", "model.layer.backend=reference"] + OBJECTIVES[objective]
-    if objective == "language_model":
+    if objective.startswith("language_model"):
         md5 = write_corpus(tmp_path / "data" / "ptb")
         overrides += [f"paths.data_dir={tmp_path / 'data'}", "task.datamodule.download=false",
                       "task.datamodule.md5={" + ",".join(f"{k}:{v}" for k, v in md5.items()) + "}"]

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from datamodules.download import DataError, DownloadError, md5sum
 from datamodules.ptb import (ARCHIVE, ARCHIVE_FOLDER, EOS, FILES, PTBDataModule, StreamWindows, batchify,
                              saved_vocabulary, window_lengths)
-from lightning_modules.language_model import LanguageModel, dynamic_evaluate
+from lightning_modules.dynamic_evaluation import DynamicEvaluation
+from lightning_modules.language_model import LanguageModel
 from lightning_modules.run import train
 from src.state import detach_state, state_tensors
 from tests.conftest import CONF, compose_train, run_script
@@ -348,6 +349,18 @@ def test_evaluation_protocol_matches_a_reference_loop(corpus):
 
 
 # Dynamic evaluation --------------------------------------------------------------------------------
+
+def dynamic_evaluate(model: LanguageModel, module: PTBDataModule, **settings) -> dict:
+    """The objective's dynamic-evaluation mode (``settings`` as DynamicEvaluation's) on the test split,
+    through Lightning's test loop; the metrics it logs."""
+    import pytorch_lightning as pl
+    model.dynamic = DynamicEvaluation(**settings)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (metrics,) = trainer.test(model, datamodule=module, verbose=False)
+    model.dynamic = None
+    return metrics
+
 
 def test_dynamic_evaluation_improves_on_a_shifted_test_split(tmp_path):
     shifted = WORDS[::-1]  # the test text follows the reverse word order

@@ -3,7 +3,8 @@ results.json into eval.py's own run directory.
 
 The checkpoint fixes the network, the task and the objective; eval.py takes only its own settings
 (the keys and groups of conf/eval.yaml: trainer, logger, paths, seed, the evaluation's batch size,
-workers and NTU test samplings, dynamic evaluation). Any other override (``+model=indrnn``,
+workers and NTU test samplings, and the objective's evaluation modes, e.g. the language model's
+dynamic evaluation, which set the objective's key of the same name). Any other override (``+model=indrnn``,
 ``+model.hidden_size=16``, ``task.seq_len=50``) is refused in one line, never silently dropped.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.download import DataError, DownloadError
-from lightning_modules.language_model import dynamic_evaluate
 from lightning_modules.results import write_results
 from lightning_modules.run.build import (CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective,
                                          build_trainer, count_parameters)
@@ -33,6 +33,9 @@ from lightning_modules.run.rundir import checkpoint_run_dir
 # eval.py's own settings replace the training run's for these keys (merging would keep, e.g., the
 # training run's TensorBoard logger and write test points into its curves).
 EVAL_OWN_KEYS = ("trainer", "paths", "logger", "seed")
+# eval.py's keys that set the DataModule's (where it has them); every other key of conf/eval.yaml but
+# ckpt_path sets the objective's key of the same name (its evaluation modes), where given.
+DATA_SETTINGS = ("batch_size", "num_workers", "test_samplings")
 
 
 @lru_cache(maxsize=None)
@@ -67,7 +70,8 @@ def check_eval_overrides(overrides) -> None:
 
 def stored_run_config(stored: dict, cfg: DictConfig, rebase_data: bool = False) -> DictConfig:
     """The checkpoint's run config with eval.py's own settings: its trainer, logger, paths and seed,
-    the evaluation's batch size, workers and test samplings where given, and, with ``rebase_data``
+    the evaluation's batch size, workers and test samplings where given, the objective's evaluation
+    modes (e.g. ``dynamic_eval``) where given, and, with ``rebase_data``
     (``paths.data_dir=`` given to eval.py), the data files moved from the training run's data_dir
     to this one (a checkpoint from another machine); otherwise the data is read where it was trained."""
     run_cfg = OmegaConf.create({key: value for key, value in stored.items() if key not in EVAL_OWN_KEYS})
@@ -81,16 +85,22 @@ def stored_run_config(stored: dict, cfg: DictConfig, rebase_data: bool = False) 
         for key, value in datamodule.items():
             if isinstance(value, str) and (value == trained_data or value.startswith(trained_data.rstrip("/") + "/")):
                 datamodule[key] = str(data_dir) + value[len(trained_data.rstrip("/")):]
-    settings = {"batch_size": "test_batch_size" if "test_batch_size" in datamodule else "batch_size",
-                "num_workers": "num_workers", "test_samplings": "test_samplings"}
-    for setting, key in settings.items():
+    settings = {setting: (datamodule, setting) for setting in DATA_SETTINGS}
+    if "test_batch_size" in datamodule:
+        settings["batch_size"] = (datamodule, "test_batch_size")
+    objective = run_cfg.get("objective") or run_cfg.task.get("objective")
+    own = {"ckpt_path", "hydra", *EVAL_OWN_KEYS, *DATA_SETTINGS}
+    settings.update({setting: (objective, setting) for setting in cfg if setting not in own})
+    for setting, (node, key) in settings.items():
         value = cfg.get(setting)
         if value is None:
             continue
-        if key not in datamodule:
-            raise UserError(f"{setting}={value}: this checkpoint's task ({datamodule.get('_target_')}) has no "
+        if node is None or key not in node:
+            where = "task" if node is datamodule else "objective"
+            typed = str(value).lower() if isinstance(value, bool) else value  # as typed: dynamic_eval=true
+            raise UserError(f"{setting}={typed}: this checkpoint's {where} ({(node or {}).get('_target_')}) has no "
                             f"{key}; leave {setting} out")
-        datamodule[key] = value
+        node[key] = value
     return run_cfg
 
 
@@ -118,13 +128,6 @@ def evaluate(cfg: DictConfig) -> dict:
     except (DownloadError, DataError) as err:
         raise UserError(one_line(err)) from err
     metrics = {key: float(value) for key, value in tested[0].items()}
-    if cfg.get("dynamic_eval"):  # language models: Krause et al.'s dynamic evaluation (conf/eval.yaml)
-        try:
-            metrics.update(dynamic_evaluate(objective, datamodule, lr=cfg.dynamic_eval_lr,
-                                            decay=cfg.dynamic_eval_decay, rms=cfg.dynamic_eval_rms,
-                                            device=trainer.strategy.root_device))
-        except ValueError as err:
-            raise UserError(one_line(err)) from err
     # Checkpoints from before the driver stored its config choices: the training run's results.json has them.
     choices = stored.get("choices") or read_results(checkpoint_run_dir(ckpt_path))
     output_dir = Path(run_cfg.paths.output_dir)
