@@ -181,3 +181,16 @@ def _describe(item: State) -> str:
     if isinstance(item, (tuple, list)):
         return f"a {type(item).__name__} of {len(item)}"
     return type(item).__name__
+
+
+def check_step(step, batch: int, what: str) -> int | torch.Tensor:
+    """A step counter of a state of ``batch`` streams: an int >= 0 (every stream at that step) or a (B,)
+    int64 tensor (one step per stream, after :func:`reset_streams`); a one-line ValueError naming ``what``."""
+    if isinstance(step, torch.Tensor):
+        if step.shape != (batch,) or step.dtype != torch.long:
+            raise ValueError(f"{what} must be an int >= 0 or a ({batch},) int64 tensor (one step per stream), "
+                             f"got a {step.dtype} tensor of shape {tuple(step.shape)}")
+        return step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{what} must be an int >= 0 or a ({batch},) int64 tensor (one step per stream), got {step!r}")
+    return step

@@ -48,8 +48,9 @@ def test_shapes_final_state_and_layouts(backend):
     torch.testing.assert_close(single, output_hx[:, 1])
     with pytest.raises(ValueError, match=r"hx must have shape \(1, 3, 16\)"):
         layer(x, torch.zeros(2, B, H))
-    with pytest.raises(ValueError, match=r"ClockworkRNN state.step must be a non-negative integer"):
-        layer(x, ClockworkState(hx, -1))
+    for bad_step in (-1, torch.zeros(B + 1, dtype=torch.long), torch.zeros(B)):  # an int >= 0 or one per stream
+        with pytest.raises(ValueError, match=r"ClockworkRNN state.step must be an int >= 0 or a \(3,\) int64 tensor"):
+            layer(x, ClockworkState(hx, bad_step))
     with pytest.raises(ValueError, match="expects input of shape"):
         layer(torch.randn(T, B, I + 1))
 

@@ -15,6 +15,7 @@ from src.layers import IndRNN
 from src.layers import DiagonalLeakyRNN
 from src.learning import RTRL
 from src.networks import RecurrentNetwork
+from src.state import reset_streams
 
 DOUBLE = torch.float64
 BATCH, INPUTS, HIDDEN, OUTPUTS = 3, 3, 4, 2
@@ -112,6 +113,37 @@ def test_one_chunk_and_many_chunks_agree_with_every_backend():
         for chunk in (1, 7, 60):
             got = rtrl_gradients(net, inputs, targets, initial, weights, chunk=chunk, backend=backend)
             assert relative_error(got, expected) < 1e-10, (backend, chunk)
+
+
+@pytest.mark.parametrize("layer", ["indrnn", "diagonal_leaky"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_restarting_streams_mid_sequence_equals_bptt_through_the_state_contracts_reset(num_layers, layer):
+    """RTRL.reset_streams between chunks: predictions and gradients equal BPTT's over the network's own
+    reset_streams (src/state.py): the kept streams carry on (their graph too), the restarted ones start fresh."""
+    layer = indrnn("tanh") if layer == "indrnn" else functools.partial(
+        DiagonalLeakyRNN, nonlinearity="tanh", alpha_mode="learned", alpha_range=(0.2, 0.9))
+    net = make_net(layer, num_layers)
+    inputs, targets, initial, weights = problem(12, num_layers)
+    restart, split = torch.tensor([False, True, True]), 5
+    first, state = net(inputs[:, :split], initial)
+    second, _ = net(inputs[:, split:], reset_streams(net, state, restart))
+    expected_predictions = torch.cat([first, second], dim=1)
+    expected = bptt_gradients_of(net, step_losses(expected_predictions, targets, weights))
+    net.zero_grad(set_to_none=True)
+    rtrl = RTRL(net, mode="exact")
+    rtrl.reset(BATCH, initial)
+    predictions = []
+    for start, stop in ((0, 3), (3, split), (split, 9), (9, 12)):
+        if start == split:
+            rtrl.reset_streams(restart)
+        predictions.append(rtrl.accumulate(inputs[:, start:stop], lambda p, a=start, b=stop: step_losses(
+            p, targets[:, a:b], weights[a:b]))[1])
+    torch.testing.assert_close(torch.cat(predictions, dim=1), expected_predictions.detach(), rtol=1e-10, atol=1e-12)
+    assert relative_error([p.grad for p in net.parameters()], expected) < 1e-10
+
+
+def bptt_gradients_of(net, loss) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, list(net.parameters())))
 
 
 @pytest.mark.parametrize("steps", [7, 500])

@@ -1,8 +1,9 @@
 """The state contract, for every layer and network in tests/registry.py: running a sequence in one
 call equals running it in chunks (of 1, 7 and T/2 steps) with the returned state passed back, in
 values (float64) and in gradients, both through the carried state and within each chunk when the
-state is detached between chunks (truncated BPTT). Batch norm is compared in evaluation mode.
-The one exemption: a bidirectional layer refuses a carried state, in one line."""
+state is detached between chunks (truncated BPTT); ``initial_state(module, B)`` behaves as None; and
+``reset_streams`` restarts exactly the chosen streams (tests/test_state_reset.py). Batch norm is
+compared in evaluation mode. The one exemption: a bidirectional layer refuses a carried state, in one line."""
 import functools
 
 import pytest

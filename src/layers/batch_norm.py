@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from src.checks import check_choice, check_non_negative_int, check_positive_int
+from src.checks import check_choice, check_positive_int
+from src.state import check_step
 
 BATCH_NORM_STATS = ("all_steps", "per_step", "per_window")
 
@@ -113,16 +114,22 @@ class TimeBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(rows, num_features))
         self.register_buffer("running_var", torch.ones(rows, num_features))
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """x: (T, B, H) -> (T, B, H); ``step``: the absolute step number of x[0] (``per_step`` only).
+    def forward(self, x: torch.Tensor, step: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: (T, B, H) -> (T, B, H); ``step``: the absolute step number of x[0] (``per_step`` only), an int,
+        or a (B,) int64 tensor when the streams are at different steps (after a per-stream restart, see
+        :func:`src.state.reset_streams`): each stream then reads the rows of its own steps at evaluation.
+        In training the batch statistics stay those of each position of the window over the whole batch,
+        and each running row moves toward the mean of the positions' statistics that fell on it.
 
         Half-precision inputs (bf16/fp16 under autocast) are normalised in float32 (statistics,
         arithmetic) and returned in their own dtype, as cuDNN's batch norm does."""
         if x.dtype in (torch.float16, torch.bfloat16):
             return self.forward(x.float(), step).to(x.dtype)
-        check_non_negative_int("step", step)
         steps, batch, _ = x.shape
-        first = 0 if self.stats == "per_window" else step   # the running-statistics row of x[0]
+        check_step(step, batch, "batch norm step")
+        per_stream = isinstance(step, torch.Tensor) and self.stats == "per_step"
+        first = step if self.stats == "per_step" and not per_stream else 0   # the running-statistics row of x[0]
+        last_row = self.running_mean.shape[0] - 1
         if self.training:
             dims = (0, 1) if self.stats == "all_steps" else (1,)
             output, mean, var = _BatchStatisticsNorm.apply(x, self.weight, self.bias, dims, self.eps)
@@ -130,18 +137,38 @@ class TimeBatchNorm(nn.Module):
             with torch.no_grad():
                 mean, var = mean.flatten(0, 1), var.flatten(0, 1)       # (1, H) or (T, H)
                 unbiased = var * (count / max(count - 1, 1))
+                if per_stream:
+                    self._update_rows_per_stream(mean, unbiased, step)
+                    return output
                 # The rows of x that have running statistics of their own (later steps have none).
-                rows = max(0, min(mean.shape[0], self.running_mean.shape[0] - first))
+                rows = max(0, min(mean.shape[0], last_row + 1 - first))
                 self.running_mean[first:first + rows].lerp_(mean[:rows].to(self.running_mean.dtype), self.momentum)
                 self.running_var[first:first + rows].lerp_(unbiased[:rows].to(self.running_var.dtype), self.momentum)
             return output
         if self.stats == "all_steps":
-            mean, var = self.running_mean, self.running_var                  # (1, H)
+            mean, var = self.running_mean.unsqueeze(1), self.running_var.unsqueeze(1)      # (1, 1, H)
+        elif per_stream:
+            index = (step.view(1, -1) + torch.arange(steps, device=x.device).view(-1, 1)).clamp(max=last_row)
+            mean, var = self.running_mean[index], self.running_var[index]                  # (T, B, H)
         else:
-            index = torch.arange(first, first + steps, device=x.device).clamp(max=self.running_mean.shape[0] - 1)
-            mean, var = self.running_mean[index], self.running_var[index]    # (T, H)
+            index = torch.arange(first, first + steps, device=x.device).clamp(max=last_row)
+            mean, var = self.running_mean[index].unsqueeze(1), self.running_var[index].unsqueeze(1)  # (T, 1, H)
         scale = torch.rsqrt(var + self.eps) * self.weight
-        return (x - mean.unsqueeze(1)) * scale.unsqueeze(1) + self.bias
+        return (x - mean) * scale + self.bias
+
+    def _update_rows_per_stream(self, mean: torch.Tensor, unbiased: torch.Tensor, step: torch.Tensor) -> None:
+        """Running statistics when stream b's position t is at row step[b] + t: each row touched moves (by
+        ``momentum``) toward the average of the positions' batch statistics (T, H) that fell on it; rows past
+        ``max_steps`` are dropped (a scratch row). Without a host synchronisation."""
+        steps, rows = mean.shape[0], self.running_mean.shape[0]
+        index = (step.view(1, -1) + torch.arange(steps, device=step.device).view(-1, 1)).clamp(max=rows)  # (T, B)
+        # hits[t, r]: how many streams are at row r at position t (whole numbers: any summation order is exact).
+        hits = mean.new_zeros(steps, rows + 1).scatter_add_(1, index, mean.new_ones(index.shape))[:, :rows]
+        counts = hits.sum(0).unsqueeze(1)                                      # (R, 1)
+        touched = counts > 0
+        for running, batch_value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            average = (hits.t() @ batch_value) / counts.clamp(min=1)           # (R, H)
+            running.lerp_(torch.where(touched, average, running).to(running.dtype), self.momentum)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, stats={self.stats}"

@@ -22,21 +22,26 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from src.activations import activate
 from src.checks import check_choice, check_int_list, check_non_negative_int, check_positive_int
 from src.kernels import BACKENDS, clockwork_recurrence
 from src.kernels.clockwork import NONLINEARITIES, check_module_split, clockwork_mask, clockwork_triton
 from src.kernels.dense_triton import resolve_dense_backend
 from src.layers.common import (batched_state, check_state_tensor, from_time_major, init_uniform_, to_time_major,
                                unbatched_state)
+from src.state import check_step
 
 
 class ClockworkState(NamedTuple):
     """The state of a :class:`ClockworkRNN`: h (1, B, H), the state after the last step, and
-    step (int), the absolute clock time of the next step (time_origin + steps read so far)."""
+    step, the absolute clock time of the next step (time_origin + steps read so far): an int shared by
+    every stream, or a (B,) int64 tensor once streams restarted at different times (:func:`src.state.reset_streams`;
+    the layer then runs its per-stream masked loop instead of the shared-clock kernels)."""
 
     h: torch.Tensor
-    step: int
+    step: int | torch.Tensor
 
 
 def default_periods(num_modules: int) -> tuple[int, ...]:
@@ -84,8 +89,9 @@ class ClockworkRNN(nn.Module):
     gradient-based optimizer (:meth:`constrain_parameters_` re-zeros them anyway; the training
     loop calls it after each step through ``apply_constraints``).
 
-    State: a :class:`ClockworkState` (h (1, B, H), step int); a plain tensor h (1, B, H) is accepted
-    too (torch.nn.RNN's hx; the clock then starts at ``time_origin``). None: zeros at ``time_origin``.
+    State: a :class:`ClockworkState` (h (1, B, H), step: an int, or (B,) int64 per stream); a plain
+    tensor h (1, B, H) is accepted too (torch.nn.RNN's hx; the clock then starts at ``time_origin``).
+    None: zeros at ``time_origin``.
 
     Shapes:
         input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (h then (1, H)).
@@ -112,6 +118,9 @@ class ClockworkRNN(nn.Module):
         self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size, **factory))
         self.bias = nn.Parameter(torch.empty(hidden_size, **factory)) if bias else None
         self.register_buffer("mask", clockwork_mask(hidden_size, num_modules, device), persistent=False)
+        # Each unit's clock period (H,), for streams on clocks of their own (a buffer: no host copy per call).
+        self.register_buffer("unit_period", torch.tensor(self.periods, device=device).repeat_interleave(
+            self.module_size), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,8 +151,9 @@ class ClockworkRNN(nn.Module):
             raise ValueError(f"ClockworkRNN state must be a tensor (1, {batch}, {self.hidden_size}) or a "
                              f"ClockworkState(h, step), got {type(state).__name__}")
         check_state_tensor(h0, (1, batch, self.hidden_size), "ClockworkRNN", "hx")
-        check_non_negative_int("ClockworkRNN state.step", step)
-        if self.backend == "triton" or (
+        if isinstance(check_step(step, batch, "ClockworkRNN state.step"), torch.Tensor):
+            output = self._per_stream_steps(x, h0[0], step)  # streams restarted at different times
+        elif self.backend == "triton" or (
                 self.backend == "auto" and resolve_dense_backend("auto", self.weight_hh, "ClockworkRNN") == "triton"):
             resolve_dense_backend("triton", self.weight_hh, "ClockworkRNN")  # a one-line error where it cannot run
             # The layer's mask is the default one (clockwork_triton then skips W_h's zero blocks).
@@ -154,6 +164,20 @@ class ClockworkRNN(nn.Module):
                                           self.nonlinearity, step, self.backend, self.mask)
         final = ClockworkState(output[-1:], step + x.shape[0])
         return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
+
+    def _per_stream_steps(self, x: torch.Tensor, h0: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """All states (T, B, H) when each stream has its own clock ``step`` (B,) int64: the dense masked loop,
+        every module computed at every step and kept where its stream's clock does not tick (the shared-clock
+        kernels compute only the active modules, the same for every stream)."""
+        times = step.view(1, -1, 1) + torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
+        ticks = times % self.unit_period == 0  # (T, B, H)
+        z = F.linear(x, self.weight_ih, self.bias)
+        weight_t = (self.weight_hh * self.mask).t()
+        h, outputs = h0, []
+        for t in range(x.shape[0]):
+            h = torch.where(ticks[t], activate(torch.addmm(z[t], h, weight_t), self.nonlinearity), h)
+            outputs.append(h)
+        return torch.stack(outputs)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_modules={self.num_modules}, periods={self.periods}, "

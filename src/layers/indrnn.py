@@ -12,14 +12,14 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from src.kernels import ACTIVATIONS, BACKENDS, indrnn_linear_recurrence, indrnn_recurrence
 from src.kernels.reference import check_grad_clip
 from src.layers.batch_norm import TimeBatchNorm
-from src.checks import check_choice, check_non_negative_int, check_positive_int
+from src.checks import check_choice, check_positive_int
 from src.layers.common import (apply_constraints, batched_state, check_state_tensor, from_time_major, to_time_major,
                                unbatched_state)
+from src.state import check_step
 
 RECURRENT_INITS = ("uniform_bound", "uniform01", "long_memory")
 PROJECTIONS = ("linear", "conv1d", "none")
@@ -106,12 +106,14 @@ class IndRNNState(NamedTuple):
         h: (1, B, H) the recurrent state h_{t-1} (before batch norm "after", never its output).
         inputs: (k - 1, B, I) the last k - 1 inputs, oldest first, for the causal ``conv1d``
             projection of width k (zeros before the first step); None for other projections.
-        step: int, the absolute step number of the next input (per-step batch norm's row).
+        step: the absolute step number of the next input (per-step batch norm's row): an int shared by
+            every stream, or a (B,) int64 tensor once streams restarted at different times
+            (:func:`src.state.reset_streams`).
     """
 
     h: torch.Tensor
     inputs: torch.Tensor | None
-    step: int
+    step: int | torch.Tensor
 
 
 class IndRNN(nn.Module):
@@ -243,7 +245,7 @@ class IndRNN(nn.Module):
         if inputs is None:
             inputs = x.new_zeros(self.window, batch, self.input_size)
         check_state_tensor(inputs, (self.window, batch, self.input_size), "IndRNN", "state.inputs")
-        return IndRNNState(h, inputs, check_non_negative_int("IndRNN state.step", step))
+        return IndRNNState(h, inputs, check_step(step, batch, "IndRNN state.step"))
 
     def _project(self, x: torch.Tensor, past_inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(self.projection, nn.Conv1d):

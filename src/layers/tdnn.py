@@ -95,7 +95,8 @@ class TDNN(nn.Module):
 
     def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
         """Zeros (R - 1, batch_size, I): no input seen yet (dtype and device of ``like``, default the weight)."""
-        return (self.weight if like is None else like).new_zeros(self.receptive_field - 1, batch_size, self.input_size)
+        like = self.weight if like is None else like
+        return like.new_zeros(self.receptive_field - 1, batch_size, self.input_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "TDNN")

@@ -50,6 +50,7 @@ from torch import nn
 from src.checks import check_choice, check_positive_int
 from src.kernels.rtrl import sensitivity_chunk
 from src.learning.diagonal import DiagonalCell, cell_scan, cell_terms, diagonal_cell, step_graph
+from src.state import check_restart, initial_state, merge_streams, reset_streams
 
 RTRL_MODES = ("exact", "layer_local")
 
@@ -125,7 +126,7 @@ class RTRL:
         for cell, state in zip(self.cells, initial_states):
             shape = (batch, cell.hidden_size)
             if state is None:
-                self.hidden.append(torch.zeros(shape, **factory))
+                self.hidden.append(initial_state(cell.layer, batch, like)[0])
             else:
                 if state.numel() != batch * cell.hidden_size:
                     raise ValueError(f"RTRL: an initial state must have shape (1, {batch}, {cell.hidden_size}), "
@@ -140,16 +141,23 @@ class RTRL:
                     self.cross[upper, lower] = torch.zeros(batch, self.cells[upper].hidden_size,
                                                            self._flat_size(lower), **factory)
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        """Restart the streams where ``rows`` (B,) bool is True: zero state and sensitivities there."""
+    def reset_streams(self, restart: torch.Tensor) -> None:
+        """Restart the streams where ``restart`` (B,) bool is True: each layer's fresh state there (the state
+        contract's :func:`src.state.reset_streams`) and zero sensitivities; the other streams go on unchanged.
+        Chosen on the device, without a host synchronisation."""
         self._require_state()
-        rows = rows.to(self.hidden[0].device)
-        for index in range(self.num_layers):
-            self.hidden[index][rows] = 0
-            self.s_diag[index][:, rows] = 0
-            self.s_weight[index][rows] = 0
-        for sensitivity in self.cross.values():
-            sensitivity[rows] = 0
+        restart = check_restart(restart, self.hidden)
+        self.hidden = [reset_streams(cell.layer, h.unsqueeze(0), restart)[0]  # the layer's state is (1, B, H)
+                       for cell, h in zip(self.cells, self.hidden)]
+
+        def zero_where_restarted(sensitivity: torch.Tensor, batch_dim: int) -> torch.Tensor:
+            return merge_streams(restart, torch.zeros_like(sensitivity), sensitivity, batch_dim)
+
+        self.s_diag = [zero_where_restarted(s, 1) for s in self.s_diag]          # (P, B, H)
+        self.s_weight = [zero_where_restarted(s, 0) for s in self.s_weight]      # (B, H, I)
+        self.cross = {key: zero_where_restarted(s, 0) for key, s in self.cross.items()}  # (B, H_l, P_k)
+
+    reset_rows = reset_streams  # the name lightning_modules/learning/rtrl.py calls until it moves to reset_streams
 
     def state(self) -> list[torch.Tensor]:
         """The current hidden state of each layer, (1, B, H) (the network's state format)."""

@@ -110,7 +110,7 @@ class SequenceNetwork(nn.Module):
         raise NotImplementedError
 
     def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> list:
-        """One entry per recurrent layer: each layer's state before the first step (see :func:`src.state.initial_state`)."""
+        """One entry per recurrent layer: its state before the first step (:func:`src.state.initial_state`)."""
         return [initial_state(layer, batch_size, like) for layer in self.recurrent_layers]
 
     def reset_streams(self, state: list, restart: torch.Tensor) -> list:
