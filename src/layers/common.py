@@ -104,3 +104,43 @@ def apply_constraints(module: torch.nn.Module) -> None:
             constrain = getattr(child, "constrain_parameters_", None)
             if constrain is not None:
                 constrain()
+
+
+class OscillatorState:
+    """What the oscillator layers (coRNN, UnICORNN, LEM) share, mixed into their nn.Module: the state and shapes.
+
+    State: a tuple (y, z), each (1, B, H) (position and velocity, or output and memory), as
+    torch.nn.LSTM's (h, c); None starts from zeros.
+
+    Shapes:
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (1, H) each).
+        output: (T, B, H) (or (B, T, H)): y at every step.
+
+    Subclasses set ``layer_name`` (for errors), ``hidden_size`` and ``batch_first``.
+    """
+
+    layer_name: str
+    bidirectional = False  # one direction: Bidirectional wraps any layer
+
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros (y, z), each (1, B, H), in the dtype and device of ``like`` (default: the parameters)."""
+        like = next(self.parameters()) if like is None else like
+        return like.new_zeros(1, batch_size, self.hidden_size), like.new_zeros(1, batch_size, self.hidden_size)
+
+    def start_pair(self, x: torch.Tensor, state, unbatched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``state`` (None: zeros) for the time-major ``x`` (T, B, I), checked, as (y0, z0) (B, H) each."""
+        batch = x.shape[1]
+        state = batched_state(state, unbatched)
+        if state is None:
+            state = self.initial_state(batch, x)
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"{self.layer_name} state must be a tuple (y, z) of two (1, {batch}, {self.hidden_size}) "
+                             f"tensors, got {type(state).__name__}")
+        y0, z0 = (check_state_tensor(s, (1, batch, self.hidden_size), self.layer_name, what)
+                  for s, what in zip(state, ("state y", "state z")))
+        return y0[0], z0[0]
+
+    def finish_pair(self, ys: torch.Tensor, z_last: torch.Tensor, y0: torch.Tensor, unbatched: bool):
+        """(the output y (T, B, H) in the caller's layout, the state (y_{T-1}, z_{T-1}) (1, B, H) each)."""
+        new_state = (ys[-1:] if len(ys) else y0.unsqueeze(0), z_last.unsqueeze(0))
+        return from_time_major(ys, self.batch_first, unbatched), unbatched_state(new_state, unbatched)

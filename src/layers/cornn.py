@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from src.checks import check_positive_int
-from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
+from src.layers.common import OscillatorState, to_time_major
 
 
 def cornn_reference(inputs: torch.Tensor, weight_y: torch.Tensor, weight_z: torch.Tensor, y0: torch.Tensor,
@@ -52,7 +52,7 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
-class CoRNN(nn.Module):
+class CoRNN(OscillatorState, nn.Module):
     r"""One coRNN layer (module docstring).
 
     Args:
@@ -67,14 +67,10 @@ class CoRNN(nn.Module):
     Initialisation as the official code's single ``nn.Linear(I + 2H, H)`` over [u, z, y]: every weight
     and the bias ~ U(-1/sqrt(I + 2H), 1/sqrt(I + 2H)).
 
-    State: a tuple (y, z), each (1, B, H), as torch.nn.LSTM's (h, c). None starts from zeros.
-
-    Shapes:
-        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (1, H) each).
-        output: (T, B, H) (or (B, T, H)): y at every step.
+    State and shapes: see :class:`src.layers.common.OscillatorState`; output y (T, B, H) at every step.
     """
 
-    bidirectional = False  # one direction: Bidirectional wraps any layer
+    layer_name = "coRNN"  # in error messages
 
     def __init__(self, input_size: int, hidden_size: int, dt: float = 0.076, gamma: float = 0.4,
                  epsilon: float = 8.0, batch_first: bool = False, bias: bool = True) -> None:
@@ -97,27 +93,13 @@ class CoRNN(nn.Module):
             if parameter is not None:
                 nn.init.uniform_(parameter, -bound, bound)
 
-    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros (y, z), each (1, B, H), in the dtype and device of ``like`` (default: the parameters)."""
-        like = self.weight_hy if like is None else like
-        return like.new_zeros(1, batch_size, self.hidden_size), like.new_zeros(1, batch_size, self.hidden_size)
-
     def forward(self, input: torch.Tensor, state=None):
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "coRNN", dtype=self.weight_hy.dtype)
-        batch = x.shape[1]
-        state = batched_state(state, unbatched)
-        if state is None:
-            state = self.initial_state(batch, x)
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(f"coRNN state must be a tuple (y, z) of two (1, {batch}, {self.hidden_size}) tensors, "
-                             f"got {type(state).__name__}")
-        y0, z0 = (check_state_tensor(s, (1, batch, self.hidden_size), "coRNN", name)
-                  for s, name in zip(state, ("state y", "state z")))
+        y0, z0 = self.start_pair(x, state, unbatched)
         drive = torch.nn.functional.linear(x, self.weight_ih, self.bias)  # V u_t + b for all t at once
-        ys, z_last = cornn_reference(drive, self.weight_hy, self.weight_hz, y0[0], z0[0], self.dt, self.gamma,
+        ys, z_last = cornn_reference(drive, self.weight_hy, self.weight_hz, y0, z0, self.dt, self.gamma,
                                      self.epsilon)
-        new_state = (ys[-1:] if len(ys) else y0, z_last.unsqueeze(0))
-        return from_time_major(ys, self.batch_first, unbatched), unbatched_state(new_state, unbatched)
+        return self.finish_pair(ys, z_last, y0, unbatched)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, dt={self.dt}, gamma={self.gamma}, epsilon={self.epsilon}, "

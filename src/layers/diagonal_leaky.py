@@ -14,12 +14,12 @@ from torch.nn import functional as F
 from src.activations import activate
 from src.checks import check_choice, check_positive_int
 from src.layers.common import init_uniform_, initial_state, sequence_and_final_state, to_time_major
-from src.layers.leaky import ALPHA_MODES, LOGIT_BOUND
+from src.layers.leaky import ALPHA_MODES, LOGIT_BOUND, LeakRates
 
 DIAGONAL_NONLINEARITIES = ("relu", "tanh", "identity")
 
 
-class DiagonalLeakyRNN(nn.Module):
+class DiagonalLeakyRNN(LeakRates, nn.Module):
     r"""Leaky-integrator layer with a diagonal recurrence: the per-unit form RTRL trains exactly.
 
     :math:`h_t = \alpha \odot h_{t-1} + (1 - \alpha) \odot f(W x_t + b + u \odot h_{t-1})`, alpha per
@@ -86,15 +86,6 @@ class DiagonalLeakyRNN(nn.Module):
             self.weight_hh.clamp_(-self.u_bound, self.u_bound)
         if self.alpha_mode == "learned":
             self.alpha_logit.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        """Leak rate per unit, shape (H,)."""
-        return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
-
-    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """Zeros (1, batch_size, H) (dtype and device of ``like``, default the parameters)."""
-        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.hidden_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "DiagonalLeakyRNN")

@@ -22,6 +22,41 @@ from src.layers.common import initial_state, init_uniform_, sequence_and_final_s
 NONLINEARITIES = tuple(FUNCTIONS)
 
 
+def set_feedback_settings(layer: nn.Module, name: str, input_size: int, hidden_size: int, nonlinearity: str,
+                          output_nonlinearity: str, batch_first: bool) -> None:
+    """The settings every output-feedback layer (Jordan, NARX) keeps, checked and set on ``layer``: input_size I,
+    hidden_size H (ints >= 1), nonlinearity f and output_nonlinearity g (each one of :data:`NONLINEARITIES`),
+    batch_first; ``name`` names the layer in errors."""
+    layer.input_size = check_positive_int("input_size", input_size)
+    layer.hidden_size = check_positive_int("hidden_size", hidden_size)
+    layer.nonlinearity = check_choice(f"{name} nonlinearity", nonlinearity, NONLINEARITIES)
+    layer.output_nonlinearity = check_choice(f"{name} output_nonlinearity", output_nonlinearity, NONLINEARITIES)
+    layer.batch_first = batch_first
+
+
+def output_feedback_loop(drive: torch.Tensor, past_outputs: list[torch.Tensor], weight_fb: torch.Tensor,
+                         weight_out: torch.Tensor, bias_out: torch.Tensor | None, nonlinearity: str,
+                         output_nonlinearity: str) -> torch.Tensor:
+    """y_t = g(U f(z_t + V [y_{t-1}, ..., y_{t-p}]) + c) for every step: the loop of Jordan (p = 1) and NARX.
+
+    Args:
+        drive: z_t, the input part of the hidden pre-activation for every step (T, B, M).
+        past_outputs: y_{-p}, ..., y_{-1}, oldest first, (B, O) each.
+        weight_fb: V (M, p O), column block k - 1 for y_{t-k}. weight_out: U (O, M); bias_out: c (O,) or None.
+        nonlinearity, output_nonlinearity: f and g.
+
+    Returns:
+        y (T, B, O).
+    """
+    history, feedback_steps = list(past_outputs), len(past_outputs)
+    weight_fb_t = weight_fb.t()
+    for z_t in drive.unbind(0):
+        feedback = history[-1] if feedback_steps == 1 else torch.cat(history[-1:-feedback_steps - 1:-1], dim=-1)
+        hidden = activate(torch.addmm(z_t, feedback, weight_fb_t), nonlinearity)
+        history.append(activate(F.linear(hidden, weight_out, bias_out), output_nonlinearity))
+    return torch.stack(history[feedback_steps:])
+
+
 class JordanRNN(nn.Module):
     r"""Jordan network layer, following torch.nn.RNN's contract (one layer, one direction).
 
@@ -55,12 +90,8 @@ class JordanRNN(nn.Module):
                  batch_first: bool = False, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         self.backend = check_choice("JordanRNN backend", backend, DENSE_BACKENDS)
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        set_feedback_settings(self, "JordanRNN", input_size, hidden_size, nonlinearity, output_nonlinearity, batch_first)
         self.output_size = hidden_size if output_size is None else check_positive_int("output_size", output_size)
-        check_choice("JordanRNN nonlinearity", nonlinearity, NONLINEARITIES)
-        check_choice("JordanRNN output_nonlinearity", output_nonlinearity, NONLINEARITIES)
-        self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
         self.weight_fb = nn.Parameter(torch.empty(hidden_size, self.output_size, **factory))
@@ -90,13 +121,8 @@ class JordanRNN(nn.Module):
             output = JordanTriton.apply(z, self.weight_fb, self.weight_out, bias_out, y, self.nonlinearity,
                                         self.output_nonlinearity)
             return sequence_and_final_state(output, self.batch_first, unbatched)
-        weight_fb_t = self.weight_fb.t()
-        outputs = []
-        for t in range(x.shape[0]):
-            h = activate(torch.addmm(z[t], y, weight_fb_t), self.nonlinearity)
-            y = activate(F.linear(h, self.weight_out, self.bias_out), self.output_nonlinearity)
-            outputs.append(y)
-        output = torch.stack(outputs)
+        output = output_feedback_loop(z, [y], self.weight_fb, self.weight_out, self.bias_out, self.nonlinearity,
+                                      self.output_nonlinearity)
         return sequence_and_final_state(output, self.batch_first, unbatched)
 
     def extra_repr(self) -> str:

@@ -27,7 +27,22 @@ ALPHA_MODES = ("fixed", "learned")
 LOGIT_BOUND = 12.0  # learned alpha_logit is clamped to [-12, 12]: alpha in [6e-6, 1 - 6e-6]
 
 
-class LeakyRNN(nn.Module):
+class LeakRates:
+    """What the leaky-integrator layers (LeakyRNN, DiagonalLeakyRNN) share, mixed into their nn.Module: per-unit
+    leak rates, a parameter ``alpha_logit`` (H,) in learned mode or the buffer ``alpha_value`` (H,) otherwise,
+    and the state h (1, B, H)."""
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Leak rate per unit, shape (H,), in [0, 1] (fixed) or (0, 1) (learned: sigmoid(alpha_logit))."""
+        return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
+
+    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Zeros (1, batch_size, H) (dtype and device of ``like``, default the parameters)."""
+        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.hidden_size)
+
+
+class LeakyRNN(LeakRates, nn.Module):
     r"""Leaky-integrator RNN layer, following torch.nn.RNN's contract (one layer, one direction).
 
     Args:
@@ -45,7 +60,7 @@ class LeakyRNN(nn.Module):
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
         backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
             :mod:`src.kernels.dense_triton`, hand-written backward) or "auto" (see
-            :func:`src.kernels.dense_triton.resolve_dense_backend`).
+            :func:`src.kernels.dense_triton.resolve_dense_backend`); SkipRNN and JordanRNN take the same.
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_hh`` U (H, H), ``bias`` b (H,), initialised like
@@ -121,15 +136,6 @@ class LeakyRNN(nn.Module):
         """Learned mode: clamp alpha_logit to [-12, 12] (alpha stays strictly inside (0, 1))."""
         if self.alpha_mode == "learned":
             self.alpha_logit.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        """Leak rate per unit, shape (H,), in [0, 1] (fixed) or (0, 1) (learned)."""
-        return torch.sigmoid(self.alpha_logit) if self.alpha_mode == "learned" else self.alpha_value
-
-    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """Zeros (1, batch_size, H) (dtype and device of ``like``, default the parameters)."""
-        return (self.weight_ih if like is None else like).new_zeros(1, batch_size, self.hidden_size)
 
     def forward(self, input: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LeakyRNN")

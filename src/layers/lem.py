@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from src.checks import check_positive_int
-from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
+from src.layers.common import OscillatorState, to_time_major
 
 
 def lem_reference(drives: torch.Tensor, weight_y: torch.Tensor, bias_y: torch.Tensor | None, weight_z: torch.Tensor,
@@ -55,7 +55,7 @@ def lem_reference(drives: torch.Tensor, weight_y: torch.Tensor, bias_y: torch.Te
     return (torch.stack(outputs) if outputs else drives.new_zeros(*drives.shape[:2], y0.shape[-1])), z
 
 
-class LEM(nn.Module):
+class LEM(OscillatorState, nn.Module):
     r"""One LEM layer (module docstring).
 
     Args:
@@ -67,14 +67,10 @@ class LEM(nn.Module):
 
     Initialisation as the official code: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)).
 
-    State: a tuple (y, z), each (1, B, H), as torch.nn.LSTM's (h, c). None starts from zeros.
-
-    Shapes:
-        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (1, H) each).
-        output: (T, B, H) (or (B, T, H)): y at every step.
+    State (y, z) and shapes: as :class:`src.layers.common.OscillatorState` (output y (T, B, H) at every step).
     """
 
-    bidirectional = False  # one direction: Bidirectional wraps any layer
+    layer_name = "LEM"  # in error messages
 
     def __init__(self, input_size: int, hidden_size: int, dt: float = 1.0, batch_first: bool = False,
                  bias: bool = True) -> None:
@@ -95,27 +91,13 @@ class LEM(nn.Module):
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -bound, bound)
 
-    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros (y, z), each (1, B, H), in the dtype and device of ``like`` (default: the parameters)."""
-        like = self.transform_z.weight if like is None else like
-        return like.new_zeros(1, batch_size, self.hidden_size), like.new_zeros(1, batch_size, self.hidden_size)
-
     def forward(self, input: torch.Tensor, state=None):
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "LEM",
                                      dtype=self.transform_z.weight.dtype)
-        batch = x.shape[1]
-        state = batched_state(state, unbatched)
-        if state is None:
-            state = self.initial_state(batch, x)
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(f"LEM state must be a tuple (y, z) of two (1, {batch}, {self.hidden_size}) tensors, "
-                             f"got {type(state).__name__}")
-        y0, z0 = (check_state_tensor(s, (1, batch, self.hidden_size), "LEM", name)
-                  for s, name in zip(state, ("state y", "state z")))
+        y0, z0 = self.start_pair(x, state, unbatched)
         ys, z_last = lem_reference(self.input_map(x), self.hidden_map.weight, self.hidden_map.bias,
-                                   self.transform_z.weight, self.transform_z.bias, y0[0], z0[0], self.dt)
-        new_state = (ys[-1:] if len(ys) else y0, z_last.unsqueeze(0))
-        return from_time_major(ys, self.batch_first, unbatched), unbatched_state(new_state, unbatched)
+                                   self.transform_z.weight, self.transform_z.bias, y0, z0, self.dt)
+        return self.finish_pair(ys, z_last, y0, unbatched)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, dt={self.dt}, batch_first={self.batch_first}"

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from src.activations import activate
-from src.checks import check_choice, check_non_negative_int, check_positive_int
+from src.checks import check_non_negative_int, check_positive_int
 from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
-from src.layers.jordan import NONLINEARITIES
+from src.layers.jordan import output_feedback_loop, set_feedback_settings
 
 
 class NARX(nn.Module):
@@ -56,14 +55,10 @@ class NARX(nn.Module):
                  mlp_hidden: int | None = None, nonlinearity: str = "tanh", output_nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.input_size = check_positive_int("input_size", input_size)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        set_feedback_settings(self, "NARX", input_size, hidden_size, nonlinearity, output_nonlinearity, batch_first)
         self.input_delays = check_non_negative_int("input_delays", input_delays)
         self.output_delays = check_positive_int("output_delays", output_delays)
         self.mlp_hidden = hidden_size if mlp_hidden is None else check_positive_int("mlp_hidden", mlp_hidden)
-        check_choice("NARX nonlinearity", nonlinearity, NONLINEARITIES)
-        check_choice("NARX output_nonlinearity", output_nonlinearity, NONLINEARITIES)
-        self.nonlinearity, self.output_nonlinearity, self.batch_first = nonlinearity, output_nonlinearity, batch_first
         factory = {"device": device, "dtype": dtype}
         m = self.mlp_hidden
         self.weight_x = nn.Parameter(torch.empty(m, (input_delays + 1) * input_size, **factory))
@@ -108,17 +103,9 @@ class NARX(nn.Module):
         padded = torch.cat([x_past, x])  # (q + T, B, I): x_{-q}, ..., x_{T-1}
         taps = torch.cat([padded[q - k: q - k + steps] for k in range(q + 1)], dim=-1)  # (T, B, (q+1) I)
         z = F.linear(taps, self.weight_x, self.bias_mlp)  # input part of the MLP for all steps at once
-        history = list(y_past.unbind(0))  # oldest first
-        weight_y_t = self.weight_y.t()
-        outputs = []
-        for t in range(steps):
-            feedback = torch.cat(history[-1:-p - 1:-1], dim=-1)  # y_{t-1}, ..., y_{t-p}
-            hidden = activate(torch.addmm(z[t], feedback, weight_y_t), self.nonlinearity)
-            y = activate(F.linear(hidden, self.weight_out, self.bias_out), self.output_nonlinearity)
-            outputs.append(y)
-            history.append(y)
-        output = torch.stack(outputs)
-        final = (torch.stack(history[-p:]), padded[steps:])
+        output = output_feedback_loop(z, list(y_past.unbind(0)), self.weight_y, self.weight_out, self.bias_out,
+                                      self.nonlinearity, self.output_nonlinearity)
+        final = (torch.cat([y_past, output[-p:]])[-p:], padded[steps:])  # the last p outputs
         return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
 
     def extra_repr(self) -> str:

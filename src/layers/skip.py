@@ -43,9 +43,7 @@ class SkipRNN(nn.Module):
         nonlinearity: f, "tanh" or "relu".
         bias: learn the bias b.
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
-        backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
-            :mod:`src.kernels.dense_triton`, hand-written backward) or "auto" (see
-            :func:`src.kernels.dense_triton.resolve_dense_backend`).
+        backend: "reference", "triton" or "auto", as :class:`src.layers.LeakyRNN`'s.
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_hh`` (len(delays), H, H) with ``weight_hh[k]`` =

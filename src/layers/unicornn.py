@@ -22,12 +22,12 @@ from torch import nn
 
 from src.checks import check_choice, check_positive_int
 from src.kernels.unicornn_cpu import BACKENDS, unicornn_recurrence
-from src.layers.common import batched_state, check_state_tensor, from_time_major, to_time_major, unbatched_state
+from src.layers.common import OscillatorState, to_time_major
 
 INPUT_INITS = ("kaiming_a8", "uniform")
 
 
-class UnICORNN(nn.Module):
+class UnICORNN(OscillatorState, nn.Module):
     r"""One UnICORNN layer: projection, then H independent oscillators (module docstring).
 
     Args:
@@ -44,15 +44,11 @@ class UnICORNN(nn.Module):
 
     Initialisation as the official code: w ~ U(0, 1), c ~ U(-0.1, 0.1).
 
-    State: a tuple (y, z), each (1, B, H): position and velocity of every oscillator, as
-    torch.nn.LSTM's (h, c). None starts from zeros.
-
-    Shapes:
-        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched (state then (1, H) each).
-        output: (T, B, H) (or (B, T, H)): y at every step.
+    State (y, z): position and velocity of every oscillator; state and shapes as
+    :class:`src.layers.common.OscillatorState` (output y (T, B, H) at every step).
     """
 
-    bidirectional = False  # one direction: Bidirectional wraps any layer
+    layer_name = "UnICORNN"  # in error messages
 
     def __init__(self, input_size: int, hidden_size: int, dt: float = 0.01, alpha: float = 0.0,
                  batch_first: bool = False, bias: bool = True, input_init: str = "kaiming_a8",
@@ -88,26 +84,12 @@ class UnICORNN(nn.Module):
         """(H,): each unit's time step dt * sigmoid(c)."""
         return self.dt * torch.sigmoid(self.step_logit)
 
-    def initial_state(self, batch_size: int, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros (y, z), each (1, B, H), in the dtype and device of ``like`` (default: the parameters)."""
-        like = self.weight_hh if like is None else like
-        return like.new_zeros(1, batch_size, self.hidden_size), like.new_zeros(1, batch_size, self.hidden_size)
-
     def forward(self, input: torch.Tensor, state=None):
         x, unbatched = to_time_major(input, self.batch_first, self.input_size, "UnICORNN", dtype=self.weight_hh.dtype)
-        batch = x.shape[1]
-        state = batched_state(state, unbatched)
-        if state is None:
-            state = self.initial_state(batch, x)
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(f"UnICORNN state must be a tuple (y, z) of two (1, {batch}, {self.hidden_size}) tensors, "
-                             f"got {type(state).__name__}")
-        y0, z0 = (check_state_tensor(s, (1, batch, self.hidden_size), "UnICORNN", name)
-                  for s, name in zip(state, ("state y", "state z")))
-        ys, z_last = unicornn_recurrence(self.projection(x), self.weight_hh, self.step_logit, y0[0], z0[0],
+        y0, z0 = self.start_pair(x, state, unbatched)
+        ys, z_last = unicornn_recurrence(self.projection(x), self.weight_hh, self.step_logit, y0, z0,
                                          self.dt, self.alpha, self.backend)
-        new_state = (ys[-1:] if len(ys) else y0, z_last.unsqueeze(0))
-        return from_time_major(ys, self.batch_first, unbatched), unbatched_state(new_state, unbatched)
+        return self.finish_pair(ys, z_last, y0, unbatched)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, dt={self.dt}, alpha={self.alpha}, batch_first={self.batch_first}"
