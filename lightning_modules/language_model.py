@@ -213,6 +213,10 @@ class LanguageModel(CarriedState, SequenceObjective):
         if self.dynamic is not None:
             self.dynamic.start()
 
+    def on_test_epoch_end(self) -> None:
+        if self.dynamic is not None:
+            self.dynamic.start()  # frees the adapted weights (two copies of the parameters)
+
     # Steps ----------------------------------------------------------------------------------------
 
     def bptt_training_step(self, batch) -> torch.Tensor:
