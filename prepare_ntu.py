@@ -5,7 +5,8 @@
     python prepare_ntu.py --help
 
 key=value arguments as every entry point (lightning_modules/cli.py). The logic is in
-datamodules/ntu_convert.py (HDF5 layout) and datamodules/ntu_skeleton.py (parsing, body selection); see README.md.
+datamodules/ntu_convert.py (the conversion), datamodules/ntu_hdf5.py (the HDF5 layout) and datamodules/ntu_skeleton.py
+(parsing, body selection); see README.md.
 """
 import logging
 import sys

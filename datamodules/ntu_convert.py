@@ -11,24 +11,8 @@ most active become slots 0 and 1 for the whole sequence, so one person stays in 
 second person is zeros; frames where neither kept body is tracked are dropped; a sample with no body
 in any frame is skipped ("no skeleton").
 
-HDF5 layout (version :data:`CONVERTER_VERSION`), see also README.md::
-
-    skeletons     (total_frames, 2, 25, 3) float32 (or float16); by default contiguous and uncompressed,
-                  which the DataModule memory-maps (13x the samples/s of gzip chunks, measured), or
-                  chunked (64 frames) and compressed with compression=gzip or lzf; frames of all
-                  samples back to back: sample i is skeletons[offset[i] : offset[i] + length[i]]
-    offset        (N,) int64      first frame of each sample
-    length        (N,) int32      frames of each sample
-    name          (N,) S20        SsssCcccPpppRrrrAaaa
-    setup, camera, performer, replication, action   (N,) int16   from the name (1-based, as NTU)
-    label         (N,) int16      action - 1
-    bodies        (N,) int8       bodies kept (1 or 2)
-    checksum      (N,) uint32     CRC-32 of each sample's frames as stored (its bytes in the file's dtype)
-    attrs: format="ntu-rgbd-skeletons", converter_version, complete=True (set last),
-           manifest = JSON {counts, skipped [{name, reason, detail}], source, options,
-                            content {checksum_of_checksums, min, max}, ...}
-
-What was written is recorded so that a reader can check the file (datamodules/ntu.py verifies it on
+The HDF5 layout, its writer (:func:`write_samples`) and its reader are in :mod:`datamodules.ntu_hdf5`.
+What was written is recorded so that a reader can check the file (the DataModule verifies it on
 first open): a CRC-32 per sample, a CRC-32 of those checksums and the coordinates' range in the
 manifest. Coordinates are metres in the Kinect's camera space: a sample with a coordinate beyond
 :data:`MAX_COORDINATE` (10 m; the sensor sees up to 8 m) or a non-finite one is skipped ("out of range").
@@ -44,33 +28,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing
 import os
-import sys
 import time
 import zipfile
-import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from datamodules.ntu_skeleton import (MAX_BODIES, META_FIELDS, NUM_JOINTS, SkeletonFormatError, parse_sample_name,
-                                       skeleton_array)
+from datamodules.ntu_hdf5 import CONVERTER_VERSION, DTYPES, FORMAT, MAX_COORDINATE, write_samples
+from datamodules.ntu_skeleton import MAX_BODIES, SkeletonFormatError, parse_sample_name, skeleton_array
 from src.checks import check_choice, check_non_negative_int, check_positive_int
 from storage.atomic import replace_atomically
 from storage.lock import FileLock, LockHeld
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 2          # 2: per-sample checksums and the value range in the manifest
-MAX_COORDINATE = 10.0          # metres: |x|, |y|, |z| beyond it are not a body the Kinect saw
-FORMAT = "ntu-rgbd-skeletons"
-CHUNK_FRAMES = 64              # HDF5 chunk: 64 frames (38 KB in float32), about one sample
-DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPRESSIONS = ("gzip", "lzf", "none")
 SUFFIX = ".skeleton"
 EXPECTED_RAW = ("the folder of NTU RGB+D .skeleton files or the downloaded zip "
@@ -192,34 +168,6 @@ def _convert_task(task: tuple[SkeletonFile, int]) -> tuple[str, np.ndarray | Non
 
 
 # Conversion ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Samples:
-    """Per-sample arrays gathered while frames stream into the HDF5 dataset."""
-
-    names: list[str] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    bodies: list[int] = field(default_factory=list)
-    meta: dict[str, list[int]] = field(default_factory=lambda: {key: [] for key in META_FIELDS})
-    checksums: list[int] = field(default_factory=list)     # CRC-32 of each sample's stored bytes
-    low: float = math.inf                                  # the smallest and largest coordinate written
-    high: float = -math.inf
-
-    def content(self) -> dict:
-        """The manifest's record of what was written: the CRC-32 of the ``checksum`` dataset's bytes
-        (uint32 little-endian) and the coordinates' range (None without samples)."""
-        checksums = np.array(self.checksums, dtype="<u4")
-        return {"checksum": "crc32 per sample of its stored bytes, in the 'checksum' dataset",
-                "checksum_of_checksums": zlib.crc32(checksums.tobytes()),
-                "min": None if not self.checksums else float(self.low),
-                "max": None if not self.checksums else float(self.high)}
-
-
-def sample_checksum(frames: np.ndarray) -> int:
-    """CRC-32 of one sample's frames (F, 2, 25, 3) as stored (C order, the file's dtype, little-endian)."""
-    return zlib.crc32(np.ascontiguousarray(frames, dtype=frames.dtype.newbyteorder("<")).tobytes())
 
 
 def lock_path(out: Path) -> Path:
@@ -362,95 +310,6 @@ def _results(tasks: list, workers: int) -> Iterator[tuple[str, np.ndarray | None
     chunk = max(1, min(32, len(tasks) // (workers * 8)))
     with multiprocessing.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_convert_task, tasks, chunksize=chunk)
-
-
-def write_samples(path: str | os.PathLike, results: Iterable[tuple[str, np.ndarray | None, str, str]], total: int,
-                  dtype: str = "float32", compression: str = "none", progress: bool = False,
-                  skipped: list[dict[str, str]] | None = None) -> tuple[_Samples, int]:
-    """Stream ``(name, array (F, 2, 25, 3) or None, reason, detail)`` results into a new HDF5 file ``path``
-    in the layout above (without the manifest and the ``complete`` flag, which :func:`convert` adds last).
-
-    Failed results (array None) are appended to ``skipped``. ``total`` sizes the progress bar.
-    Returns the per-sample lists and the number of frames written.
-    """
-    import h5py
-    from tqdm import tqdm
-
-    skipped = [] if skipped is None else skipped
-    dtype = DTYPES[check_choice("dtype", dtype, tuple(DTYPES))]
-
-    samples, total_frames = _Samples(), 0
-    pending: list[np.ndarray] = []
-    pending_frames = 0
-    with h5py.File(path, "w") as h5:
-        h5.attrs["format"] = FORMAT
-        h5.attrs["converter_version"] = CONVERTER_VERSION
-        h5.attrs["complete"] = False
-        frame_shape = (MAX_BODIES, NUM_JOINTS, 3)
-        # compression "none": a contiguous dataset, which readers map into memory (np.memmap) instead of
-        # going through h5py per sample; its size is known only at the end, so the frames wait in a side file.
-        side_file = Path(f"{path}.frames") if compression == "none" else None
-        side = open(side_file, "wb") if side_file else None
-        if side is None:
-            skeletons = h5.create_dataset("skeletons", shape=(0, *frame_shape), dtype=dtype,
-                                          maxshape=(None, *frame_shape), chunks=(CHUNK_FRAMES, *frame_shape),
-                                          compression=compression, shuffle=True)
-
-        def flush() -> None:
-            nonlocal pending, pending_frames
-            if pending:
-                block = np.concatenate(pending).astype(dtype)
-                if side is not None:
-                    side.write(block.tobytes())
-                else:
-                    begin = skeletons.shape[0]
-                    skeletons.resize(begin + pending_frames, axis=0)
-                    skeletons[begin:] = block
-                pending, pending_frames = [], 0
-
-        bar = tqdm(total=total, unit="file", desc="parsing skeletons", disable=not progress, file=sys.stderr)
-        for name, array, reason, detail in results:
-            bar.update()
-            if array is None:
-                skipped.append({"name": name, "reason": reason, "detail": detail})
-                continue
-            meta = parse_sample_name(name)
-            samples.names.append(name)
-            samples.offsets.append(total_frames)
-            samples.lengths.append(len(array))
-            samples.bodies.append(int(np.any(array[:, 1] != 0)) + 1)
-            stored = array.astype(dtype, copy=False)
-            samples.checksums.append(sample_checksum(stored))
-            if len(stored):
-                samples.low = min(samples.low, float(stored.min()))
-                samples.high = max(samples.high, float(stored.max()))
-            for key in META_FIELDS:
-                samples.meta[key].append(meta[key])
-            total_frames += len(array)
-            pending.append(array)
-            pending_frames += len(array)
-            if pending_frames >= 64 * CHUNK_FRAMES:
-                flush()
-        flush()
-        bar.close()
-        if side is not None:
-            side.close()
-            skeletons = h5.create_dataset("skeletons", shape=(total_frames, *frame_shape), dtype=dtype)
-            if total_frames:
-                frames = np.memmap(side_file, dtype=dtype, mode="r", shape=(total_frames, *frame_shape))
-                for begin in range(0, total_frames, 1 << 16):
-                    skeletons[begin:begin + (1 << 16)] = frames[begin:begin + (1 << 16)]
-                del frames
-            side_file.unlink()
-        h5.create_dataset("name", data=np.array(samples.names, dtype="S20"))
-        h5.create_dataset("offset", data=np.array(samples.offsets, dtype=np.int64))
-        h5.create_dataset("length", data=np.array(samples.lengths, dtype=np.int32))
-        h5.create_dataset("bodies", data=np.array(samples.bodies, dtype=np.int8))
-        for key in META_FIELDS:
-            h5.create_dataset(key, data=np.array(samples.meta[key], dtype=np.int16))
-        h5.create_dataset("label", data=np.array(samples.meta["action"], dtype=np.int16) - 1)
-        h5.create_dataset("checksum", data=np.array(samples.checksums, dtype="<u4"))
-    return samples, total_frames
 
 
 def summary_table(manifest: dict, out: str | os.PathLike) -> str:

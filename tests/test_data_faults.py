@@ -28,7 +28,8 @@ from datamodules.download import DataError
 from datamodules.idx import write_idx
 from datamodules.mnist import MNISTDataModule, TRAIN_LABELS
 from datamodules.ntu import NTUDataModule
-from datamodules.ntu_convert import ConvertError, convert, lock_path, partial_path, write_samples
+from datamodules.ntu_convert import ConvertError, convert, lock_path, partial_path
+from datamodules.ntu_hdf5 import write_samples
 from datamodules.ntu_synthetic import sample_name, sample_text
 from datamodules.ptb import EOS, FILES, PTBDataModule, read_tokens
 from lightning_modules.base import NonFiniteLossError
@@ -92,7 +93,7 @@ def overwrite(path: Path, position: int, data: bytes) -> None:
 
 def quick_rows(path: Path) -> set[int]:
     """The rows whose checksum the quick check reads (the datamodule's rule: 16 spread over the file)."""
-    from datamodules.ntu import QUICK_CHECKSUMS
+    from datamodules.ntu_hdf5 import QUICK_CHECKSUMS
     with h5py.File(path, "r") as h5:
         count = len(h5["name"])
     return set(np.linspace(0, count - 1, min(QUICK_CHECKSUMS, count)).round().astype(int).tolist())
@@ -258,7 +259,7 @@ def test_a_file_from_the_previous_converter_still_loads_with_a_warning(ntu_copy,
         del manifest["content"]
         h5.attrs["manifest"], h5.attrs["converter_version"] = json.dumps(manifest), 1
     datamodule = ntu_module(ntu_copy)
-    with caplog.at_level("WARNING", logger="datamodules.ntu"):
+    with caplog.at_level("WARNING", logger="datamodules.ntu_hdf5"):
         datamodule.setup("fit")
     assert "no checksums" in caplog.text and "overwrite=true" in caplog.text
     assert next(iter(datamodule.train_dataloader())).inputs.shape == (8, 20, 150)

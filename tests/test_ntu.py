@@ -16,10 +16,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from datamodules import ntu_convert, ntu_skeleton
+from datamodules import ntu_convert, ntu_hdf5, ntu_skeleton
 from datamodules.download import DownloadError
-from datamodules.ntu import (NTU60_TRAIN_PERFORMERS, NTU120_TRAIN_PERFORMERS, NTUDataModule, rotate_vertical,
-                             sample_frame_indices)
+from datamodules.ntu import NTU60_TRAIN_PERFORMERS, NTU120_TRAIN_PERFORMERS, NTUDataModule
+from datamodules.ntu_dataset import rotate_vertical, sample_frame_indices
 from datamodules.ntu_convert import convert, partial_path, summary_table
 from datamodules.ntu_synthetic import sample_name, sample_text, skeleton_text
 from lightning_modules.classification import SequenceClassificationModule
@@ -67,7 +67,7 @@ def test_hdf5_matches_the_text_value_by_value(learnable):
         assert h5["skeletons"].dtype == np.float32 and h5["skeletons"].shape[1:] == (2, 25, 3)
         manifest = json.loads(h5.attrs["manifest"])
         assert manifest["counts"]["samples"] == 80 and manifest["skipped"] == []
-        assert manifest["converter_version"] == ntu_convert.CONVERTER_VERSION
+        assert manifest["converter_version"] == ntu_hdf5.CONVERTER_VERSION
         for row, name in enumerate(names):
             frames = read_text_bodies((raw / f"{name}.skeleton").read_text())
             offset, length = int(h5["offset"][row]), int(h5["length"][row])
