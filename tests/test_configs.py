@@ -29,12 +29,19 @@ def test_experiment_composes_and_builds(tmp_path, experiment):
 
 def built_network_output_shape(cfg) -> tuple[int, ...]:
     """The output shape of the network a run of ``cfg`` trains (build_network, as the driver builds it),
-    on a batch of 2 sequences of 3 steps: logits (2, L, V) for an encoder-decoder task."""
+    on a batch of 2 sequences of 3 steps: logits (2, L, V) for an encoder-decoder task. Backward from
+    the output must give every trainable parameter a finite gradient."""
     network = build_network(cfg)
     if cfg.task.get("network"):
         tokens = torch.randint(3, cfg.task.network.vocab_size, (2, 3))
-        return tuple(network(tokens, tokens)[0].shape)
-    return tuple(network(torch.randn(2, 3, cfg.task.input_size))[0].shape)
+        output = network(tokens, tokens)[0]
+    else:
+        output = network(torch.randn(2, 3, cfg.task.input_size))[0]
+    output.square().mean().backward()
+    gradients = {name: p.grad for name, p in network.named_parameters() if p.requires_grad}
+    assert gradients and all(g is not None and torch.isfinite(g).all() for g in gradients.values()), [
+        name for name, g in gradients.items() if g is None or not torch.isfinite(g).all()]
+    return tuple(output.shape)
 
 
 def expected_output_shape(cfg) -> tuple[int, ...]:
@@ -44,8 +51,9 @@ def expected_output_shape(cfg) -> tuple[int, ...]:
 
 
 # Every model with each way a network meets a task (one output per sequence, one per step, an
-# encoder-decoder made of the model); every task with one model (the rest of a task's network-facing
-# side is its sizes, the same for any model).
+# encoder-decoder made of the model), forward and backward; every task with one model (the rest of a
+# task's network-facing side is its sizes, the same for any model). tests/test_train.py trains every
+# model through train() on one kind and each other kind with a few models.
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("task", ["adding", "copy_memory", "reverse"])
 def test_every_model_builds_for_every_kind_of_task(tmp_path, model, task):
