@@ -10,7 +10,7 @@ over the same synthetic batches (random inputs and targets of the task's real sh
 downloaded), one after the other in this process:
 
 * ``pipeline_ms``: the real training path: the network, objective, callbacks and loggers built by
-  the run driver's own functions (lightning_modules/run/build.py), ``trainer.fit`` for
+  the run driver's own functions (lightning_modules/run/build.py, ``run_callbacks``), ``trainer.fit`` for
   ``--warmup + --steps`` optimizer steps with validation off; the time from the start of the first
   timed step to the end of the last, divided by ``--steps`` (logging steps included, so their cost
   is spread over the steps as in a real run). With ``--block K`` both loops report their fastest
@@ -58,8 +58,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from lightning_modules.run.build import (build_callbacks, compose_config, build_loggers, build_network, build_objective,  # noqa: E402
+from lightning_modules.run.build import (compose_config, build_loggers, build_network, build_objective,  # noqa: E402
                                          build_trainer, instantiate_node)
+from lightning_modules.run.driver import run_callbacks  # noqa: E402
 from lightning_modules.cuda_graph import CudaGraphs, GraphedForward  # noqa: E402
 from src.batch import SequenceBatch  # noqa: E402
 
@@ -161,7 +162,7 @@ def pipeline_trainer(cfg: DictConfig, callbacks: list, max_steps: int) -> pl.Tra
         cfg.trainer.enable_model_summary = False
         cfg.trainer.val_check_interval = 1.0
         cfg.trainer.check_val_every_n_epoch = 1
-    return build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg) + callbacks)
+    return build_trainer(cfg, build_loggers(cfg), run_callbacks(cfg)[0] + callbacks)
 
 
 def fit(trainer: pl.Trainer, objective: pl.LightningModule, batches: "SyntheticBatches") -> None:

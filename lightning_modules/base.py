@@ -1,7 +1,8 @@
 """What every objective shares: the batch contract (:class:`src.batch.SequenceBatch`, padded steps
 left out), the check that a network suits the objective (its readout, no bidirectional layer on a
 causal task), optimizer and scheduler from config, parameter constraints after each optimizer step,
-a stop on non-finite losses, and per-stage metrics with a best-so-far value."""
+a stop on non-finite losses, and per-stage metrics (the best validation is kept by one callback,
+:class:`lightning_modules.callbacks.BestValidation`)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
+from lightning_modules.callbacks import BestValidation, best_validation_of
 from lightning_modules.learning import BPTT, LearningRule
 from src.batch import as_batch, average_samplings, step_mask
 from src.checks import check_choice
@@ -87,14 +89,16 @@ class SequenceObjective(pl.LightningModule):
     (see :meth:`valid_steps`).
 
     Subclasses set ``metric_name`` (logged as ``{stage}/{metric_name}``), ``best_mode`` ("min" or
-    "max", for ``val/{metric_name}_best``) and ``readouts`` (the network readouts the objective
-    accepts; None: any), and implement :meth:`loss` and :meth:`make_metric`.
+    "max": which way ``val/{metric_name}`` improves) and ``readouts`` (the network readouts the
+    objective accepts; None: any), and implement :meth:`loss` and :meth:`make_metric`.
 
     Args:
         net: the network (e.g. :class:`src.networks.RecurrentNetwork`); checked by :meth:`check_network`.
         optimizer: ``optimizer(params=...)`` builds the optimizer (Hydra ``_partial_: true``).
-        scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or None.
-        monitor: metric that ReduceLROnPlateau-style schedulers watch, e.g. "val/mse".
+        scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or None. A plateau schedule is
+            the callback :class:`~lightning_modules.callbacks.PlateauReloadBest` (``scheduler=plateau``),
+            not torch's ReduceLROnPlateau, which is refused: one plateau mechanism, one "best".
+        monitor: the task's monitored metric, e.g. "val/mse" (Lightning's scheduler config names it).
         scheduler_interval: step the scheduler every "epoch" or every optimizer "step".
         decay_1d_params: apply the optimizer's weight decay to 1-D parameters too. Off by default:
             IndRNN's u, biases and batch-norm weights are excluded, as in the IndRNN papers.
@@ -132,7 +136,6 @@ class SequenceObjective(pl.LightningModule):
         self.learning_rule.attach(self)
         self.metrics = nn.ModuleDict({f"{stage}_metric": self.make_metric() for stage in STAGES})
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
-        self.best_value: float | None = None
 
     def check_network(self, net: nn.Module, causal: bool) -> None:
         """One-line ValueError unless ``net.readout`` is one of ``readouts`` and, on a causal task,
@@ -183,9 +186,10 @@ class SequenceObjective(pl.LightningModule):
         loss = self.loss(predictions, targets)
         metric = self.metrics[f"{stage}_metric"]
         if stage == "train":
-            self.check_training_loss(loss, inputs=batch.inputs, targets=batch.targets)
-            self.log_loss(stage, loss, batch_size)
-            if self.logging_step():  # a per-step metric costs kernels (and syncs): only when it is written
+            logging = self.logging_step()  # once per step: it reads the trainer's progress counters
+            self.check_training_loss(loss, inputs=batch.inputs, targets=batch.targets, logging=logging)
+            if logging:  # a per-step metric costs kernels (and syncs): only when it is written
+                self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
                 metric(predictions.detach(), targets)
                 self.log(f"train/{self.metric_name}", metric, on_step=True, on_epoch=False, batch_size=batch_size)
             return loss
@@ -222,7 +226,7 @@ class SequenceObjective(pl.LightningModule):
             self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_epoch=True, batch_size=batch_size)
 
     def check_training_loss(self, loss: torch.Tensor, inputs: torch.Tensor | None = None,
-                            targets: torch.Tensor | None = None) -> None:
+                            targets: torch.Tensor | None = None, logging: bool | None = None) -> None:
         """Stop with NonFiniteLossError once a training loss was NaN or infinite, naming its step.
 
         Without a host-device synchronisation per step: each step's loss is kept (detached, no
@@ -234,14 +238,14 @@ class SequenceObjective(pl.LightningModule):
         ``inputs`` and ``targets`` (the step's batch) are kept by reference with the loss (no copy, no
         kernel; floating tensors only, at most MAX_KEPT_BATCHES per window) and looked at only once a
         loss was non-finite: when that step's data has NaN/inf values the error blames the data, not
-        the weights."""
+        the weights. ``logging``: this step's :meth:`logging_step`, when the caller has it already."""
         if not hasattr(self, "_recent_losses"):
             self._recent_losses: list[tuple[int, torch.Tensor, tuple]] = []
         kept = len(self._recent_losses) < MAX_KEPT_BATCHES
         data = tuple(t if kept and torch.is_tensor(t) and t.is_floating_point() else None for t in (inputs, targets))
         self._recent_losses.append((self.global_step, loss.detach(), data))
         trainer = attached_trainer(self)
-        if (self.logging_step() or trainer is None or trainer.is_last_batch
+        if ((self.logging_step() if logging is None else logging) or trainer is None or trainer.is_last_batch
                 or len(self._recent_losses) >= MAX_UNCHECKED_LOSSES):
             self.raise_if_loss_was_nonfinite()
 
@@ -314,9 +318,20 @@ class SequenceObjective(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def on_train_start(self) -> None:
-        # The sanity-check validation must not count as the best epoch.
-        self.best_value = None
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A :class:`BestValidation` of ``val/{metric_name}`` (``best_mode``) when the trainer has none,
+        so that every run has exactly one "best" (the run driver adds the task's own)."""
+        if best_validation_of(self.trainer) is not None:
+            return []
+        return [BestValidation(f"val/{self.metric_name}", self.best_mode)]
+
+    @property
+    def best_value(self) -> float | None:
+        """The best validation value of the run's :class:`BestValidation` (None before one, or
+        outside a Trainer)."""
+        trainer = attached_trainer(self)
+        best = best_validation_of(trainer) if trainer is not None else None
+        return None if best is None else best.best_value
 
     def on_validation_epoch_end(self) -> None:
         loss = float(self.losses["val_loss"].compute()) if self.losses["val_loss"].update_count else 0.0
@@ -325,17 +340,15 @@ class SequenceObjective(pl.LightningModule):
             # Non-finite gradients can poison the weights while the training loss still looked
             # finite; raising here stops the run before this validation's checkpoint is saved.
             raise self.validation_loss_error(loss, nonfinite_counts)
-        value = float(self.metrics["val_metric"].compute())
-        if not self.trainer.sanity_checking:
-            better = min if self.best_mode == "min" else max
-            self.best_value = value if self.best_value is None else better(self.best_value, value)
-        if self.best_value is not None:
-            self.log(f"val/{self.metric_name}_best", self.best_value, prog_bar=True, sync_dist=True)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # Constraints (e.g. IndRNN's |u| <= u_bound) are re-imposed after every update, as in the paper.
-        apply_constraints(self.net)
+        # Constraints (e.g. IndRNN's |u| <= u_bound) are re-imposed after every update, as in the paper;
+        # the modules that have one are found once (walking the whole network every step costs more).
+        if not hasattr(self, "_constrained_modules"):
+            self._constrained_modules = [m for m in self.net.modules() if hasattr(m, "constrain_parameters_")]
+        for module in self._constrained_modules:
+            apply_constraints(module)
 
     def parameter_groups(self) -> list[dict]:
         """Matrices get the optimizer's weight decay; 1-D parameters (u, biases, BN) none, unless asked
@@ -357,12 +370,11 @@ class SequenceObjective(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("scheduler: torch's ReduceLROnPlateau is not used here; the plateau schedule is the "
+                             "callback lightning_modules.callbacks.PlateauReloadBest: use scheduler=plateau "
+                             "(or callbacks=official_indrnn)")
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor,
                                  "interval": self.hparams.scheduler_interval}}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["best_value"] = self.best_value
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_value = checkpoint.get("best_value")

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datamodules.splits import collate_sequences
+from lightning_modules.callbacks import PlateauReloadBest
 from lightning_modules.classification import SequenceClassificationModule
 from lightning_modules.labelling import SequenceLabellingModule
 from lightning_modules.regression import SequenceRegressionModule
@@ -71,24 +72,49 @@ class GradientSpy(pl.Callback):
         self.before_clipping.append(self.largest())
 
 
-def test_plateau_scheduler_and_value_clipping():
+class LearningRateAtValidation(pl.Callback):
+    """Per validation: whether it improved the run's best, and the learning rate after the schedule acted."""
+
+    def __init__(self, plateau):
+        self.plateau, self.seen = plateau, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen.append((self.plateau.improved, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_plateau_schedule_and_value_clipping():
     pl.seed_everything(0)
     network = RecurrentNetwork(torch.nn.RNN, input_size=1, output_size=1, hidden_size=8)
-    # threshold=1: no epoch ever counts as an improvement, so each validation halves the LR.
-    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0, threshold=1.0)
-    module = SequenceRegressionModule(network, functools.partial(torch.optim.SGD, lr=0.1), scheduler=scheduler,
-                                      monitor="val/mse")
+    module = SequenceRegressionModule(network, functools.partial(torch.optim.SGD, lr=0.1), monitor="val/mse")
     dataset = sign_of_first_step(samples=64)
     regression = TensorDataset(dataset.tensors[0], dataset.tensors[1].float().unsqueeze(1))
-    spy = GradientSpy()
-    trainer = fit(module, regression, max_epochs=4, gradient_clip_val=0.01, gradient_clip_algorithm="value",
-                  callbacks=[spy])
-    (config,) = trainer.lr_scheduler_configs
-    assert config.monitor == "val/mse" and isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)  # one halving per epoch
-    assert len(spy.applied) == len(spy.before_clipping) == 4 * 2  # 64 samples, batches of 32
+    # scheduler=plateau's settings with patience 0: every validation without a new best halves the LR.
+    # mode "max" on a falling MSE makes most validations bad ones, so the schedule acts within 6 epochs.
+    plateau = PlateauReloadBest("val/mse", mode="max", factor=0.5, patience=0, shrink_patience=False,
+                                reload_best=False, stop_below_min_lr=False)
+    spy, rates = GradientSpy(), LearningRateAtValidation(plateau)
+    trainer = fit(module, regression, max_epochs=6, gradient_clip_val=0.01, gradient_clip_algorithm="value",
+                  callbacks=[plateau, spy, rates])
+    assert len(rates.seen) == 6 and rates.seen[0][0], "the first validation is the first best"
+    expected = 0.1
+    for improved, rate in rates.seen:
+        expected *= 1.0 if improved else 0.5
+        assert rate == pytest.approx(expected)
+    assert any(not improved for improved, _ in rates.seen), "no plateau in 6 epochs: the test proves nothing"
+    # One best: the objective, the logged val/mse_best and the schedule read the same value.
+    assert module.best_value == float(trainer.callback_metrics["val/mse_best"]) == plateau.best["val/mse"]
+    assert len(spy.applied) == len(spy.before_clipping) == 6 * 2  # 64 samples, batches of 32
     assert max(spy.before_clipping) > 0.01, "the gradients were large enough to need clipping"
     assert max(spy.applied) <= 0.01 + 1e-9, "every gradient the optimizer applied was clipped to [-0.01, 0.01]"
+
+
+def test_torch_reduce_on_plateau_is_refused_in_one_line():
+    network = RecurrentNetwork(torch.nn.RNN, input_size=1, output_size=1, hidden_size=8)
+    module = SequenceRegressionModule(network, functools.partial(torch.optim.SGD, lr=0.1), monitor="val/mse",
+                                      scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(ValueError, match="the plateau schedule is the callback .*use scheduler=plateau"):
+        module.configure_optimizers()
 
 
 # Variable-length sequences padded on the right -------------------------------------------------

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from datamodules.download import DataError, DownloadError
 from lightning_modules.base import NonFiniteLossError
+from lightning_modules.callbacks import BestValidation
 from lightning_modules.results import log_hparams
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
                                          build_objective, build_trainer, choice, count_parameters,
@@ -157,9 +158,28 @@ def hardware(trainer: pl.Trainer) -> str:
     return f"CPU: {model} ({processes}{torch.get_num_threads()} threads)"
 
 
-def best_validation(recorder: RunRecorder, output_dir: Path) -> dict | None:
+def run_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], BestValidation]:
+    """The configured callbacks with the run's one :class:`BestValidation` first (the configured
+    plateau schedule when there is one: it is a BestValidation; else a new one of ``task.monitor``),
+    and that BestValidation. The driver appends the :class:`RunRecorder`, whose ``on_validation_end``
+    (saving ``last.ckpt``) so runs after the schedule has acted."""
+    callbacks = build_callbacks(cfg)
+    bests = [cb for cb in callbacks if isinstance(cb, BestValidation)]
+    if len(bests) > 1:
+        raise UserError(f"{len(bests)} callbacks keep a best validation ({', '.join(type(b).__name__ for b in bests)}): "
+                        "a run has one; keep one plateau schedule in cfg.callbacks")
+    best = bests[0] if bests else BestValidation(cfg.task.monitor, cfg.task.monitor_mode)
+    if (best.monitor, best.mode) != (cfg.task.monitor, cfg.task.monitor_mode):
+        raise UserError(f"callbacks: {type(best).__name__} watches {best.monitor} ({best.mode}) but task.monitor is "
+                        f"{cfg.task.monitor} ({cfg.task.monitor_mode}): the run has one best value; set task.monitor "
+                        "and task.monitor_mode instead")
+    others = [cb for cb in callbacks if cb is not best]
+    return [best, *others], best
+
+
+def best_validation(best: BestValidation, output_dir: Path) -> dict | None:
     """The best validation's metrics; from results.json when training ran in spawned processes."""
-    return recorder.best or read_results(output_dir).get("best")
+    return best.best or read_results(output_dir).get("best")
 
 
 def summary_metrics(best: dict | None, monitor: str) -> dict:
@@ -291,10 +311,10 @@ def _train(cfg: DictConfig, output_dir: Path, session: Session, resume: Resume |
     network = build_network(cfg)
     objective = build_objective(cfg, network, plain_config(cfg))
     record["params"] = count_parameters(objective)
-    recorder = RunRecorder(output_dir, cfg.task.monitor, cfg.task.monitor_mode, record, seconds_before)
-    session.recorder = recorder
+    callbacks, best = run_callbacks(cfg)
+    recorder = session.recorder = RunRecorder(output_dir, best, record, seconds_before)
     loggers = build_loggers(cfg, purge_step=resume.step if resume else None)
-    trainer = build_trainer(cfg, loggers, build_callbacks(cfg) + [recorder])
+    trainer = build_trainer(cfg, loggers, [*callbacks, recorder])
     session.trainer = trainer
     record["hardware"] = hardware(trainer)
     if trainer.is_global_zero:
@@ -307,7 +327,7 @@ def _train(cfg: DictConfig, output_dir: Path, session: Session, resume: Resume |
     session.fitted = True
     checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, pl.callbacks.ModelCheckpoint)), None)
     best_checkpoint = existing(getattr(checkpoint, "best_model_path", None))
-    record.update(summary_metrics(best_validation(recorder, output_dir), cfg.task.monitor),
+    record.update(summary_metrics(best_validation(best, output_dir), cfg.task.monitor),
                   steps=trainer.global_step, epochs=trainer.current_epoch, best_checkpoint=best_checkpoint,
                   last_checkpoint=existing(str(recorder.last_checkpoint)), seconds=recorder.seconds())
     if stop.received is not None:

@@ -1,12 +1,12 @@
-"""What keeps a run's record whole: ``last.ckpt`` always the latest state, the best validation's
-metrics, random-number states for an exact resume, and a results.json that says how far the run got.
+"""What keeps a run's record whole: ``last.ckpt`` always the latest state, random-number states for an
+exact resume, and a results.json that says how far the run got (with the best validation, read from
+the run's one :class:`~lightning_modules.callbacks.BestValidation`).
 
 The run driver adds :class:`RunRecorder` to every training run (it is not a config choice: a run
 without it could not be resumed or reported).
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -16,8 +16,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules.callbacks import BestValidation
 from lightning_modules.run.record import RUNNING, write_record
 from lightning_modules.run.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
+from storage.atomic import replace_atomically
 
 
 def rng_states() -> dict:
@@ -43,24 +45,14 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint_atomically(trainer: pl.Trainer, target: Path) -> None:
-    """``trainer.save_checkpoint`` to a temporary name, then a rename: a crash while writing never
-    leaves a broken checkpoint under ``target``, and a failed write (a full disk) removes the
-    temporary file and leaves the previous ``target`` as it was. Every rank must call it (Lightning
-    synchronises)."""
-    temporary = target.with_name(f".{target.name}.part-{os.getpid()}")
-    try:
+    """``trainer.save_checkpoint`` through :func:`storage.atomic.replace_atomically`: a crash while
+    writing never leaves a broken checkpoint under ``target``, and a failed write (a full disk) leaves
+    the previous ``target`` as it was. Every rank must call it (Lightning synchronises); rank 0 writes."""
+    if not trainer.is_global_zero:  # under DDP only rank 0 writes; the others join its collectives
+        trainer.save_checkpoint(target, weights_only=False)
+        return
+    with replace_atomically(target) as temporary:
         trainer.save_checkpoint(temporary, weights_only=False)
-        trainer.strategy.barrier("atomic_checkpoint")
-        if trainer.is_global_zero:
-            with open(temporary, "rb") as stream:  # on disk before it replaces the previous checkpoint
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class RunRecorder(pl.Callback):
@@ -68,8 +60,8 @@ class RunRecorder(pl.Callback):
 
     * ``last.ckpt`` is written after every validation and at the end of every epoch (atomically),
       and once more when a stop was requested (SIGINT/SIGTERM): it is always the latest state.
-    * The validation metrics of the best validation (by ``monitor``) are kept, with its step and
-      epoch, and carried in checkpoints so a resumed run keeps them.
+    * The best validation's metrics, step and epoch (``best.best``, the run's one
+      :class:`~lightning_modules.callbacks.BestValidation`) go into results.json.
     * Random states go into every checkpoint and come back on resume, so a run resumed from an
       end-of-epoch ``last.ckpt`` continues exactly as it would have without the interruption.
     * results.json is rewritten (status ``running``) after every validation, so a run killed without
@@ -77,16 +69,15 @@ class RunRecorder(pl.Callback):
 
     Args:
         output_dir: the run directory.
-        monitor, mode: the task's monitored metric and "min"/"max".
+        best: the run's BestValidation (its ``on_validation_end`` runs before this one's).
         record: the driver's results dict, updated in place and written as results.json.
         seconds_before: training time of earlier sessions of this run (resumes), added to this one's.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, monitor: str, mode: str, record: dict,
+    def __init__(self, output_dir: str | os.PathLike, best: BestValidation, record: dict,
                  seconds_before: float = 0.0) -> None:
-        self.output_dir, self.monitor, self.mode = Path(output_dir), monitor, mode
+        self.output_dir, self.best_validation = Path(output_dir), best
         self.record, self.seconds_before, self.started = record, seconds_before, time.time()
-        self.best: dict | None = None   # {"step", "epoch", "val/...": value}
         self.saved_step: int | None = None
         self.stop_requested = False
         self.training_started = False  # Lightning restored the checkpoint (if any) and began to train
@@ -106,11 +97,10 @@ class RunRecorder(pl.Callback):
         save_checkpoint_atomically(trainer, self.last_checkpoint)
         self.saved_step = trainer.global_step
 
-    def _improved(self, value: float) -> bool:
-        if self.best is None or self.monitor not in self.best:
-            return True
-        best = self.best[self.monitor]
-        return value < best if self.mode == "min" else value > best
+    @property
+    def best(self) -> dict | None:
+        """The best validation: ``{"step", "epoch", "val/...": value}`` (None before the first)."""
+        return self.best_validation.best
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.signal_guard is not None:
@@ -127,9 +117,6 @@ class RunRecorder(pl.Callback):
             return
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                    if key.startswith("val/") and not key.endswith("_best") and torch.as_tensor(value).numel() == 1}
-        value = metrics.get(self.monitor)
-        if value is not None and math.isfinite(value) and self._improved(value):
-            self.best = {"step": trainer.global_step, "epoch": trainer.current_epoch, **metrics}
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # epoch ends save in on_train_epoch_end
             self.save_last(trainer)
         self.write_progress(trainer, metrics)
@@ -149,7 +136,7 @@ class RunRecorder(pl.Callback):
                            **{f"last_{key}": value for key, value in last_metrics.items()})
         write_record(self.output_dir, self.record)
 
-    # Random states travel with every checkpoint; the best validation with this callback's state.
+    # Random states travel with every checkpoint (the best validation in BestValidation's state).
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
         checkpoint["run_seconds"] = self.seconds()
@@ -157,9 +144,3 @@ class RunRecorder(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict.get("best")
