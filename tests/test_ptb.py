@@ -18,8 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from datamodules.download import DataError, DownloadError, md5sum
-from datamodules.ptb import (ARCHIVE, ARCHIVE_FOLDER, EOS, FILES, PTBDataModule, StreamWindows, batchify,
-                             saved_vocabulary, window_lengths)
+from datamodules.ptb import EOS, PTBDataModule, StreamWindows, batchify, saved_vocabulary, window_lengths
+from datamodules.ptb_download import ARCHIVE, ARCHIVE_FOLDER, FILES
 from lightning_modules.dynamic_evaluation import DynamicEvaluation
 from lightning_modules.language_model import LanguageModel
 from lightning_modules.run import train
