@@ -6,8 +6,11 @@ States: IndRNN, IRNN, Leaky, the diagonal leaky unit, Jordan and torch.nn.RNN/GR
 accepted positionally); LSTM (h, c); IndRNN with a conv1d projection or per-step batch norm an
 :class:`IndRNNState` (h, last inputs, step); Clockwork a :class:`ClockworkState` (h, step); SkipRNN the
 last max(delays) states (D, B, H); TDNN the last receptive_field - 1 inputs; NARX (y_past, x_past).
-:class:`Bidirectional` wraps any of them and refuses a carried state. Elman (``torch.nn.RNN``),
-LSTM and GRU are torch's own fused modules; the layers here add the architectures torch lacks.
+Every tensor of a state has the streams at dim 1 and a step counter is an int or a (B,) int64 tensor, one
+step per stream; each layer defines ``initial_state(batch_size, like=None)``, and :func:`src.state.reset_streams`
+restarts single streams of any of them. :class:`Bidirectional` wraps any of them and refuses a carried state.
+Elman (``torch.nn.RNN``), LSTM and GRU are torch's own fused modules; the layers here add the architectures
+torch lacks.
 """
 from src.layers.batch_norm import TimeBatchNorm
 from src.layers.bidirectional import Bidirectional
