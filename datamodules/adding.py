@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datamodules.seeded import SeededDataset
-from datamodules.splits import SplitDataModule
+from datamodules.seeded import SeededDataModule, SeededDataset
 from src.checks import check_int
 
 BASELINE_MSE = 1.0 / 6.0
@@ -40,21 +39,10 @@ class AddingProblemDataset(SeededDataset):
         return torch.from_numpy(inputs), torch.from_numpy(target)
 
 
-class AddingProblemDataModule(SplitDataModule):
-    """Train/val/test splits of the adding problem; nothing to download.
-
-    Args:
-        seq_len: T, steps per sequence (>= 2; the papers use 100 to 5000).
-        train_size, val_size, test_size: samples per split.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes (0: load in the training process).
-        seed: the data seed; the same seed gives the same sets everywhere.
-    """
+class AddingProblemDataModule(SeededDataModule):
+    """Train/val/test splits of the adding problem (:class:`AddingProblemDataset`, seq_len T >= 2);
+    the arguments are :class:`datamodules.seeded.SeededDataModule`'s (the papers' sizes:
+    conf/task/adding.yaml)."""
 
     benchmark = "adding problem"
-
-    def __init__(self, seq_len: int = 100, train_size: int = 20_000, val_size: int = 1_000, test_size: int = 5_000,
-                 batch_size: int = 50, num_workers: int = 0, seed: int = 1234) -> None:
-        super().__init__(batch_size, num_workers)
-        self.splits = self.sized_splits(lambda size, name: AddingProblemDataset(seq_len, size, seed, name),
-                                       train_size, val_size, test_size)
+    dataset = AddingProblemDataset

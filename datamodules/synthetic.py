@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.seeded import SeededDataset
+from datamodules.seeded import SeededDataModule, SeededDataset
 from datamodules.splits import SplitDataModule
 from src.checks import check_int, check_non_negative_int, check_positive_int
 
@@ -131,40 +131,26 @@ class GenerationDataset(Dataset):
         return self.inputs.clone(), self.targets.clone()
 
 
-class CopyMemoryDataModule(SplitDataModule):
-    """Copy memory with delay T (see :class:`CopyMemoryDataset` for the layout).
-
-    Args:
-        seq_len: T, the delay (>= 1); sequences have T + 20 steps (TCN paper: T = 1000).
-        train_size, val_size, test_size: samples per split.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes (0: load in the training process).
-        seed: the data seed; the same seed gives the same sets everywhere.
-    """
+class CopyMemoryDataModule(SeededDataModule):
+    """Copy memory with delay T (see :class:`CopyMemoryDataset` for the layout): seq_len T >= 1, the
+    sequences have T + 20 steps (TCN paper: T = 1000); the other arguments are
+    :class:`datamodules.seeded.SeededDataModule`'s."""
 
     benchmark = "copy memory"
+    dataset = CopyMemoryDataset
 
-    def __init__(self, seq_len: int = 100, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
-                 batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
-        super().__init__(batch_size, num_workers)
-        self.splits = self.sized_splits(lambda size, name: CopyMemoryDataset(seq_len, size, seed, name),
-                                       train_size, val_size, test_size)
-        self.baseline = memoryless_baseline(seq_len)
+    @property
+    def baseline(self) -> float:
+        """The cross-entropy of the memoryless strategy at this delay (:func:`memoryless_baseline`)."""
+        return memoryless_baseline(self.seq_len)
 
 
-class ParityDataModule(SplitDataModule):
-    """Running parity of random bits, labelled at every step (see :class:`ParityDataset`).
-
-    Args: as :class:`CopyMemoryDataModule`, with seq_len T (>= 1) the number of bits.
-    """
+class ParityDataModule(SeededDataModule):
+    """Running parity of random bits, labelled at every step (see :class:`ParityDataset`): seq_len T >= 1
+    bits; the other arguments are :class:`datamodules.seeded.SeededDataModule`'s."""
 
     benchmark = "parity"
-
-    def __init__(self, seq_len: int = 50, train_size: int = 10_000, val_size: int = 1_000, test_size: int = 1_000,
-                 batch_size: int = 32, num_workers: int = 0, seed: int = 1234) -> None:
-        super().__init__(batch_size, num_workers)
-        self.splits = self.sized_splits(lambda size, name: ParityDataset(seq_len, size, seed, name),
-                                       train_size, val_size, test_size)
+    dataset = ParityDataset
 
 
 class GenerationDataModule(SplitDataModule):
