@@ -6,13 +6,16 @@ started afresh (the stream run alone from None) and every other stream exactly a
 state returned after a reset carries on too, per-stream step counters included); ``initial_state``
 must behave as None. Float64, evaluation mode (batch norm on its running statistics).
 """
+import functools
+
 import pytest
 import torch
 
-from src.layers import Bidirectional, ClockworkRNN, IndRNN, TimeBatchNorm
+from src.layers import Bidirectional, ClockworkRNN, IndRNN, SkipRNN, TimeBatchNorm
 from src.networks import RecurrentNetwork
 from src.state import initial_state, merge_streams, reset_streams, state_tensors
-from tests.registry import REGISTRY
+from tests.registry import PER_STEP, REGISTRY
+from tests.test_host_sync import counting_read_backs
 from tests.test_state_contract import assert_same_state, prepared
 
 B = 4
@@ -119,3 +122,22 @@ def test_bad_restart_flags_and_foreign_states_are_one_line_errors():
         merge_streams(torch.ones(B, dtype=torch.bool), 0, torch.zeros(B + 1, dtype=torch.long))
     with pytest.raises(TypeError, match="defines no initial_state"):
         initial_state(torch.nn.Linear(2, 2), B)
+
+
+@pytest.mark.parametrize("layer", [
+    functools.partial(ClockworkRNN, num_modules=2, periods=(1, 3)),
+    functools.partial(IndRNN, u_bound=1.0, projection="conv1d", batch_norm="after", backend="reference", **PER_STEP),
+    torch.nn.LSTM, functools.partial(SkipRNN, delays=(1, 3))], ids=["clockwork", "indrnn_per_step_bn", "lstm", "skip"])
+def test_a_partial_restart_and_training_on_after_it_read_nothing_back_to_the_host(layer):
+    """On a GPU a read-back stalls the pipeline: reset_streams and the per-stream paths it leads to (Clockwork's
+    clocks, per-step batch norm's rows, in training) make none."""
+    network = RecurrentNetwork(layer, 3, 2, hidden_size=8, num_layers=2, readout="all").train()
+    x = torch.randn(B, 6, 3)
+    _, state = network(x)
+    counts: dict[str, int] = {}
+    with counting_read_backs(counts):
+        state = reset_streams(network, state, torch.tensor([True, False, True, False]))
+        output, state = network(x, state)
+        output.sum().backward()
+        reset_streams(network, state, torch.tensor([False, True, False, False]))
+    assert counts == {}
