@@ -35,6 +35,27 @@ def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
     return compose_config(overrides, output_dir)
 
 
+def compose_eval(output_dir: Path, ckpt_path, overrides: list[str] = ()) -> DictConfig:
+    """eval.yaml composed for ``ckpt_path`` with ``overrides`` as eval.py would (CPU trainer), writing
+    into ``output_dir``: ``evaluate(cfg)`` is eval.py's run without a new interpreter."""
+    return compose_config([f"ckpt_path={ckpt_path}", "trainer=cpu", *overrides], output_dir, config_name="eval")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The run directory of one finished QUICK run (3 epochs of 4 steps, trained under umask 022), shared
+    by the tests that only read it (results.json, TensorBoard, eval.py); never write into it."""
+    from lightning_modules.run import train
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    previous = os.umask(0o022)
+    try:
+        train(compose_train(run_dir, QUICK + ["task.max_epochs=3"]))
+    finally:
+        os.umask(previous)
+    return run_dir
+
+
 @pytest.fixture
 def train_cfg(tmp_path):
     """Factory: ``train_cfg(["model=lstm", ...])`` -> composed config writing into tmp_path/run."""

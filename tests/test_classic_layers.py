@@ -339,6 +339,7 @@ def test_model_config_builds_a_network(tmp_path, name):
     torch.testing.assert_close(network(inputs[:, 3:], first)[0], predictions)
 
 
+@pytest.mark.slow  # make test trains each of these models through train() in tests/test_train.py (fast_dev_run)
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_short_training_on_the_adding_problem_finishes(tmp_path, name):
     run = tmp_path / "run"

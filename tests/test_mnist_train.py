@@ -1,4 +1,4 @@
-"""MNIST through train.py and eval.py: download from a (local) mirror, train, permutation in
+"""MNIST through train.py's and eval.py's runs: download from a (local) mirror, train, permutation in
 checkpoints, the offline error. The data are tiny files in the real IDX format (tests/mnist_files.py)."""
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from datamodules.mnist import make_permutation
-from lightning_modules.run import train
-from tests.conftest import compose_train, run_script
+from lightning_modules.run import UserError, evaluate, train
+from tests.conftest import compose_eval, compose_train, run_script
 from tests.mnist_files import serve_directory, write_tiny_mnist
 
 QUICK_TRAINER = ["trainer=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
@@ -39,7 +39,7 @@ def test_mnist_rows_downloads_and_learns(mirror, tmp_path):
     assert best == pytest.approx(results["val/acc_best"])
 
 
-def test_pmnist_permutation_is_stored_in_checkpoints_and_eval_reuses_it(mirror, tmp_path):
+def test_pmnist_permutation_is_stored_in_checkpoints_and_eval_reuses_it(mirror, tmp_path, capsys):
     url, md5 = mirror
     overrides = ["task=pmnist", f"paths.data_dir={tmp_path / 'data'}", f"task.datamodule.mirrors=[{url}]",
                  md5_override(md5), "task.max_epochs=1", "task.datamodule.permutation_seed=7",
@@ -48,17 +48,18 @@ def test_pmnist_permutation_is_stored_in_checkpoints_and_eval_reuses_it(mirror, 
     checkpoint_path = tmp_path / "run" / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert torch.equal(checkpoint["MNISTDataModule"]["permutation"], make_permutation(7))
-    completed = run_script("eval.py", [f"ckpt_path={checkpoint_path}", "trainer=cpu", f"paths.log_dir={tmp_path}"])
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "test metrics: test/acc=" in completed.stdout
+    capsys.readouterr()
+    evaluate(compose_eval(tmp_path / "eval", checkpoint_path))  # eval.py's run, in this process
+    assert "test metrics: test/acc=" in capsys.readouterr().out
 
 
 def test_offline_without_data_fails_with_one_line(tmp_path):
-    completed = run_script("train.py", ["task=smnist", f"paths.data_dir={tmp_path}",
-                                        "task.datamodule.mirrors=[http://127.0.0.1:9/mnist]", f"paths.log_dir={tmp_path}"])
-    assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    last = completed.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot download the MNIST files train-images-idx3-ubyte.gz")
+    # The UserError that train.py prints as its one line (tests/test_train.py runs that at the command line).
+    with pytest.raises(UserError) as error:
+        train(compose_train(tmp_path / "logs" / "run", ["task=smnist", f"paths.data_dir={tmp_path}",
+                                                         "task.datamodule.mirrors=[http://127.0.0.1:9/mnist]"]))
+    last = str(error.value)
+    assert last.startswith("cannot download the MNIST files train-images-idx3-ubyte.gz") and "\n" not in last
     assert str(tmp_path / "mnist") in last and "http://127.0.0.1:9/mnist" in last
 
 

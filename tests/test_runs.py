@@ -18,9 +18,9 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules.results import PROJECT_METRICS
-from lightning_modules.run import train
+from lightning_modules.run import UserError, evaluate, train
 from lightning_modules.run.rundir import claim_dir
-from tests.conftest import QUICK, ROOT, compose_train, run_script
+from tests.conftest import QUICK, ROOT, compose_eval, compose_train, run_script
 
 # Four epochs of 25 steps on T=20: long enough to signal a run mid-epoch, short enough for a test.
 RESUMABLE = ["task.seq_len=20", "task.datamodule.train_size=800", "task.datamodule.val_size=64",
@@ -78,27 +78,27 @@ def test_last_checkpoint_is_the_final_state_of_a_finished_run(tmp_path):
 
 # --------------------------------------- 2 + 3. SIGINT, kill -9, and resume into the same run directory
 
-def test_sigint_saves_last_checkpoint_and_results_then_exits_130(tmp_path):
-    process = start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path}"])
-    wait_for(lambda: progress(run_dir_of(tmp_path)).get("epochs", 0) >= 1, what="the first validation")
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    run_dir = run_dir_of(tmp_path)
+def test_sigint_and_sigterm_save_last_checkpoint_and_results_then_exit_130_and_143(tmp_path):
+    # Two runs at once (their interpreter starts overlap), each signalled after its first validation.
+    processes = {signum: start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path / signum.name}"])
+                 for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, process in processes.items():
+        log_dir = tmp_path / signum.name
+        wait_for(lambda: progress(run_dir_of(log_dir)).get("epochs", 0) >= 1,  # noqa: B023 (called at once)
+                 what=f"the first validation ({signum.name})")
+        process.send_signal(signum)
+    stderr = {signum: process.communicate(timeout=120)[1] for signum, process in processes.items()}
+
+    run_dir = run_dir_of(tmp_path / "SIGINT")
     results = read_results(run_dir)
-    assert process.returncode == 130, stderr[-2000:]
+    assert processes[signal.SIGINT].returncode == 130, stderr[signal.SIGINT][-2000:]
     assert results["status"] == "interrupted" and "signal 2" in results["error"]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == results["steps"] and results["steps"] > 25
-    assert f"resume with ckpt_path={run_dir}" in stderr
+    assert f"resume with ckpt_path={run_dir}" in stderr[signal.SIGINT]
 
-
-def test_sigterm_exits_143_with_status_interrupted(tmp_path):
-    process = start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path}"])
-    wait_for(lambda: progress(run_dir_of(tmp_path)).get("epochs", 0) >= 1, what="the first validation")
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode == 143
-    assert read_results(run_dir_of(tmp_path))["status"] == "interrupted"
+    assert processes[signal.SIGTERM].returncode == 143, stderr[signal.SIGTERM][-2000:]
+    assert read_results(run_dir_of(tmp_path / "SIGTERM"))["status"] == "interrupted"
 
 
 @pytest.mark.parametrize("schedule", [
@@ -169,48 +169,47 @@ def test_plateau_reload_after_a_resume_goes_back_to_the_same_best_weights(tmp_pa
 
 
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
-    completed = run_script("train.py", [*QUICK, "ckpt_path=last", f"paths.log_dir={tmp_path}"])
-    assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert completed.stderr.strip().splitlines()[-1].startswith(
-        "error: ckpt_path=last: no run of task=adding model=indrnn with checkpoints/last.ckpt")
+    with pytest.raises(UserError) as error:
+        train(compose_train(tmp_path / "logs" / "run", [*QUICK, "ckpt_path=last"]))
+    assert str(error.value).startswith("ckpt_path=last: no run of task=adding model=indrnn with checkpoints/last.ckpt")
+    assert "\n" not in str(error.value)
 
 
 # ---------------------------------------------------- 4. eval.py never writes into the training run
 
-def test_eval_writes_its_own_directory_and_names_task_model_and_checkpoint(tmp_path):
-    train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=1"]))
-    events_before = {p.name: p.stat().st_size for p in (tmp_path / "run" / "tensorboard").iterdir()}
-    completed = run_script("eval.py", [f"ckpt_path={tmp_path / 'run'}", "trainer=cpu", f"paths.log_dir={tmp_path}"])
+def test_eval_writes_its_own_directory_and_names_task_model_and_checkpoint(finished_run, tmp_path):
+    # eval.py as a user runs it: its run directory comes from Hydra (conf/eval.yaml), next to the training run's.
+    events_before = {p.name: p.stat().st_size for p in (finished_run / "tensorboard").iterdir()}
+    completed = run_script("eval.py", [f"ckpt_path={finished_run}", "trainer=cpu", f"paths.log_dir={tmp_path}"])
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert {p.name: p.stat().st_size for p in (tmp_path / "run" / "tensorboard").iterdir()} == events_before
+    assert {p.name: p.stat().st_size for p in (finished_run / "tensorboard").iterdir()} == events_before
     (evaluation,) = tmp_path.glob("eval/*/*/results.json")
     record = json.loads(evaluation.read_text())
     assert record["task"] == "adding" and record["model"] == "indrnn"
-    assert record["checkpoint"] == str((tmp_path / "run" / "checkpoints" / "best.ckpt").resolve())
+    assert record["checkpoint"] == str((finished_run / "checkpoints" / "best.ckpt").resolve())
     assert Path(record["checkpoint"]).is_absolute() and "test/mse" in record
 
 
 # ------------------------------------------------------------- 5. sweeps that survive a bad job
 
-@pytest.mark.parametrize("sweep, bad_job, message", [
-    ("model.hidden_size=16,0,32", "1_adding_indrnn", "model: hidden_size must be a positive integer, got 0"),
-    ("optimizer.lr=0.002,-1,0.001", "1_adding_indrnn", "optimizer.lr=-1 is not allowed"),
-], ids=["config-error", "optimizer-error"])
-def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, sweep, bad_job, message):
-    completed = run_script("train.py", ["-m", sweep, *QUICK, "task.max_epochs=1", f"paths.log_dir={tmp_path}"])
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path):
+    # Jobs in order (16, 0.002) (16, -1) (0, 0.002) (0, -1) (the last override varies fastest): one fails in
+    # the optimizer, inside training; two at config time, before it; the jobs after a failure still run.
+    completed = run_script("train.py", ["-m", "model.hidden_size=16,0", "optimizer.lr=0.002,-1", *QUICK,
+                                        "task.max_epochs=1", f"paths.log_dir={tmp_path}"])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     jobs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/*/results.json")}
-    assert sorted(jobs) == ["0_adding_indrnn", "1_adding_indrnn", "2_adding_indrnn"]
-    assert jobs[bad_job]["status"] == "failed" and jobs[bad_job]["error"].startswith(message)
-    assert [jobs[name]["status"] for name in sorted(jobs) if name != bad_job] == ["finished", "finished"]
-    assert "2 of 3 jobs finished" in completed.stdout and f"| {bad_job} | failed |" in completed.stdout
-    assert f"error: 1 job(s) did not finish: {bad_job} (failed)" in completed.stderr
-
-
-def test_diverged_run_without_a_checkpoint_says_so(train_cfg, tmp_path):
-    from lightning_modules.run import UserError
-    with pytest.raises(UserError, match="no checkpoint was saved before it"):
-        train(train_cfg(["optimizer.lr=1e30", "task.max_epochs=5"]))
+    assert sorted(jobs) == [f"{index}_adding_indrnn" for index in range(4)]
+    assert jobs["0_adding_indrnn"]["status"] == "finished"
+    messages = {"1_adding_indrnn": "optimizer.lr=-1 is not allowed",
+                "2_adding_indrnn": "model: hidden_size must be a positive integer, got 0",
+                "3_adding_indrnn": "model: hidden_size must be a positive integer, got 0"}
+    for bad_job, message in messages.items():
+        assert jobs[bad_job]["status"] == "failed" and jobs[bad_job]["error"].startswith(message), jobs[bad_job]
+        assert f"| {bad_job} | failed |" in completed.stdout
+    assert "1 of 4 jobs finished" in completed.stdout
+    assert ("error: 3 job(s) did not finish: 1_adding_indrnn (failed), 2_adding_indrnn (failed), "
+            "3_adding_indrnn (failed)") in completed.stderr
 
 
 # -------------------------------------------------- 6. two runs in the same second, two directories
@@ -232,53 +231,64 @@ def test_run_directories_are_claimed_once_even_at_the_same_instant(tmp_path):
 
 
 def test_two_runs_started_together_get_two_directories(tmp_path):
+    # Also what each train.py run leaves as a user sees it: its directory, Hydra's log and config, the summary.
     args = [*QUICK, "trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}"]
     first, second = start_train(args), start_train(args)
+    stdout = {}
     for process in (first, second):
-        process.communicate(timeout=240)
+        stdout[process.pid] = process.communicate(timeout=240)[0]
         assert process.returncode == 0
     runs = sorted(tmp_path.glob("*/*_adding_indrnn*"))
     assert len(runs) == 2 and all(read_results(run)["status"] == "finished" for run in runs)
     assert {read_results(run)["pid"] for run in runs} == {first.pid, second.pid}
+    for run_dir in runs:
+        assert (run_dir / "train.log").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+        printed = stdout[read_results(run_dir)["pid"]]
+        assert f"run directory: {run_dir}" in printed and "final metrics: test/loss=" in printed
 
 
 # ------------------------------------------------------------- 7. one line, never a traceback
 
-@pytest.mark.parametrize("script, args, line", [
-    ("train.py", ["optimizer.lr=-1"], "error: optimizer.lr=-1 is not allowed: it must be a number >= 0"),
-    ("train.py", ["optimizer.weight_decay=-0.5"], "error: optimizer.weight_decay=-0.5 is not allowed"),
-    ("eval.py", [], "error: eval.py needs ckpt_path=PATH"),
-    ("eval.py", ["ckpt_path=/nonexistent/best.ckpt"], "error: ckpt_path=/nonexistent/best.ckpt: no such checkpoint"),
-], ids=["lr", "weight-decay", "eval-without-checkpoint", "eval-missing-checkpoint"])
-def test_bad_values_give_one_line(tmp_path, script, args, line):
-    settings = QUICK if script == "train.py" else ["trainer=cpu"]
-    completed = run_script(script, [*args, *settings, f"paths.log_dir={tmp_path}"])
+def test_eval_without_a_checkpoint_gives_one_line(tmp_path):
+    # eval.py's one line at the command line (train.py's: tests/test_train.py); the other bad values below
+    # raise the same UserError that run_entry prints as that line.
+    completed = run_script("eval.py", ["trainer=cpu", f"paths.log_dir={tmp_path}"])
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
-    assert completed.stderr.strip().splitlines()[-1].startswith(line)
+    assert completed.stderr.strip().splitlines()[-1].startswith("error: eval.py needs ckpt_path=PATH")
 
 
-def test_a_checkpoint_that_is_not_ours_is_one_line_that_never_advises_unsafe_loading(tmp_path):
+@pytest.mark.parametrize("entry, args, line", [
+    ("train", ["optimizer.lr=-1"], "optimizer.lr=-1 is not allowed: it must be a number >= 0"),
+    ("train", ["optimizer.weight_decay=-0.5"], "optimizer.weight_decay=-0.5 is not allowed"),
+    ("eval", ["ckpt_path=/nonexistent/best.ckpt"], "ckpt_path=/nonexistent/best.ckpt: no such checkpoint"),
+], ids=["lr", "weight-decay", "eval-missing-checkpoint"])
+def test_bad_values_give_one_line(tmp_path, entry, args, line):
+    with pytest.raises(UserError) as error:
+        if entry == "train":
+            train(compose_train(tmp_path / "logs" / "run", [*args, *QUICK]))
+        else:
+            evaluate(compose_eval(tmp_path / "eval", args[0].split("=", 1)[1]))
+    assert str(error.value).startswith(line) and "\n" not in str(error.value)
+
+
+def test_a_checkpoint_that_is_not_ours_is_one_line_that_never_advises_unsafe_loading(tmp_path, capfd):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(2048))
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     for path, expected in ((garbage, "is not a checkpoint that train.py wrote"),
                            (foreign, "is a PyTorch file but not a checkpoint of this project")):
-        completed = run_script("eval.py", [f"ckpt_path={path}", f"paths.log_dir={tmp_path}"])
-        assert completed.returncode == 1 and "Traceback" not in completed.stderr
-        assert expected in completed.stderr.strip().splitlines()[-1]
-        assert "weights_only=False" not in completed.stderr + completed.stdout
+        with pytest.raises(UserError) as error:
+            evaluate(compose_eval(tmp_path / f"eval-{path.stem}", path))
+        assert expected in str(error.value) and "\n" not in str(error.value)
+        printed = capfd.readouterr()
+        assert "weights_only=False" not in str(error.value) + printed.err + printed.out
 
 
 # --------------------------------------------------------------------------- 8. results.json
 
-def test_results_hold_the_best_validation_and_are_readable_by_others(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=3"]))
-    finally:
-        os.umask(previous)
-    path = tmp_path / "run" / "results.json"
+def test_results_hold_the_best_validation_and_are_readable_by_others(finished_run):
+    path = finished_run / "results.json"  # written under umask 022
     results = json.loads(path.read_text())
     assert path.stat().st_mode & 0o777 == 0o644
     assert results["val/mse"] == results["val/mse_best"] == min(
@@ -290,9 +300,8 @@ def test_results_hold_the_best_validation_and_are_readable_by_others(tmp_path):
 
 # ----------------------------------------------------------------------- 10. TensorBoard runs
 
-def test_hparams_declare_every_project_metric_and_smoke_tests_leave_no_run(tmp_path):
-    train(compose_train(tmp_path / "run", QUICK + ["task.max_epochs=1"]))
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+def test_hparams_declare_every_project_metric_and_smoke_tests_leave_no_run(finished_run, tmp_path):
+    events = EventAccumulator(str(finished_run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     experiment = events.PluginTagToContent("hparams")["_hparams_/experiment"].decode("utf-8", "ignore")
     assert all(metric in experiment for metric in PROJECT_METRICS)  # e.g. test/acc on an adding run
@@ -304,7 +313,6 @@ def test_hparams_declare_every_project_metric_and_smoke_tests_leave_no_run(tmp_p
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_a_corrupt_data_file_without_checksum_is_one_line(tmp_path, damage):
-    from lightning_modules.run import UserError
     from tests.mnist_files import write_tiny_mnist
     from datamodules.mnist import ALL_FILES, TRAIN_IMAGES
 
