@@ -64,7 +64,7 @@ class RealTimeRecurrentLearning(LearningRule):
         if not carries or fresh or batch.reset is None or all_reset:
             rtrl.reset(batch_size)
         elif any_reset:
-            rtrl.reset_rows(batch.reset)
+            rtrl.reset_streams(batch.reset)
 
     def _chunk_loss(self, objective, targets: torch.Tensor, start: int, steps: int, total: int) -> Callable:
         """loss_fn for the chunk of steps [start, start + steps) of a sequence of ``total`` steps."""
