@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.ntu_convert import convert
 from datamodules.ntu_synthetic import sample_name, sample_text
 
 ACTIONS = (1, 2, 3, 4, 50)           # 50 ("punch/slap") is a two-person action: a second body
@@ -29,3 +30,11 @@ def write_learnable_set(folder: Path, seed: int = 0, replications: tuple[int, ..
                                                                          seed=replication))
                     names.append(name)
     return names
+
+
+def converted_learnable_set(root: Path, replications: tuple[int, ...] = (1, 2), workers: int = 2) -> tuple[Path, Path]:
+    """The learnable set written into ``root/raw`` and converted into ``root/ntu60.h5``: (raw folder, HDF5 path)."""
+    write_learnable_set(root / "raw", replications=replications)
+    out = root / "ntu60.h5"
+    convert(root / "raw", out, workers=workers, progress=False)
+    return root / "raw", out

@@ -27,7 +27,7 @@ from datamodules.ntu_hdf5 import write_samples
 from datamodules.ntu_synthetic import sample_name, sample_text
 from lightning_modules.run import UserError, train
 from tests.conftest import ROOT, compose_train, run_script
-from tests.ntu_files import write_learnable_set
+from tests.ntu_files import converted_learnable_set
 
 
 def one_line(error) -> str:
@@ -42,11 +42,7 @@ def one_line(error) -> str:
 @pytest.fixture(scope="module")
 def ntu(tmp_path_factory):
     """(raw folder, a converted HDF5 file) of 40 synthetic samples; tests damage copies of the file."""
-    root = tmp_path_factory.mktemp("ntu")
-    write_learnable_set(root / "raw", replications=(1,))
-    out = root / "ntu60.h5"
-    convert(root / "raw", out, workers=1, progress=False)
-    return root / "raw", out
+    return converted_learnable_set(tmp_path_factory.mktemp("ntu"), replications=(1,), workers=1)
 
 
 @pytest.fixture
