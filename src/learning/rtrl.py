@@ -157,8 +157,6 @@ class RTRL:
         self.s_weight = [zero_where_restarted(s, 0) for s in self.s_weight]      # (B, H, I)
         self.cross = {key: zero_where_restarted(s, 0) for key, s in self.cross.items()}  # (B, H_l, P_k)
 
-    reset_rows = reset_streams  # the name lightning_modules/learning/rtrl.py calls until it moves to reset_streams
-
     def state(self) -> list[torch.Tensor]:
         """The current hidden state of each layer, (1, B, H) (the network's state format)."""
         self._require_state()
