@@ -65,12 +65,11 @@ if numba is not None:
         return np.nonzero(u < zero)[0] if relu else np.empty(0, dtype=np.int64)
 
     @numba.njit(inline="always")
-    def compose_row(z_row, u, mapping, b, activation, negative):  # pragma: no cover - compiled
-        """Compose one step with input row ``z_row`` (H,) after the map of batch row b: the offset (one FMA,
-        vectorised over all units), the image of the low bound (relu: one FMA and a max) and, for the
-        units with u < 0 only, of +inf (u * inf = -inf, never 0 * inf)."""
-        zero = mapping.dtype.type(0)
-        offset, low, high = mapping[1, b], mapping[2, b], mapping[3, b]
+    def compose_row(z_row, u, offset, low, high, activation, negative):  # pragma: no cover - compiled
+        """Compose one step with input row ``z_row`` (H,) after a map's row (offset, low, high: (H,) each):
+        the offset (one FMA, vectorised over all units), the image of the low bound (relu: one FMA and a
+        max) and, for the units with u < 0 only, of +inf (u * inf = -inf, never 0 * inf)."""
+        zero = offset.dtype.type(0)
         for j in range(u.shape[0]):
             offset[j] = z_row[j] + u[j] * offset[j]
         if activation == 0:
@@ -83,9 +82,10 @@ if numba is not None:
     def forward_compose(z, u, activation, start, stop, mapping):  # pragma: no cover - compiled
         """The map (4, B, H) of steps start..stop-1 (see open_map, compose_row); reads z once, stores nothing per step."""
         negative = open_map(mapping, u, activation, stop - start)
+        offset, low, high = mapping[1], mapping[2], mapping[3]
         for t in range(start, stop):
             for b in range(z.shape[1]):
-                compose_row(z[t, b], u, mapping, b, activation, negative)
+                compose_row(z[t, b], u, offset[b], low[b], high[b], activation, negative)
 
     @numba.njit(inline="always")
     def _apply(slope, offset, low, high, x, zero):  # pragma: no cover - compiled

@@ -25,15 +25,18 @@ if numba is not None:
     def linear_compose(x, weight_t, bias, u, activation, start, stop, mapping):  # pragma: no cover - compiled
         """chunk_cpu.forward_compose with z_t = W x_t + b computed row by row (x (T, B, I), weight_t (I, H))."""
         negative = open_map(mapping, u, activation, stop - start)
-        row = np.empty(u.shape[0], dtype=mapping.dtype)
+        offset, low, high = mapping[1], mapping[2], mapping[3]
+        hidden = u.shape[0]
+        row = np.empty(hidden, dtype=mapping.dtype)
         for t in range(start, stop):
             for b in range(x.shape[1]):
-                row[:] = bias
+                for j in range(hidden):
+                    row[j] = bias[j]
                 for i in range(x.shape[2]):
                     x_i, w_i = x[t, b, i], weight_t[i]
-                    for j in range(row.shape[0]):
+                    for j in range(hidden):
                         row[j] += w_i[j] * x_i
-                compose_row(row, u, mapping, b, activation, negative)
+                compose_row(row, u, offset[b], low[b], high[b], activation, negative)
 
 
 class IndRNNLinearScanCPU(torch.autograd.Function):
