@@ -29,12 +29,12 @@ def test_experiment_composes_and_builds(tmp_path, experiment):
 
 def built_network_output_shape(cfg) -> tuple[int, ...]:
     """The output shape of the network a run of ``cfg`` trains (build_network, as the driver builds it),
-    on a batch of 2 sequences of 3 steps: logits (2, L, V) for an encoder-decoder task. Backward from
+    on a batch of 2 sequences of 3 steps: logits (2, L, V) for an encoder-decoder task (fed embeddings). Backward from
     the output must give every trainable parameter a finite gradient."""
     network = build_network(cfg)
-    if cfg.task.get("network"):
-        tokens = torch.randint(3, cfg.task.network.vocab_size, (2, 3))
-        output = network(tokens, tokens)[0]
+    if cfg.task.get("network"):  # an encoder-decoder reads embedded tokens (the objective embeds them)
+        embedded = torch.randn(2, 3, cfg.task.network.embedding_size)
+        output = network(embedded, embedded)[0]
     else:
         output = network(torch.randn(2, 3, cfg.task.input_size))[0]
     output.square().mean().backward()

@@ -74,22 +74,25 @@ def small(model: str) -> list[str]:
     return [f"model={model}", "model.growth_rate=4" if model == "dense_indrnn" else "model.hidden_size=16"]
 
 
-def make_network(model_overrides=(), tmp_path=None, model="gru", task="reverse"):
-    """The encoder-decoder as the run driver builds it: the model config as a factory (``_partial_``)
-    handed to EncoderDecoder, which builds its own encoder and causal decoder."""
+def make_objective(model_overrides=(), tmp_path=None, model="gru", task="reverse"):
+    """The encoder-decoder objective around the network as the run driver builds it: the model config as
+    a factory (``_partial_``) handed to EncoderDecoder, which builds its own encoder and causal decoder;
+    the objective holds the token embeddings."""
     cfg = compose_train(tmp_path / "run", [f"task={task}", *small(model), *QUICK_SEQ2SEQ, *model_overrides])
     node = cfg.task.network
-    return instantiate(node, model=instantiate(cfg.model, _partial_=True))
+    return EncoderDecoderModule(instantiate(node, model=instantiate(cfg.model, _partial_=True)), torch.optim.Adam)
 
 
-def rerun_prefix_decoding(net, source, max_length):
+def rerun_prefix_decoding(module, source, max_length):
     """The earlier greedy decoding: re-run the decoder over the whole prefix at every step, O(L^2)."""
-    context = net.encode(source)
+    net = module.net
+    context = net.encode(module.source_embedding(source))
     tokens = source.new_full((source.shape[0], max_length + 1), net.pad_id)
     tokens[:, 0] = net.bos_id
     finished = torch.zeros(source.shape[0], dtype=torch.bool)
     for step in range(max_length):
-        next_token = net.decode(context, tokens[:, :step + 1])[:, -1].argmax(dim=-1).masked_fill(finished, net.pad_id)
+        logits = net.decode(context, module.target_embedding(tokens[:, :step + 1]))[0]
+        next_token = logits[:, -1].argmax(dim=-1).masked_fill(finished, net.pad_id)
         tokens[:, step + 1] = next_token
         finished |= next_token == net.eos_id
         if bool(finished.all()):
@@ -100,14 +103,14 @@ def rerun_prefix_decoding(net, source, max_length):
 @pytest.mark.parametrize("model", ["gru", "indrnn", "cwrnn", "tdnn", "narx"])
 def test_teacher_forcing_never_reads_ahead(tmp_path, model):
     torch.manual_seed(0)
-    net = make_network(tmp_path=tmp_path, model=model).eval()
+    module = make_objective(tmp_path=tmp_path, model=model).eval()
     source = torch.randint(FIRST_SYMBOL, 11, (3, 4))
     target = torch.randint(FIRST_SYMBOL, 11, (3, 5))
-    logits, context = net(source, target)
-    assert logits.shape == (3, 5, 11) and context.shape == (3, 16)
+    logits = module(source, target)
+    assert logits.shape == (3, 5, 11) and module.net.encode(module.source_embedding(source)).shape == (3, 16)
     changed = target.clone()
     changed[:, 2] = (changed[:, 2] - FIRST_SYMBOL + 1) % 8 + FIRST_SYMBOL
-    logits_changed, _ = net(source, changed)
+    logits_changed = module(source, changed)
     # logits[:, j] predicts target[:, j] from target[:, :j]: a change at j=2 shows from step 3 on only.
     torch.testing.assert_close(logits_changed[:, :3], logits[:, :3], rtol=0, atol=0)
     assert not torch.allclose(logits_changed[:, 3], logits[:, 3])
@@ -119,15 +122,15 @@ def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
     """generate() steps the decoder with its carried state: the same tokens as re-running the prefix,
     each the argmax of the teacher-forced logits given the tokens before it."""
     torch.manual_seed(1)
-    net = make_network(tmp_path=tmp_path, model=model).eval()
+    module = make_objective(tmp_path=tmp_path, model=model).eval()
     # A large EOS bias makes some sequences end early, to check the padding after the end.
     with torch.no_grad():
-        net.decoder.head.bias[EOS] += 0.3
+        module.net.decoder.head.bias[EOS] += 0.3
     source = torch.randint(FIRST_SYMBOL, 11, (16, 4))
-    tokens = net.generate(source, max_length=6)
+    tokens = module.generate(source, max_length=6)
     assert tokens.shape == (16, 6)
-    assert torch.equal(tokens, rerun_prefix_decoding(net, source, 6))
-    logits, _ = net(source, tokens)
+    assert torch.equal(tokens, rerun_prefix_decoding(module, source, 6))
+    logits = module(source, tokens)
     for row, predicted in zip(tokens, logits.argmax(dim=-1)):
         ends = (row == EOS).nonzero()
         stop = int(ends[0]) + 1 if len(ends) else len(row)
@@ -138,13 +141,14 @@ def test_greedy_decoding_feeds_back_its_own_argmax(tmp_path, model):
 @pytest.mark.parametrize("model, flag", [("gru", "model.bidirectional=true"), ("indrnn", "model.bidirectional=true"),
                                          ("indrnn", "model.layer.bidirectional=true")])
 def test_bidirectional_model_gives_a_bidirectional_encoder_and_a_causal_decoder(tmp_path, model, flag):
-    net = make_network([flag], tmp_path=tmp_path, model=model)
+    module = make_objective([flag], tmp_path=tmp_path, model=model)
+    net = module.net
     assert all(isinstance(layer, Bidirectional) for layer in net.encoder.layers)
     assert not any(isinstance(m, Bidirectional) or getattr(m, "bidirectional", False) for m in net.decoder.modules())
     assert (net.encoder.readout, net.decoder.readout) == ("last", "all")
     assert net.encoder.head.out_features == 16 and net.decoder.head.out_features == 11  # context_size, vocab
     assert net.decoder.layers[0].input_size == 8 + 16  # embedding + context
-    tokens = net.eval().generate(torch.randint(FIRST_SYMBOL, 11, (3, 4)), max_length=5)  # the decoder steps
+    tokens = module.eval().generate(torch.randint(FIRST_SYMBOL, 11, (3, 4)), max_length=5)  # the decoder steps
     assert tokens.shape == (3, 5)
 
 

@@ -1,4 +1,9 @@
-"""Encoder-decoder for asynchronous sequence -> sequence tasks (Cho et al. 2014; Sutskever et al. 2014)."""
+"""Encoder-decoder for asynchronous sequence -> sequence tasks (Cho et al. 2014; Sutskever et al. 2014).
+
+Like every network here it reads vectors: the token embeddings, teacher forcing and greedy decoding
+are the objective's (:class:`lightning_modules.seq2seq.EncoderDecoderModule`), as the language
+model's embedding and sampling are (:mod:`lightning_modules.language_model`).
+"""
 from __future__ import annotations
 
 import functools
@@ -31,11 +36,8 @@ class EncoderDecoder(nn.Module):
     embedding of the previous token y_{j-1} (BOS at j = 0) concatenated with c, and predicts y_j.
     Feeding c at every step (Cho et al.'s variant), rather than handing the encoder's state to the
     decoder, works for every layer in this project whatever its state format and lets encoder and
-    decoder use different widths.
-
-    Training uses teacher forcing (:meth:`forward` is given the true previous tokens); testing uses
-    greedy decoding (:meth:`generate` feeds back its own argmax, one step at a time with the
-    decoder's carried state).
+    decoder use different widths. The token embeddings come from the objective; ``vocab_size``,
+    ``embedding_size`` and the special tokens describe the token interface the objective builds them for.
 
     Args:
         model: builds both networks, e.g. ``functools.partial(RecurrentNetwork, layer=..., hidden_size=...)``
@@ -80,60 +82,29 @@ class EncoderDecoder(nn.Module):
             if not 0 <= token < vocab_size:
                 raise ValueError(f"encoder-decoder: {name}={token} is not a token id in [0, {vocab_size})")
         self.encoder, self.decoder = encoder, decoder
-        self.vocab_size, self.context_size = vocab_size, context_size
+        self.vocab_size, self.embedding_size, self.context_size = vocab_size, embedding_size, context_size
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
-        self.source_embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.target_embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
 
     def encode(self, source: torch.Tensor) -> torch.Tensor:
-        """source (B, S) int64 token ids -> context (B, C)."""
-        context = self.encoder(self.source_embedding(source))[0]
+        """source (B, S, E), the source tokens' embeddings -> context (B, C)."""
+        context = self.encoder(source)[0]
         if context.shape != (source.shape[0], self.context_size):
             raise ValueError(f"encoder-decoder: the encoder returned {tuple(context.shape)}, expected "
                              f"(batch, context_size={self.context_size})")
         return context
 
-    def decode(self, context: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
-        """context (B, C), previous_tokens (B, L) int64 (BOS first) -> logits (B, L, V) of the next tokens."""
-        embedded = self.target_embedding(previous_tokens)
-        steps = context.unsqueeze(1).expand(-1, previous_tokens.shape[1], -1)
-        return self.decoder(torch.cat([embedded, steps], dim=-1))[0]
+    def decode(self, context: torch.Tensor, previous: torch.Tensor, state=None) -> tuple[torch.Tensor, object]:
+        """context (B, C), previous (B, L, E): the embeddings of the tokens before each output step (BOS
+        first), state: the decoder's after the steps before them (None: none) -> (logits (B, L, V) of
+        the next tokens, the decoder's state after them)."""
+        steps = context.unsqueeze(1).expand(-1, previous.shape[1], -1)
+        return self.decoder(torch.cat([previous, steps], dim=-1), state)
 
-    def shift_right(self, target: torch.Tensor) -> torch.Tensor:
-        """target (B, L) -> the decoder's teacher-forced inputs (B, L): BOS, then target[:, :-1]."""
-        start = target.new_full((target.shape[0], 1), self.bos_id)
-        return torch.cat([start, target[:, :-1]], dim=1)
-
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: source (B, S), target (B, L) int64 -> (logits (B, L, V), context (B, C)).
+    def forward(self, source: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: source (B, S, E) and previous (B, L, E), the embeddings of the source and of
+        the target shifted right (BOS, then target[:, :-1]) -> (logits (B, L, V), context (B, C)).
 
         logits[:, j] predicts target[:, j] from the source and the true target[:, :j].
         """
         context = self.encode(source)
-        return self.decode(context, self.shift_right(target)), context
-
-    @torch.no_grad()
-    def generate(self, source: torch.Tensor, max_length: int) -> torch.Tensor:
-        """Greedy decoding: source (B, S) -> tokens (B, max_length) int64.
-
-        Each sequence stops at its first EOS (included); later positions are PAD. The decoder reads
-        one token per step and carries its state (every layer's state holds all it needs to
-        continue), so decoding costs max_length decoder steps, not the max_length^2 of re-running
-        the prefix; the tokens are the same.
-        """
-        check_positive_int("max_length", max_length)
-        context = self.encode(source).unsqueeze(1)  # (B, 1, C)
-        batch = source.shape[0]
-        tokens = source.new_full((batch, max_length), self.pad_id)
-        previous = source.new_full((batch, 1), self.bos_id)
-        finished = torch.zeros(batch, dtype=torch.bool, device=source.device)
-        state = None
-        for step in range(max_length):
-            logits, state = self.decoder(torch.cat([self.target_embedding(previous), context], dim=-1), state)
-            next_token = logits[:, -1].argmax(dim=-1).masked_fill(finished, self.pad_id)
-            tokens[:, step] = next_token
-            finished |= next_token == self.eos_id
-            if bool(finished.all()):
-                break
-            previous = next_token.unsqueeze(1)
-        return tokens
+        return self.decode(context, previous)[0], context
