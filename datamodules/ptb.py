@@ -26,8 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.download import DataError
-# ARCHIVE and ARCHIVE_FOLDER only for tests/test_ptb.py, which imports them from here (to move to ptb_download).
-from datamodules.ptb_download import ARCHIVE, ARCHIVE_FOLDER, FILES, LEVELS, SPLITS, PTBFiles  # noqa: F401
+from datamodules.ptb_download import FILES, LEVELS, SPLITS, PTBFiles
 from src.batch import SequenceBatch
 from src.checks import check_choice, check_int, check_positive_int
 

@@ -10,7 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from datamodules.download import md5sum
-from datamodules.ptb import FILES, PTBDataModule, read_tokens
+from datamodules.ptb import PTBDataModule, read_tokens
+from datamodules.ptb_download import FILES
 from lightning_modules.language_model import LanguageModel
 from src.layers import IndRNN
 from src.networks import RecurrentNetwork

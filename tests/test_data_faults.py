@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.download import DataError
 from datamodules.idx import write_idx
 from datamodules.mnist import MNISTDataModule, TRAIN_LABELS
-from datamodules.ptb import EOS, FILES, read_tokens
+from datamodules.ptb import EOS, read_tokens
+from datamodules.ptb_download import FILES
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.classification import SequenceClassificationModule
 from src.batch import SequenceBatch

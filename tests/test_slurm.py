@@ -115,7 +115,7 @@ def test_sweep_2x2_through_the_slurm_launcher(slurm_env, tmp_path):
         assert "\r" not in text and "validation at epoch 1 step 8: val/loss=" in text, text[-2000:]
 
     # The sweep's table: one row per job, mean ± std over the two seeds of each model.
-    table = subprocess.run([sys.executable, str(ROOT / "results.py"), str(sweep_dir)], cwd=ROOT,
+    table = subprocess.run([sys.executable, str(ROOT / "results.py"), f"dir={sweep_dir}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     grouped = json.loads((sweep_dir / "results_table.json").read_text())["groups"]
