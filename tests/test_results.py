@@ -206,3 +206,33 @@ def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsy
     assert "| test/mse | no published figure | 0.006 |" in rows["indrnn_adding_t100"]
     assert "not run yet" in rows["indrnn_adding_t1000"]
     assert capsys.readouterr().out.endswith(f"written: {tmp_path / 'REPRODUCTIONS.md'}\n")
+
+
+def test_paper_table_keeps_measured_rows_of_recipes_without_runs_here(tmp_path, capsys):
+    """Regenerating REPRODUCTIONS.md from new runs keeps the figures of recipes whose runs are not in the
+    given folders (an older machine's outputs), and replaces the rows of recipes that have new runs."""
+    import results
+    from lightning_modules.run.record import write_record
+
+    def finished(folder, experiment, mse, steps):
+        folder.mkdir(parents=True)
+        write_record(folder, {"status": "finished", "experiment": experiment, "steps": steps, "seconds": 60.0,
+                              "hardware": "vm", "started_at": "2026-03-01 10:00:00", "test/mse": mse,
+                              "overrides": [f"experiment={experiment}"]})
+
+    def rows():
+        text = (tmp_path / "REPRODUCTIONS.md").read_text()
+        return {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+
+    finished(tmp_path / "old" / "a", "indrnn_adding_t100", 0.006, 3000)
+    finished(tmp_path / "old" / "b", "indrnn_adding_t500", 0.008, 4000)
+    assert results.main(["paper=true", f"dir={tmp_path / 'old'}", f"out={tmp_path}"]) == 0
+    before = rows()
+    finished(tmp_path / "new" / "c", "indrnn_adding_t500", 0.005, 9000)
+    assert results.main(["paper=true", f"dir={tmp_path / 'new'}", f"out={tmp_path}"]) == 0
+    after = rows()
+    assert after["indrnn_adding_t100"] == before["indrnn_adding_t100"]  # no run here: the old figure stays
+    assert "| 0.006 | vm | 3000 |" in after["indrnn_adding_t100"]
+    assert "| 0.005 | vm | 9000 |" in after["indrnn_adding_t500"]  # new runs replace the row
+    assert "not run yet" in after["indrnn_adding_t1000"]
+    capsys.readouterr()
