@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Line coverage of `make test`'s selection (pyproject.toml [tool.coverage.*]: src, datamodules,
-# lightning_modules, storage; train.py/eval.py subprocesses included). PYTEST_ARGS="-m slow" measures the rest.
+# lightning_modules, storage, tools; train.py/eval.py subprocesses included). PYTEST_ARGS="-m slow" measures the rest.
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
 	$(BIN)/python -m coverage run -m pytest -q $(PYTEST_ARGS)

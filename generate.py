@@ -9,7 +9,7 @@ training text: into words (word level; unknown words become ``<unk>``) or into c
 level; a space is the ``_`` between words). A prompt of several lines (``\\n``) ends each with
 ``<eos>``; an empty prompt starts after an ``<eos>``. Output: words joined by spaces, characters
 with ``_`` shown as a space, ``<eos>`` as a new line. ``temperature=0`` picks the likeliest token.
-Arguments are ``key=value`` as every entry point's (lightning_modules/cli.py); ``--help`` lists them.
+Arguments are ``key=value`` as every entry point's (tools/cli.py); ``--help`` lists them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from datamodules.ptb import EOS, UNK, saved_vocabulary  # noqa: E402
-from lightning_modules.cli import CommandLineError, Option, as_float, as_int, help_text, parse, wants_help  # noqa: E402
+from tools.cli import CommandLineError, Option, as_float, as_int, help_text, parse, wants_help  # noqa: E402
 from lightning_modules.language_model import LanguageModel, sample  # noqa: E402
 from lightning_modules.run import UserError  # noqa: E402
 from lightning_modules.run.build import build_network, build_objective  # noqa: E402

@@ -4,7 +4,7 @@
     python prepare_ntu.py raw=PATH/nturgb+d_skeletons exclude=NTU_RGBD_samples_with_missing_skeletons.txt
     python prepare_ntu.py --help
 
-key=value arguments as every entry point (lightning_modules/cli.py). The logic is in
+key=value arguments as every entry point (tools/cli.py). The logic is in
 datamodules/ntu_convert.py (the conversion), datamodules/ntu_hdf5.py (the HDF5 layout) and datamodules/ntu_skeleton.py
 (parsing, body selection); see README.md.
 """
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from datamodules.ntu_convert import EXPECTED_RAW, ConvertError, convert, summary_table
-from lightning_modules.cli import CommandLineError, Option, as_bool, as_int, as_optional_str, help_text, parse, \
+from tools.cli import CommandLineError, Option, as_bool, as_int, as_optional_str, help_text, parse, \
     wants_help
 
 COMMAND = "prepare_ntu.py"

@@ -9,13 +9,13 @@ A folder that cannot be written still gets its table printed, then one line (exi
 `python results.py paper=true dir=DIR[,DIR...]` writes REPRODUCTIONS.md instead (in out=, default the
 current folder): every recipe of conf/experiment with a paper target, the paper's figure and ours.
 
-key=value arguments as every entry point (lightning_modules/cli.py); the tables are built by
-lightning_modules/report.py and lightning_modules/reproductions.py.
+key=value arguments as every entry point (tools/cli.py); the tables are built by
+tools/runs_table.py and tools/reproductions.py.
 """
 import sys
 from pathlib import Path
 
-from lightning_modules.cli import CommandLineError, Option, as_bool, as_optional_str, help_text, parse, wants_help
+from tools.cli import CommandLineError, Option, as_bool, as_optional_str, help_text, parse, wants_help
 
 COMMAND = "results.py"
 SUMMARY = "One table of the runs under a folder (a sweep, a run, any tree of runs), or REPRODUCTIONS.md."
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or wants_help(argv):
         print(help_text(COMMAND, SUMMARY, OPTIONS))
         return 0 if argv else 2
-    from lightning_modules.report import ReportNotWritten, build_report, plot_curves, write_report
+    from tools.runs_table import ReportNotWritten, build_report, plot_curves, write_report
 
     try:
         args = parse(argv, OPTIONS, COMMAND, bare_means="dir")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def not_written(what: str, err) -> int:
-    """One line for a :class:`~lightning_modules.report.ReportNotWritten`; exit status 1."""
+    """One line for a :class:`~tools.runs_table.ReportNotWritten`; exit status 1."""
     print(f"error: {what} could not be written: {err.folder} is not writable ({err.strerror}); choose another "
           f"folder with out=DIR", file=sys.stderr)
     return 1
@@ -80,8 +80,8 @@ def not_written(what: str, err) -> int:
 
 def paper_table(dirs: list[Path], out: Path | None) -> int:
     """``paper=true``: write REPRODUCTIONS.md into ``out`` (default: the current folder)."""
-    from lightning_modules.report import ReportNotWritten
-    from lightning_modules.reproductions import write_reproductions
+    from tools.runs_table import ReportNotWritten
+    from tools.reproductions import write_reproductions
 
     target = (out or Path.cwd()) / "REPRODUCTIONS.md"
     try:

@@ -9,7 +9,7 @@ import torch
 import generate
 import prepare_ntu
 import results
-from lightning_modules.cli import CommandLineError, Option, as_bool, as_float, as_int, help_text, parse
+from tools.cli import CommandLineError, Option, as_bool, as_float, as_int, help_text, parse
 from tests.conftest import run_script
 
 OPTIONS = (Option("ckpt_path", None, "a checkpoint", required=True, metavar="PATH"),

@@ -112,7 +112,7 @@ def fake_runs(root, statuses=("finished", "running")):
 
 
 def test_running_means_killed_unless_a_live_process_holds_the_run(tmp_path):
-    from lightning_modules.report import load_runs
+    from tools.runs_table import load_runs
     from lightning_modules.run.lock import acquire, release
     from lightning_modules.run.sweep import job_records
 
@@ -175,7 +175,7 @@ def test_plot_of_a_tag_no_run_logged_lists_the_tags(tmp_path, capsys):
 
 def test_paper_table_lists_every_recipe_with_ours_or_not_run_yet(tmp_path, capsys):
     import results
-    from lightning_modules.reproductions import experiment_papers
+    from tools.reproductions import experiment_papers
     from lightning_modules.run.record import write_record
 
     papers = experiment_papers()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_modules.report import find_run_dirs
+from tools.runs_table import find_run_dirs
 from lightning_modules.run.record import OK_STATUSES, UnreadableRecord, read_record
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -159,7 +159,7 @@ def write_reproductions(dirs: list[Path], out: Path, conf_dir: Path = CONF_DIR) 
     previous = Path(out).read_text() if Path(out).is_file() else ""
     text = reproductions_markdown(collect([Path(d) for d in dirs], experiment_papers(conf_dir)), list(dirs),
                                   kept=measured_rows(previous))
-    from lightning_modules.report import write_report
+    from tools.runs_table import write_report
 
     write_report({Path(out): text})
     return text, Path(out)
