@@ -319,9 +319,10 @@ class SequenceObjective(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """A :class:`BestValidation` of ``val/{metric_name}`` (``best_mode``) when the trainer has none,
-        so that every run has exactly one "best" (the run driver adds the task's own)."""
-        if best_validation_of(self.trainer) is not None:
+        """A :class:`BestValidation` of ``val/{metric_name}`` (``best_mode``) when a fit's trainer has
+        none, so that every training run has exactly one "best" (the run driver adds the task's own);
+        none for validate/test (eval.py), which keep no best."""
+        if self.trainer.state.fn != "fit" or best_validation_of(self.trainer) is not None:
             return []
         return [BestValidation(f"val/{self.metric_name}", self.best_mode)]
 
