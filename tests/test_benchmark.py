@@ -39,7 +39,7 @@ def test_parse_shape():
             parse_shape(bad)
 
 
-def test_main_writes_exact_json_and_prints_table(tmp_path, capsys):
+def test_main_writes_exact_json_and_prints_table(tmp_path, capfd):
     path = tmp_path / "out" / "bench.json"
     results = main([*QUICK, "--json", str(path)])
     written = json.loads(path.read_text())
@@ -49,7 +49,9 @@ def test_main_writes_exact_json_and_prints_table(tmp_path, capsys):
     assert set(impls_for("cpu")) >= {"indrnn", "indrnn_reference", "lstm", "gru", "rnn_tanh", "rnn_relu", "cwrnn",
                                      "leaky", "skip", "jordan", "narx", "tdnn", "cornn", "unicornn", "lem"}
     assert set(IMPLS) - set(impls_for("cpu")) == {name for name in IMPLS if name.endswith(("_triton", "_graphs"))}
-    out = capsys.readouterr().out
+    printed = capfd.readouterr()  # at the file descriptors: Kineto writes its banner to fd 2
+    assert "USDT:" not in printed.err  # the profiler's banner is filtered out
+    out = printed.out
     table = format_table(results)
     assert table in out
     header = table.splitlines()[0].split()
@@ -91,6 +93,7 @@ def test_cuda_requested_without_cuda():
     assert message.startswith("error:") and "CUDA is not available" in message and "\n" not in message
 
 
+@pytest.mark.slow  # an interpreter start; main() in-process: test_main_writes_exact_json_and_prints_table
 def test_command_line(tmp_path):
     path = tmp_path / "cli.json"
     done = subprocess.run([sys.executable, "benchmarks/recurrence.py", *QUICK, "--json", str(path)],
