@@ -138,9 +138,4 @@ class RealTimeRecurrentLearning(LearningRule):
         scheduler = objective.lr_schedulers()
         if scheduler is None or objective.hparams.scheduler_interval != "epoch":
             return
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = objective.trainer.callback_metrics.get(objective.hparams.monitor)
-            if value is not None:
-                scheduler.step(value)
-        else:
-            scheduler.step()
+        scheduler.step()  # plateau schedules are the PlateauReloadBest callback, never a torch scheduler
