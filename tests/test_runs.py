@@ -17,7 +17,7 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.results import PROJECT_METRICS
+from lightning_modules.run.hparams import PROJECT_METRICS
 from lightning_modules.run import UserError, evaluate, train
 from lightning_modules.run.rundir import claim_dir
 from tests.conftest import QUICK, ROOT, compose_eval, compose_train, run_script

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from datamodules.download import DataError, DownloadError
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.callbacks import BestValidation
-from lightning_modules.results import log_hparams
+from lightning_modules.run.hparams import log_hparams
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
                                          build_objective, build_trainer, choice, count_parameters,
                                          plain_config)

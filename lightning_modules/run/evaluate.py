@@ -21,12 +21,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.download import DataError, DownloadError
-from lightning_modules.results import write_results
 from lightning_modules.run.build import (CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective,
                                          build_trainer, count_parameters)
 from lightning_modules.run.checkpoints import evaluation_checkpoint, load_our_checkpoint
 from lightning_modules.run.driver import read_results, route_lightning_logs
 from lightning_modules.run.errors import UserError, one_line
+from lightning_modules.run.record import write_record
 from lightning_modules.run.rundir import checkpoint_run_dir
 
 
@@ -137,7 +137,8 @@ def evaluate(cfg: DictConfig) -> dict:
               "params": count_parameters(objective),
               "seconds": round(time.time() - started, 2), "output_dir": str(output_dir.resolve())}
     if trainer.is_global_zero:
-        write_results(output_dir, record)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_record(output_dir, record)
         print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
         print(f"results written to {output_dir / 'results.json'}", flush=True)
     return metrics

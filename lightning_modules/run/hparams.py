@@ -1,7 +1,6 @@
-"""results.json and the TensorBoard HParams entry of a run."""
+"""The TensorBoard HParams entry of a run: its settings with its final metrics (results.json itself is
+:mod:`lightning_modules.run.record`'s)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,14 +10,6 @@ HPARAM_GROUPS = ("model", "task", "objective", "optimizer", "scheduler")
 _METRICS = ("loss", "mse", "acc", "seq_acc", "loss_ratio", "bpc", "ppl")
 PROJECT_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in _METRICS) + tuple(
     f"val/{name}_best" for name in _METRICS)
-
-
-def write_results(output_dir: Path, results: dict) -> Path:
-    """Write ``results.json`` (the run record, :mod:`lightning_modules.run.record`) atomically."""
-    from lightning_modules.run.record import write_record
-
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return write_record(output_dir, results)
 
 
 def flatten_hparams(cfg: DictConfig) -> dict:
