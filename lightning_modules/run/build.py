@@ -40,8 +40,8 @@ def choice(group: str) -> str | None:
 
 
 def objective_node(cfg: DictConfig):
-    """The objective's config: the ``objective`` group (older configs kept it under ``task.objective``)."""
-    node = cfg.get("objective") or cfg.task.get("objective")
+    """The objective's config: the ``objective`` group (each task's defaults list chooses one)."""
+    node = cfg.get("objective")
     if node is None:
         raise UserError("no objective: the task's defaults list must choose one (e.g. `- /objective: regression`)")
     return node

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.download import DataError, DownloadError
 from lightning_modules.run.build import (CONFIG_DIR, build_datamodule, build_loggers, build_network, build_objective,
-                                         build_trainer, count_parameters)
+                                         build_trainer, count_parameters, objective_node)
 from lightning_modules.run.checkpoints import evaluation_checkpoint, load_our_checkpoint
 from lightning_modules.run.driver import read_results, route_lightning_logs
 from lightning_modules.run.errors import UserError, one_line
@@ -88,7 +88,7 @@ def stored_run_config(stored: dict, cfg: DictConfig, rebase_data: bool = False) 
     settings = {setting: (datamodule, setting) for setting in DATA_SETTINGS}
     if "test_batch_size" in datamodule:
         settings["batch_size"] = (datamodule, "test_batch_size")
-    objective = run_cfg.get("objective") or run_cfg.task.get("objective")
+    objective = objective_node(run_cfg)
     own = {"ckpt_path", "hydra", *EVAL_OWN_KEYS, *DATA_SETTINGS}
     settings.update({setting: (objective, setting) for setting in cfg if setting not in own})
     for setting, (node, key) in settings.items():
