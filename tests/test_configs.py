@@ -16,8 +16,14 @@ OBJECTIVES = sorted(p.stem for p in (CONF / "objective").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_builds(tmp_path, experiment):
+def test_experiment_is_global_names_a_task_and_a_model_and_builds(tmp_path, experiment):
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n"), f"{experiment}: overrides must reach the top level"
     cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    choices = HydraConfig.get().runtime.choices
+    assert choices["experiment"] == experiment
+    assert choices["task"] in TASKS and choices["model"] in MODELS, (experiment, choices)
+    assert cfg.objective._target_.startswith("lightning_modules."), experiment
     network = instantiate(cfg.model)
     inputs = torch.randn(2, 5, cfg.task.input_size)
     per_step = cfg.task.readout == "all"
@@ -67,16 +73,8 @@ def test_every_task_builds_its_network(tmp_path, task):
     assert built_network_output_shape(cfg) == expected_output_shape(cfg)
 
 
-def test_every_experiment_is_global_and_names_a_task_and_a_model(tmp_path):
+def test_experiments_include_the_papers_and_set_the_objective_group(tmp_path):
     assert {"indrnn_adding_t1000", "indrnn_pmnist_6layer", "dense_indrnn_pmnist"} <= set(EXPERIMENTS)
-    for experiment in EXPERIMENTS:
-        text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
-        assert text.startswith("# @package _global_\n"), f"{experiment}: overrides must reach the top level"
-        cfg = compose_train(tmp_path, [f"experiment={experiment}"])
-        choices = HydraConfig.get().runtime.choices
-        assert choices["experiment"] == experiment
-        assert choices["task"] in TASKS and choices["model"] in MODELS, (experiment, choices)
-        assert cfg.objective._target_.startswith("lightning_modules."), experiment
     # An experiment's objective settings land in the objective group (not a stray task.objective).
     cfg = compose_train(tmp_path, ["experiment=indrnn_adding_t1000"])
     assert cfg.objective.scheduler_interval == "step" and "objective" not in cfg.task

@@ -26,6 +26,8 @@ def mirror(tmp_path_factory):
         yield url, md5
 
 
+@pytest.mark.slow  # 600 steps; make test: the download in the pmnist test below, classification learning in
+# tests/test_objectives.py, mnist_rows through train() in tests/test_train.py
 def test_mnist_rows_downloads_and_learns(mirror, tmp_path):
     url, md5 = mirror
     cfg = compose_train(tmp_path / "run", ["task=mnist_rows", f"paths.data_dir={tmp_path / 'data'}",
@@ -45,6 +47,7 @@ def test_pmnist_permutation_is_stored_in_checkpoints_and_eval_reuses_it(mirror, 
                  md5_override(md5), "task.max_epochs=1", "task.datamodule.permutation_seed=7",
                  "model.hidden_size=16", *QUICK_TRAINER]
     train(compose_train(tmp_path / "run", overrides))
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(md5)  # downloaded, no .part
     checkpoint_path = tmp_path / "run" / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert torch.equal(checkpoint["MNISTDataModule"]["permutation"], make_permutation(7))
