@@ -96,7 +96,7 @@ def test_clipping_clips_in_the_scan():
     assert not torch.allclose(clipped[2], plain[2])
 
 
-@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("activation", ["relu", pytest.param("identity", marks=pytest.mark.slow)])
 def test_100000_steps(activation, tasks):  # B=1, H=8: about 2 s each (4 s on the loaded VM)
     for grad_clip in (None, 0.5):
         tensors, grad = recurrence_inputs(100_000, B=1, H=8, seed=7, u_scale=1.0)

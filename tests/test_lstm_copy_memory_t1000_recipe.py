@@ -35,6 +35,7 @@ def test_recipe_is_the_papers_table_3(tmp_path):
     assert round(memoryless_baseline(1000), 4) == cfg.paper.value == round(build_datamodule(cfg).baseline, 4)
 
 
+@pytest.mark.slow  # ~2 min of CPU: a train() run of the recipe
 def test_short_run_of_the_recipe_learns_the_blanks(tmp_path):
     # The recipe at T=100 for 30 steps: the loss falls from log(10) (uniform over 10 classes) towards the
     # memoryless level, as in the first steps of the full run.
