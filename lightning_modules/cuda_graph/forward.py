@@ -1,6 +1,6 @@
-"""CUDA-graph training steps: the network's forward and backward passes captured once in a CUDA graph
-and replayed at every step with the same input shape, so that a step costs two graph launches
-instead of hundreds of kernel launches from Python (a 6-layer IndRNN at T=784 launches thousands).
+"""The network's forward and backward passes captured once in a CUDA graph and replayed at every
+training step with the same input shape, so that a step costs two graph launches instead of hundreds
+of kernel launches from Python (a 6-layer IndRNN at T=784 launches thousands).
 
 :class:`GraphedForward` replaces ``network.forward`` (an instance attribute: parameter names, the
 state dict and checkpoints are unchanged) with a dispatcher:
@@ -16,20 +16,16 @@ state dict and checkpoints are unchanged) with a dispatcher:
   first time each reason applies it is logged in one line, e.g. ``CUDA graphs: eager step: input
   shape (17, 784, 1) differs from the captured (32, 784, 1) (a last short batch or varying lengths)``.
 
-The optimizer step, gradient clipping and constraints stay eager (a few fused kernels). Dropout
-inside a graph draws its own random numbers (the same distribution, not the eager bits); everything
-else is the same kernels on the same values, so losses and weights equal the eager run's
-(tests/test_cuda_graph.py, on a GPU).
-
-:class:`CudaGraphs` is the Lightning callback that installs it for a fit (``trainer=gpu_graphs``;
-``benchmarks/train_step.py --graphs`` adds it itself).
+Dropout inside a graph draws its own random numbers (the same distribution, not the eager bits);
+everything else is the same kernels on the same values, so losses and gradients equal the eager
+run's (tests/test_cuda_graph.py, on a GPU). The optimizer step has its own graph
+(:mod:`lightning_modules.cuda_graph.optimizer`).
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -138,22 +134,3 @@ class GraphedForward:
             with torch.no_grad():  # the warm-up passes must not count (batch-norm running statistics)
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
-
-
-class CudaGraphs(pl.Callback):
-    """Lightning callback: :class:`GraphedForward` on ``pl_module.net`` for the fit (CUDA only; on
-    another device it logs one line and changes nothing)."""
-
-    def __init__(self) -> None:
-        self.graphed: GraphedForward | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type != "cuda":
-            log.info(f"CUDA graphs: off (the model is on {pl_module.device}, not CUDA)")
-            return
-        self.graphed = GraphedForward(pl_module.net).install()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.graphed is not None:
-            self.graphed.uninstall()
-            self.graphed = None
