@@ -12,15 +12,18 @@ output, so one call on a fresh machine always finishes and reports what it measu
    update, the dense kernel of the leaky / Clockwork / skip layers and those layers end to end.
    On the CPU they run under Triton's interpreter when this script sets ``TRITON_INTERPRET=1``
    (it does with ``--device cpu`` when triton is not imported yet), else they are skipped.
-2. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) at T784_B64_H128 and
+2. ``graphs``: CUDA-graph training steps (forward, backward and the optimizer step replayed) against
+   eager ones, 10 steps each with SGD and Adam: the largest weight and loss differences (CUDA only).
+3. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) at T784_B64_H128 and
    T1024_B128_H512 for several time-tile heights ``BLOCK_T`` and program widths ``BLOCK``, as achieved GB/s:
    bytes = (2 + 3) * T * B * H * itemsize (forward reads z and writes h; backward reads g and h
    and writes dz; u, h0 and the (B, H) partials are negligible), GB/s = bytes / time. The device's
    copy bandwidth (``dst.copy_(src)`` of 1 GiB, read + write) is measured as the ceiling it is
    compared with.
-3. ``train_step``: benchmarks/train_step.py's ``measure`` (pipeline, bare, GPU busy, each with and
-   without CUDA graphs) for indrnn_pmnist_6layer, lstm_pmnist, indrnn_adding_t1000, cwrnn_smnist.
-4. ``recurrence``: (its target rows first, as ``recurrence_targets`` before ``train_step``)
+4. ``train_step``: benchmarks/train_step.py's ``measure`` (pipeline, bare, GPU busy, each with and
+   without CUDA graphs; the pipeline's graphs include the optimizer step) for indrnn_pmnist_6layer,
+   lstm_pmnist, indrnn_adding_t1000, cwrnn_smnist.
+5. ``recurrence``: (its target rows first, as ``recurrence_targets`` before ``train_step``)
    benchmarks/recurrence.py's table (fwd+bwd, fwd, peak memory) for every layer at
    T784_B64_I1_H128, T784_B64_I1_H512 and T1024_B128_I512_H512, at fp32, tf32 and bf16: every row of
    benchmarks/layers.py, the loop layers (leaky, skip, Jordan, NARX, TDNN) with their Triton versions
@@ -28,7 +31,7 @@ output, so one call on a fresh machine always finishes and reports what it measu
    :class:`lightning_modules.cuda_graph.GraphedForward` on the layer) included; and the IndRNN scan
    against the sequential kernel (``indrnn_scan``, ``indrnn_fused``) at SCAN_SHAPES.
 
-Sections 1 and 2 live in benchmarks/gpu_kernel_checks.py; this file runs every section and the targets.
+Sections 1 to 3 live in benchmarks/gpu_kernel_checks.py; this file runs every section and the targets.
 
 Then the issue's targets with the measured value and pass/fail (``targets``), printed as a table;
 ``--json FILE`` (default outputs/gpu_check.json) holds everything.
@@ -61,7 +64,8 @@ if __name__ == "__main__" and _cpu_requested(sys.argv) and "triton" not in sys.m
 import torch  # noqa: E402
 
 from benchmarks import recurrence  # noqa: E402
-from benchmarks.gpu_kernel_checks import Budget, failure, kernels_can_run, run_bandwidth, run_kernels, say  # noqa: E402
+from benchmarks.gpu_kernel_checks import (Budget, failure, kernels_can_run, run_bandwidth, run_graph_equality,  # noqa: E402
+                                          run_kernels, say)
 
 SHAPES = ["T784_B64_I1_H128", "T784_B64_I1_H512", "T1024_B128_I512_H512"]
 QUICK_SHAPES = ["T12_B4_I2_H16"]
@@ -72,7 +76,7 @@ PRECISIONS = ["fp32", "tf32", "bf16"]
 EXPERIMENTS = ["indrnn_pmnist_6layer", "lstm_pmnist", "indrnn_adding_t1000", "cwrnn_smnist"]
 
 
-# --- 3. train_step -----------------------------------------------------------------------------------
+# --- 4. train_step -----------------------------------------------------------------------------------
 
 def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
     try:
@@ -89,6 +93,9 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
     warnings.filterwarnings("ignore")
     experiments = EXPERIMENTS[2:3] if quick else EXPERIMENTS
     extra = ["model.hidden_size=8", "task.seq_len=10", "task.datamodule.batch_size=4"] if quick else []
+    # trainer=gpu includes the CudaGraphs callback: the eager columns go without it (the graph columns add
+    # their own, forward, backward and optimizer step); ++ sets the key whether or not it was composed.
+    extra += ["++callbacks.cuda_graphs=null"]
     steps, warmup = (2, 1) if quick else (30, 5)
     results: dict = {}
     estimate = 5.0 if quick else 45.0
@@ -114,7 +121,7 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
     return results
 
 
-# --- 4. the recurrence table -----------------------------------------------------------------------
+# --- 5. the recurrence table -----------------------------------------------------------------------
 
 def recurrence_jobs(quick: bool, impls: list[str], targets_only: bool = False) -> list[tuple[str, str, str]]:
     """(precision, shape, impl) in table order; ``targets_only``: the rows the issue's targets read
@@ -234,6 +241,11 @@ def targets(results: dict) -> list[dict]:
                      if k.startswith("T1024_B128_H512") and isinstance(r, dict)]
         add(f"IndRNN recurrence {direction} at T1024_B128_H512, best BLOCK/BLOCK_T, fraction of copy bandwidth",
             max(fractions) if fractions else None, ">= 0.5", lambda v: v >= 0.5)
+    graphs = results.get("graphs", {})
+    for name in ("sgd", "adam"):
+        row = graphs.get(name)
+        add(f"CUDA-graph steps (forward, backward, {name} step) vs eager: max weight difference",
+            row["max_weight_diff"] if isinstance(row, dict) else None, "<= 1e-4", lambda v: v <= 1e-4)
     kernels = results.get("kernels", {})
     failed = [k for k, v in kernels.items() if isinstance(v, str) and v.startswith("FAIL")]
     checked = [k for k, v in kernels.items() if isinstance(v, dict)]
@@ -252,8 +264,8 @@ def format_targets(rows: list[dict]) -> str:
 
 
 # recurrence_targets measures the rows the targets read before train_step; recurrence fills in the rest.
-SECTIONS = {"kernels": run_kernels, "indrnn_bandwidth": run_bandwidth, "recurrence_targets": run_recurrence,
-            "train_step": run_train_step, "recurrence": run_recurrence}
+SECTIONS = {"kernels": run_kernels, "graphs": run_graph_equality, "indrnn_bandwidth": run_bandwidth,
+            "recurrence_targets": run_recurrence, "train_step": run_train_step, "recurrence": run_recurrence}
 
 
 def build_parser() -> argparse.ArgumentParser:

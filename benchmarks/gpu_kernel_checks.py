@@ -1,11 +1,12 @@
-"""Sections 1 and 2 of benchmarks/gpu_check.py (``make gpu-check``): the Triton kernels against float64,
-and the IndRNN recurrence's bandwidth; with the helpers every section uses (:class:`Budget`, :func:`say`,
+"""Sections 1 to 3 of benchmarks/gpu_check.py (``make gpu-check``): the Triton kernels against float64,
+CUDA-graph training steps against eager ones, and the IndRNN recurrence's bandwidth; with the helpers every section uses (:class:`Budget`, :func:`say`,
 :func:`failure`).
 
 1. ``kernels``: every Triton kernel against its float64 reference on the device (max relative error,
    values and gradients); on the CPU under Triton's interpreter (TRITON_INTERPRET=1, which
    gpu_check.py sets with ``--device cpu`` before triton is imported), else skipped.
-2. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) for several ``BLOCK_T`` and
+2. ``graphs``: see :func:`run_graph_equality` (CUDA only).
+3. ``indrnn_bandwidth``: the IndRNN recurrence alone (forward, backward) for several ``BLOCK_T`` and
    ``BLOCK``, as achieved GB/s against the device's copy bandwidth (see gpu_check.py's docstring).
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def run_kernels(device: torch.device, quick: bool, budget: Budget) -> dict:
     return results
 
 
-# --- 2. IndRNN recurrence bandwidth --------------------------------------------------------------------
+# --- 3. IndRNN recurrence bandwidth --------------------------------------------------------------------
 
 def _time_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     fn()  # compile / warm up
@@ -219,4 +220,39 @@ def run_bandwidth(device: torch.device, quick: bool, budget: Budget) -> dict:
                     " of copy)")
     finally:
         kernel.BLOCK, kernel.BLOCK_T = saved
+    return results
+
+
+# --- 2. CUDA-graph training steps against eager ones ----------------------------------------------------
+
+def run_graph_equality(device: torch.device, quick: bool, budget: Budget) -> dict:
+    """Section ``graphs``: 10 training steps of a 2-layer IndRNN (batch norm, a StepLR, a short last batch)
+    with the forward, backward and optimizer update replayed from CUDA graphs, against the same steps
+    run eagerly (tests/test_cuda_graph.py's loop), for SGD and Adam: the largest weight and loss
+    differences and how many steps replayed. CUDA only (graphs do not exist on the CPU)."""
+    if device.type != "cuda":
+        say("graphs: skipped (CUDA graphs need a CUDA device)")
+        return {"skipped": "CUDA graphs need a CUDA device"}
+    import functools
+
+    from tests.test_cuda_graph import make_network, random_batches, train
+
+    results: dict = {}
+    for name, make in (("sgd", functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)), ("adam", None)):
+        if not budget.fits(20.0):
+            results[name] = "skipped (time budget)"
+            continue
+        try:
+            batches = random_batches(device, [16] * 10 + [5])
+            eager_net, graphed_net = make_network(device), make_network(device)
+            eager_losses, *_ = train(eager_net, batches, False, make)
+            losses, reasons, forward, step, _ = train(graphed_net, batches, True, make)
+            weights = max((a.float() - b.float()).abs().max().item()
+                          for a, b in zip(graphed_net.state_dict().values(), eager_net.state_dict().values()))
+            results[name] = {"max_weight_diff": weights, "max_loss_diff": (losses - eager_losses).abs().max().item(),
+                             "forward_replays": forward.replays, "optimizer_replays": step.replays,
+                             "eager_reasons": reasons}
+        except Exception as error:
+            results[name] = failure(error)
+        say(f"  graphs {name}: {results[name]}")
     return results

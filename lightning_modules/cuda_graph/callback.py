@@ -34,14 +34,16 @@ class CudaGraphs(pl.Callback):
         if pl_module.device.type != "cuda":
             log.info(f"CUDA graphs: off (the model is on {pl_module.device}, not CUDA)")
             return
-        if self.forward:
+        # A second CudaGraphs (e.g. trainer=gpu plus one added by hand) leaves the first one's in place.
+        if self.forward and not isinstance(pl_module.net.__dict__.get("forward"), GraphedForward):
             self.graphed = GraphedForward(pl_module.net).install()
         if self.optimizer_step:
             refusal = scaler_refusal(trainer)
             if refusal:
                 log.info(f"CUDA graphs: eager optimizer steps: {refusal}")
             else:
-                self.steps = [OptimizerStepGraph(optimizer).install() for optimizer in trainer.optimizers]
+                self.steps = [OptimizerStepGraph(optimizer).install() for optimizer in trainer.optimizers
+                              if not hasattr(optimizer.__dict__.get("step"), "graph_of")]
 
     def _remove(self) -> None:
         if self.graphed is not None:

@@ -128,6 +128,7 @@ class OptimizerStepGraph:
             return self.step(closure, **kwargs)
 
         step._wrapped_by_lr_sched = True  # a later LR scheduler must not wrap this (it binds the function)
+        step.graph_of = self  # marks the step as installed (a second installer leaves it alone)
         optimizer.step = step
         self.handles = [optimizer.register_state_dict_post_hook(self._eager_checkpoint),
                         optimizer.register_load_state_dict_post_hook(self._state_replaced)]
