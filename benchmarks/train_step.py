@@ -19,6 +19,11 @@ downloaded), one after the other in this process:
 * ``bare_ms``: a plain loop over a second copy of the network (same config, same seed): forward,
   the objective's own loss, backward, the configured optimizer's step, zero_grad. No clipping, no
   constraint, no metric, no logging.
+* ``lightning_ms``: Lightning's own floor: the bare loop's network, loss and optimizer in a minimal
+  LightningModule (its ``training_step`` returns the loss; automatic optimization) under a Trainer
+  with no callback, logger, checkpoint or progress bar. ``lightning_ms - bare_ms`` is what any
+  Lightning training loop costs per step; ``pipeline_ms - lightning_ms`` is the project's share
+  (objective, learning rule, callbacks, loggers, clipping and constraints).
 * ``gpu_busy_ms`` (CUDA only, else null): the device time of one pipeline step, from
   ``torch.profiler`` over ``--steps`` further pipeline steps (the sum of the CUDA kernels' and
   memory copies' times, divided by the steps): what a step costs without any launch or Python
@@ -30,12 +35,16 @@ With ``--graphs`` each of the three is measured a second time with CUDA-graph tr
 ``pipeline_graphs_ms``, ``bare_graphs_ms`` and ``gpu_busy_graphs_ms`` (on CPU the graph columns
 equal eager runs: nothing is captured off CUDA). Graph capture happens during the warm-up steps.
 
+``--repeat R`` measures the loops R times, interleaved (pipeline, bare, Lightning floor, then again),
+and reports each one's fastest: on a shared machine the runs that other jobs slowed down drop out,
+and no loop gains from running at a quieter moment than the others.
+
 On CUDA ``torch.cuda.synchronize()`` brackets each timed span (not each step). ``--clock thread``
 times with this thread's CPU time instead of the wall clock (CPU only, with ``--threads 1``): on a
 machine shared with other jobs it leaves out the time spent waiting for a core. Experiments are
 named by a key of :data:`EXPERIMENTS` (overrides of train.yaml) or ``experiment=NAME`` for any file
 in conf/experiment. ``--json FILE`` writes ``{experiment: {"pipeline_ms": .., "bare_ms": ..,
-"gpu_busy_ms": ..}}`` (and the ``*_graphs_ms`` keys with ``--graphs``).
+"lightning_ms": .., "gpu_busy_ms": ..}}`` (and the ``*_graphs_ms`` keys with ``--graphs``).
 """
 from __future__ import annotations
 
@@ -235,18 +244,55 @@ def time_bare(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: in
     return fastest_block_ms(marks, block)
 
 
+class MinimalObjective(pl.LightningModule):
+    """The bare loop's step as a LightningModule: forward, the objective's loss, nothing else."""
+
+    def __init__(self, network: torch.nn.Module, loss_of, optimizer_factory) -> None:
+        super().__init__()
+        self.network, self.loss_of, self.optimizer_factory = network, loss_of, optimizer_factory
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> torch.Tensor:
+        return self.loss_of(self.network(batch.inputs)[0], batch.targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params=self.network.parameters())
+
+
+def time_lightning_floor(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, block: int,
+                         device: torch.device) -> float:
+    """Milliseconds per step of :class:`MinimalObjective` under a Trainer with nothing configured."""
+    pl.seed_everything(cfg.seed, workers=True)
+    network = build_network(cfg)
+    loss_of = build_objective(cfg, network, {}).loss
+    module = MinimalObjective(network, loss_of, instantiate_node(cfg.optimizer, "optimizer"))
+    timer = StepTimer(warmup, steps, block)
+    trainer = pl.Trainer(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1,
+                         max_steps=warmup + steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[timer])
+    trainer.fit(module, train_dataloaders=loader(batches))
+    return fastest_block_ms(timer.marks, block)
+
+
 def measure(name: str, overrides: list[str], device: torch.device, steps: int, warmup: int, block: int,
-            extra: list[str], graphs: bool = False) -> dict:
-    """{"pipeline_ms", "bare_ms", "gpu_busy_ms"} of one experiment; with ``graphs`` also
-    {"pipeline_graphs_ms", "bare_graphs_ms", "gpu_busy_graphs_ms"}."""
+            extra: list[str], graphs: bool = False, repeat: int = 1) -> dict:
+    """{"pipeline_ms", "bare_ms", "lightning_ms", "gpu_busy_ms"} of one experiment (the first three:
+    the fastest of ``repeat`` interleaved measurements); with ``graphs`` also {"pipeline_graphs_ms",
+    "bare_graphs_ms", "gpu_busy_graphs_ms"}."""
     trainer = "trainer=gpu" if device.type == "cuda" else "trainer=cpu"
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
         cfg = compose_run([*overrides, trainer, *extra], Path(folder) / "run")
         batches = SyntheticBatches(cfg, DISTINCT_BATCHES, length=warmup + steps)
-        result = {"pipeline_ms": time_pipeline(cfg, batches, steps, warmup, block),
-                  "bare_ms": time_bare(cfg, batches, steps, warmup, block, device),
-                  "gpu_busy_ms": gpu_busy_ms(cfg, batches, steps, warmup) if cuda else None}
+        loops = {"pipeline_ms": lambda: time_pipeline(cfg, batches, steps, warmup, block),
+                 "bare_ms": lambda: time_bare(cfg, batches, steps, warmup, block, device),
+                 "lightning_ms": lambda: time_lightning_floor(cfg, batches, steps, warmup, block, device)}
+        runs = {key: [] for key in loops}
+        for _ in range(repeat):
+            for key, loop in loops.items():
+                runs[key].append(loop())
+        result = {key: min(values) for key, values in runs.items()}
+        result["gpu_busy_ms"] = gpu_busy_ms(cfg, batches, steps, warmup) if cuda else None
         if graphs:
             result.update({
                 "pipeline_graphs_ms": time_pipeline(cfg, batches, steps, warmup, block, graphs=True),
@@ -258,14 +304,16 @@ def measure(name: str, overrides: list[str], device: torch.device, steps: int, w
 def format_table(results: dict) -> str:
     """One row per experiment (and one more, "+ graphs", per experiment measured with CUDA graphs)."""
     lines = [f"{'experiment':<36} {'pipeline ms':>12} {'bare ms':>10} {'overhead ms':>12} {'ratio':>7} "
-             f"{'gpu busy ms':>12}"]
+             f"{'lightning ms':>13} {'ours ms':>8} {'gpu busy ms':>12}"]
     for name, row in results.items():
         variants = [(name, "")] + ([(name + " + graphs", "_graphs")] if "pipeline_graphs_ms" in row else [])
         for label, suffix in variants:
             pipeline, bare, busy = (row[f"pipeline{suffix}_ms"], row[f"bare{suffix}_ms"], row[f"gpu_busy{suffix}_ms"])
+            floor = row.get(f"lightning{suffix}_ms")  # measured without graphs only
+            floor_text, ours_text = ("-", "-") if floor is None else (f"{floor:.3f}", f"{pipeline - floor:.3f}")
             busy_text = "-" if busy is None else f"{busy:.3f}"
             lines.append(f"{label:<36} {pipeline:>12.3f} {bare:>10.3f} {pipeline - bare:>12.3f} "
-                         f"{pipeline / bare:>7.2f} {busy_text:>12}")
+                         f"{pipeline / bare:>7.2f} {floor_text:>13} {ours_text:>8} {busy_text:>12}")
     return "\n".join(lines)
 
 
@@ -286,12 +334,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--graphs", action="store_true",
                         help="measure each loop again with CUDA-graph training steps (the *_graphs_ms columns)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure the loops this many times, interleaved, and keep each one's fastest (default 1)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     args.block = args.block or args.steps
-    if args.steps < 1 or args.warmup < 0 or not 1 <= args.block <= args.steps:
-        parser.error(f"--steps must be >= 1, --warmup >= 0 and --block in [1, steps], got {args.steps}, "
-                     f"{args.warmup} and {args.block}")
+    if args.steps < 1 or args.warmup < 0 or not 1 <= args.block <= args.steps or args.repeat < 1:
+        parser.error(f"--steps must be >= 1, --warmup >= 0, --block in [1, steps] and --repeat >= 1, got "
+                     f"{args.steps}, {args.warmup}, {args.block} and {args.repeat}")
     if args.clock == "thread" and args.device != "cpu":
         parser.error("--clock thread measures CPU time: use it with --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -316,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in args.experiments:
         overrides = EXPERIMENTS.get(name, [name])
-        results[name] = measure(name, overrides, device, args.steps, args.warmup, args.block, args.set, args.graphs)
+        results[name] = measure(name, overrides, device, args.steps, args.warmup, args.block, args.set, args.graphs,
+                                args.repeat)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

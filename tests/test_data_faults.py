@@ -20,7 +20,7 @@ from datamodules.idx import write_idx
 from datamodules.mnist import MNISTDataModule, TRAIN_LABELS
 from datamodules.ptb import EOS, read_tokens
 from datamodules.ptb_download import FILES
-from lightning_modules.base import NonFiniteLossError
+from lightning_modules.nonfinite import NonFiniteLossError
 from lightning_modules.classification import SequenceClassificationModule
 from src.batch import SequenceBatch
 from src.networks import RecurrentNetwork

@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from datamodules.download import DataError, DownloadError
-from lightning_modules.base import NonFiniteLossError
+from lightning_modules.nonfinite import NonFiniteLossError
 from lightning_modules.callbacks import BestValidation
 from lightning_modules.run.hparams import log_hparams
 from lightning_modules.run.build import (build_callbacks, build_datamodule, build_loggers, build_network,
