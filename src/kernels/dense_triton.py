@@ -50,6 +50,7 @@ from typing import Sequence
 import torch
 
 from src.activations import activate
+from src.kernels import triton_auto
 from src.kernels.indrnn_triton import _device_guard, loop_count
 
 try:  # triton is optional: CPU-only installs never load this backend.
@@ -77,18 +78,20 @@ def dense_kernel_applies(weight: torch.Tensor) -> bool:
     return (weight.is_cuda and torch.cuda.is_available()) or (_interpreting() and weight.device.type == "cpu")
 
 
-# "auto" chooses the kernel on CUDA only once a GPU run of `make gpu-check` (benchmarks/gpu_check.py)
-# has confirmed the compiled kernel against the float64 reference: so far it has run under Triton's
-# interpreter only. Until then the kernel is opt-in (backend="triton").
-AUTO_ON_CUDA = False
+# "auto" takes the kernel on CUDA (one launch per pass instead of T steps of PyTorch ops). It is exact
+# against float64 under Triton's interpreter and compiles for sm_90 without spills (tests); where it
+# fails to compile or launch, "auto" falls back to the layer's loop with a one-line warning
+# (src/kernels/triton_auto.py). False: "auto" keeps the loop on CUDA too.
+AUTO_ON_CUDA = True
 
 
 def resolve_dense_backend(backend: str, weight: torch.Tensor, layer: str) -> str:
     """"triton" or "reference" (the layer's PyTorch loop) for ``backend`` in ("auto", "triton", "reference").
 
     "auto" picks the kernel for CUDA float32/float64 parameters with H <= 512 where triton is
-    installed and :data:`AUTO_ON_CUDA` is set, else the loop (on CPU the loop is the faster one;
-    the interpreter is for tests only).
+    installed, :data:`AUTO_ON_CUDA` is set and the kernel has not failed for ``layer`` in this process
+    (the kernel call then falls back instead of raising: :mod:`src.kernels.triton_auto`), else the
+    loop (on CPU the loop is the faster one; the interpreter is for tests only).
     """
     if backend not in DENSE_BACKENDS:
         raise ValueError(f"{layer} backend must be one of {DENSE_BACKENDS}, got {backend!r}")
@@ -100,8 +103,15 @@ def resolve_dense_backend(backend: str, weight: torch.Tensor, layer: str) -> str
                              f"parameters (got {weight.device} {weight.dtype}); use backend='auto'")
         return "triton"
     hidden = weight.shape[-1]
-    use = AUTO_ON_CUDA and weight.is_cuda and dense_kernel_applies(weight) and hidden <= MAX_HIDDEN
-    return "triton" if use else "reference"
+    if not (auto_on(weight) and hidden <= MAX_HIDDEN and not triton_auto.failed(layer)):
+        return "reference"
+    triton_auto.request(layer)
+    return "triton"
+
+
+def auto_on(weight: torch.Tensor) -> bool:
+    """Whether "auto" may take a Triton kernel for parameters like ``weight`` (CUDA, triton, a kernel dtype)."""
+    return AUTO_ON_CUDA and weight.is_cuda and dense_kernel_applies(weight)
 
 
 DENSE_BACKENDS = ("auto", "triton", "reference")
@@ -278,8 +288,10 @@ class DenseRecurrenceTriton(torch.autograd.Function):
     recurrence of the module docstring (shapes there); gradients for z, weights, past and lam."""
 
     @staticmethod
-    def forward(ctx, z, weights, past, lam, delays: tuple[int, ...], activation: str, module: int | None = None):
+    def forward(ctx, z, weights, past, lam, delays: tuple[int, ...], activation: str, module: int | None = None,
+                auto_layer: str | None = None):
         _check(z, weights, past, lam, delays, activation)
+        ctx.auto_layer = auto_layer  # set: "auto" chose the kernel for this layer, a failing backward falls back
         module = z.shape[2] if module is None else int(module)
         dtype = weights.dtype
         steps, batch, hidden = z.shape
@@ -309,50 +321,65 @@ class DenseRecurrenceTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        z, weights, lam, delay_table, states = ctx.saved_tensors
-        delays, activation = ctx.delays, ctx.activation
-        steps, batch, hidden = z.shape
-        memory = states.shape[0] - steps
-        dtype = weights.dtype
-        # The pre-activations of every step at once (the forward kept only the states).
-        pre = z.to(dtype).clone()
-        for k, delay in enumerate(delays):
-            pre += states[memory - delay: memory - delay + steps] @ weights[k].t()
-        fresh = activate(pre, activation)  # c_t
-        if activation == "tanh":
-            slope = 1 - fresh * fresh
-        elif activation == "relu":
-            slope = (pre > 0).to(dtype)
-        else:
-            slope = torch.ones_like(pre)
-        gain = (slope * (1 - lam[:, None, :])).contiguous()  # (T, B, H): da_t = e_t * gain_t
-        adjoint = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # e_t
-        grad_pre = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # da_t
-        block_b, block_n, block_k, warps = _blocks(hidden)
-        with _device_guard(z):
-            _backward_kernel[(triton.cdiv(batch, block_b),)](
-                grad_out.contiguous(), gain, weights, lam, delay_table, adjoint, grad_pre, loop_count(steps),
-                steps, loop_count(len(delays)), loop_count(triton.cdiv(hidden, block_n)),
-                loop_count(triton.cdiv(hidden, block_k)), batch, hidden, lam.stride(0), ctx.module,
-                PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps)
-        da = grad_pre[:steps]
-        flat_da = da.reshape(steps * batch, hidden)
-        grad_weights = torch.stack([
-            flat_da.t() @ states[memory - delay: memory - delay + steps].reshape(steps * batch, hidden)
-            for delay in delays])
-        # dL/dh_{j - D} for the past rows j: da_t U_k for the steps t = j - D + d_k inside [0, T), and the
-        # leak's lam_0 * e_0 into h_{-1}.
-        grad_past = torch.zeros(memory, batch, hidden, dtype=dtype, device=z.device)
-        for k, delay in enumerate(delays):
-            first, last = max(0, memory - delay), min(memory, memory - delay + steps)
-            if first < last:
-                t0 = first - memory + delay
-                grad_past[first:last] += da[t0: t0 + last - first] @ weights[k]
-        grad_past[memory - 1] += lam[0] * adjoint[0]
-        previous = states[memory - 1: memory - 1 + steps]
-        grad_lam = (adjoint[:steps] * (previous - fresh)).sum(1)
-        return (da.to(ctx.z_dtype), grad_weights, grad_past, grad_lam.to(ctx.lam_dtype), None, None, None)
+        return triton_auto.run(ctx.auto_layer, lambda: _kernel_gradients(ctx, grad_out),
+                               lambda: _reference_gradients(ctx, grad_out))
+
+
+def _reference_gradients(ctx, grad_out):
+    """DenseRecurrenceTriton.backward's gradients through :func:`dense_recurrence_reference` (a fallback)."""
+    z, weights, lam, _, states = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (z, weights, states[:states.shape[0] - z.shape[0]], lam)]
+        grads = torch.autograd.grad(dense_recurrence_reference(*inputs, ctx.delays, ctx.activation), inputs, grad_out)
+    return (grads[0].to(ctx.z_dtype), grads[1], grads[2], grads[3].to(ctx.lam_dtype), None, None, None, None)
+
+
+def _kernel_gradients(ctx, grad_out):
+    """DenseRecurrenceTriton.backward by the second persistent kernel (see the module docstring)."""
+    z, weights, lam, delay_table, states = ctx.saved_tensors
+    delays, activation = ctx.delays, ctx.activation
+    steps, batch, hidden = z.shape
+    memory = states.shape[0] - steps
+    dtype = weights.dtype
+    # The pre-activations of every step at once (the forward kept only the states).
+    pre = z.to(dtype).clone()
+    for k, delay in enumerate(delays):
+        pre += states[memory - delay: memory - delay + steps] @ weights[k].t()
+    fresh = activate(pre, activation)  # c_t
+    if activation == "tanh":
+        slope = 1 - fresh * fresh
+    elif activation == "relu":
+        slope = (pre > 0).to(dtype)
+    else:
+        slope = torch.ones_like(pre)
+    gain = (slope * (1 - lam[:, None, :])).contiguous()  # (T, B, H): da_t = e_t * gain_t
+    adjoint = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # e_t
+    grad_pre = torch.zeros(steps + memory, batch, hidden, dtype=dtype, device=z.device)  # da_t
+    block_b, block_n, block_k, warps = _blocks(hidden)
+    with _device_guard(z):
+        _backward_kernel[(triton.cdiv(batch, block_b),)](
+            grad_out.contiguous(), gain, weights, lam, delay_table, adjoint, grad_pre, loop_count(steps),
+            steps, loop_count(len(delays)), loop_count(triton.cdiv(hidden, block_n)),
+            loop_count(triton.cdiv(hidden, block_k)), batch, hidden, lam.stride(0), ctx.module,
+            PRECISION=_precision(dtype, z.device), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps)
+    da = grad_pre[:steps]
+    flat_da = da.reshape(steps * batch, hidden)
+    grad_weights = torch.stack([
+        flat_da.t() @ states[memory - delay: memory - delay + steps].reshape(steps * batch, hidden)
+        for delay in delays])
+    # dL/dh_{j - D} for the past rows j: da_t U_k for the steps t = j - D + d_k inside [0, T), and the
+    # leak's lam_0 * e_0 into h_{-1}.
+    grad_past = torch.zeros(memory, batch, hidden, dtype=dtype, device=z.device)
+    for k, delay in enumerate(delays):
+        first, last = max(0, memory - delay), min(memory, memory - delay + steps)
+        if first < last:
+            t0 = first - memory + delay
+            grad_past[first:last] += da[t0: t0 + last - first] @ weights[k]
+    grad_past[memory - 1] += lam[0] * adjoint[0]
+    previous = states[memory - 1: memory - 1 + steps]
+    grad_lam = (adjoint[:steps] * (previous - fresh)).sum(1)
+    return (da.to(ctx.z_dtype), grad_weights, grad_past, grad_lam.to(ctx.lam_dtype), None, None, None, None)
 
 
 def dense_recurrence_triton(z: torch.Tensor, weights: torch.Tensor, past: torch.Tensor, lam: torch.Tensor,
@@ -364,4 +391,7 @@ def dense_recurrence_triton(z: torch.Tensor, weights: torch.Tensor, past: torch.
     skip the zero blocks."""
     if module is not None and (module < 1 or z.shape[2] % module):
         raise ValueError(f"dense Triton kernel: module {module} must divide the hidden size {z.shape[2]}")
-    return DenseRecurrenceTriton.apply(z, weights, past, lam, tuple(int(d) for d in delays), activation, module)
+    delays, layer = tuple(int(d) for d in delays), triton_auto.take()
+    return triton_auto.run(layer, lambda: DenseRecurrenceTriton.apply(z, weights, past, lam, delays, activation,
+                                                                        module, layer),
+                           lambda: dense_recurrence_reference(z, weights, past, lam, delays, activation))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from src.kernels import triton_auto
 from src.kernels.dense_triton import KERNEL_DTYPES, _interpreting, _precision
 from src.kernels.indrnn_triton import _device_guard, loop_count
 
@@ -158,13 +159,33 @@ def _check(z, weight_fb, weight_out, bias_out, y0, act_h, act_y) -> None:
         raise ValueError(f"the Jordan Triton kernel runs on CUDA tensors, got device {z.device}")
 
 
-class JordanTriton(torch.autograd.Function):
+class JordanTriton:
     """``JordanTriton.apply(z, weight_fb, weight_out, bias_out, y0, act_h, act_y) -> y (T, B, O)``; see the
-    module docstring."""
+    module docstring. A call that "auto" chose (:mod:`src.kernels.triton_auto`) falls back to the
+    PyTorch loop where the kernel fails; a strict one raises."""
 
     @staticmethod
-    def forward(ctx, z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str):
+    def apply(z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str) -> torch.Tensor:
+        layer = triton_auto.take()
+        return triton_auto.run(
+            layer, lambda: JordanTritonFunction.apply(z, weight_fb, weight_out, bias_out, y0, act_h, act_y, layer),
+            lambda: jordan_reference(z, weight_fb, weight_out, bias_out, y0, act_h, act_y))
+
+
+def jordan_reference(z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str) -> torch.Tensor:
+    """The Jordan recurrence by the layer's PyTorch loop (z read in the weights' dtype, as the kernel does)."""
+    from src.layers.jordan import output_feedback_loop  # the layers import this module
+
+    return output_feedback_loop(z.to(weight_fb.dtype), [y0], weight_fb, weight_out, bias_out, act_h, act_y)
+
+
+class JordanTritonFunction(torch.autograd.Function):
+    """The kernels as an autograd Function (:class:`JordanTriton` is the entry point)."""
+
+    @staticmethod
+    def forward(ctx, z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str, auto_layer: str | None = None):
         _check(z, weight_fb, weight_out, bias_out, y0, act_h, act_y)
+        ctx.auto_layer = auto_layer  # set: "auto" chose the kernel for this layer, a failing backward falls back
         dtype = weight_fb.dtype
         steps, batch, hidden = z.shape
         outputs = weight_out.shape[0]
@@ -182,32 +203,47 @@ class JordanTriton(torch.autograd.Function):
                     loop_count(triton.cdiv(hidden, block_k)), loop_count(triton.cdiv(outputs, block_k)),
                     ACT_H=ACTIVATION_CODES[act_h], ACT_Y=ACTIVATION_CODES[act_y], PRECISION=_precision(dtype, z.device),
                     BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-        ctx.save_for_backward(v, u, hs, ys)
+        ctx.save_for_backward(v, u, hs, ys, c, z_in)
         ctx.activations, ctx.z_dtype = (act_h, act_y), z.dtype
         return ys[1:]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        v, u, hs, ys = ctx.saved_tensors
-        act_h, act_y = ctx.activations
-        steps, batch, hidden = hs.shape
-        outputs = ys.shape[2]
-        dtype = v.dtype
-        g_slope = _slope(ys[1:], act_y).contiguous()
-        f_slope = _slope(hs, act_h).contiguous()
-        grad_o = torch.empty(steps, batch, outputs, dtype=dtype, device=hs.device)
-        grad_a = torch.zeros(steps + 1, batch, hidden, dtype=dtype, device=hs.device)  # da_T = 0
-        block_b, block_n, block_k, warps = _blocks(max(hidden, outputs))
-        with _device_guard(hs):
-            _backward_kernel[(triton.cdiv(batch, block_b),)](
-                grad_y.to(dtype).contiguous(), g_slope, f_slope, v, u, grad_o, grad_a, loop_count(steps), steps,
-                batch, hidden, outputs, loop_count(triton.cdiv(hidden, block_n)),
-                loop_count(triton.cdiv(outputs, block_n)), loop_count(triton.cdiv(hidden, block_k)),
-                loop_count(triton.cdiv(outputs, block_k)), PRECISION=_precision(dtype, hs.device),
-                BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-        da = grad_a[:steps]
-        flat_da, flat_do = da.reshape(-1, hidden), grad_o.reshape(-1, outputs)
-        grad_fb = flat_da.t() @ ys[:steps].reshape(-1, outputs)  # sum_t da_t^T y_{t-1}
-        grad_out = flat_do.t() @ hs.reshape(-1, hidden)  # sum_t do_t^T h_t
-        return (da.to(ctx.z_dtype), grad_fb, grad_out, flat_do.sum(0), grad_a[0] @ v, None, None)
+        return triton_auto.run(ctx.auto_layer, lambda: _kernel_gradients(ctx, grad_y),
+                               lambda: _reference_gradients(ctx, grad_y))
+
+
+def _reference_gradients(ctx, grad_y):
+    """JordanTritonFunction.backward's gradients through :func:`jordan_reference` (a fallback)."""
+    v, u, _, ys, c, z = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (z, v, u, c, ys[0])]
+        grads = torch.autograd.grad(jordan_reference(*inputs, *ctx.activations), inputs, grad_y)
+    return (grads[0].to(ctx.z_dtype), *grads[1:], None, None, None)
+
+
+def _kernel_gradients(ctx, grad_y):
+    """JordanTritonFunction.backward by the second persistent kernel (see the module docstring)."""
+    v, u, hs, ys, _, _ = ctx.saved_tensors
+    act_h, act_y = ctx.activations
+    steps, batch, hidden = hs.shape
+    outputs = ys.shape[2]
+    dtype = v.dtype
+    g_slope = _slope(ys[1:], act_y).contiguous()
+    f_slope = _slope(hs, act_h).contiguous()
+    grad_o = torch.empty(steps, batch, outputs, dtype=dtype, device=hs.device)
+    grad_a = torch.zeros(steps + 1, batch, hidden, dtype=dtype, device=hs.device)  # da_T = 0
+    block_b, block_n, block_k, warps = _blocks(max(hidden, outputs))
+    with _device_guard(hs):
+        _backward_kernel[(triton.cdiv(batch, block_b),)](
+            grad_y.to(dtype).contiguous(), g_slope, f_slope, v, u, grad_o, grad_a, loop_count(steps), steps,
+            batch, hidden, outputs, loop_count(triton.cdiv(hidden, block_n)),
+            loop_count(triton.cdiv(outputs, block_n)), loop_count(triton.cdiv(hidden, block_k)),
+            loop_count(triton.cdiv(outputs, block_k)), PRECISION=_precision(dtype, hs.device),
+            BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    da = grad_a[:steps]
+    flat_da, flat_do = da.reshape(-1, hidden), grad_o.reshape(-1, outputs)
+    grad_fb = flat_da.t() @ ys[:steps].reshape(-1, outputs)  # sum_t da_t^T y_{t-1}
+    grad_out = flat_do.t() @ hs.reshape(-1, hidden)  # sum_t do_t^T h_t
+    return (da.to(ctx.z_dtype), grad_fb, grad_out, flat_do.sum(0), grad_a[0] @ v, None, None, None)

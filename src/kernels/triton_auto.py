@@ -1,0 +1,65 @@
+"""``backend="auto"`` and the loop layers' Triton kernels (leaky, Clockwork, skip: src/kernels/dense_triton.py;
+Jordan: src/kernels/jordan_triton.py): on CUDA "auto" takes the compiled kernel, safely.
+
+A kernel that raises while it compiles or launches (a Triton, driver or device it cannot be built for,
+too little shared memory, ...) is logged once, in one line naming the layer and the error, and that
+layer runs its PyTorch loop from then on, for the rest of the process; the call that failed is
+computed by the float64-checked PyTorch reference of the same recurrence instead (a backward pass
+that fails recomputes its gradients through the reference). ``backend="triton"`` stays strict: the
+error is raised.
+
+How a kernel call knows that "auto" chose it: ``resolve_dense_backend("auto", ...)`` returning
+"triton" records the layer's name (:func:`request`, per thread), and the kernel entry point, which
+the layers call right after resolving, takes it (:func:`take`); a strict "triton" records nothing.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+# Layer name -> the one-line report of its kernel's failure (the layers that run their loop for good).
+FAILED: dict[str, str] = {}
+_PENDING = threading.local()
+
+Result = TypeVar("Result")
+
+
+def request(layer: str) -> None:
+    """"auto" chose the Triton kernel for ``layer``: the next kernel call of this thread may fall back."""
+    _PENDING.layer = layer
+
+
+def take() -> str | None:
+    """The layer whose "auto" choice the current kernel call carries out (None: a strict "triton" call)."""
+    layer = getattr(_PENDING, "layer", None)
+    _PENDING.layer = None
+    return layer
+
+
+def failed(layer: str) -> bool:
+    return layer in FAILED
+
+
+def record_failure(layer: str, error: BaseException) -> None:
+    """Log, once per layer, why its Triton kernel is given up, and give it up for the process."""
+    if layer in FAILED:
+        return
+    lines = str(error).strip().splitlines()
+    FAILED[layer] = (f"{layer}: the Triton kernel failed ({type(error).__name__}: {lines[0][:200] if lines else ''}); "
+                     "backend=auto runs the PyTorch loop from now on (backend=triton raises the error)")
+    log.warning(FAILED[layer])
+
+
+def run(layer: str | None, kernel: Callable[[], Result], fallback: Callable[[], Result]) -> Result:
+    """``kernel()``; for an "auto" call (``layer`` set) whose kernel raises, :func:`record_failure`
+    and ``fallback()`` (the PyTorch reference). A strict call (``layer`` None) raises."""
+    if layer is None:
+        return kernel()
+    try:
+        return kernel()
+    except Exception as error:  # compile or launch errors: Triton's, the driver's, out of resources
+        record_failure(layer, error)
+        return fallback()
