@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import Precision
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
@@ -25,6 +26,25 @@ STAGES = ("train", "val", "test")
 PLAIN_VALUE_TYPES = (str, int, float, bool, type(None))
 # Devices to which a tensor is copied synchronously (Lightning's own rule for batches).
 BLOCKING_DEVICE_TYPES = ("cpu", "mps")
+
+
+@torch.no_grad()
+def clip_gradient_norm_(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)``: every gradient scaled by
+    min(max_norm / (total 2-norm + 1e-6), 1), the same operations in the same order (bitwise equal),
+    without its grouping of the gradients by device and dtype, which costs more than the arithmetic
+    for a small network on CPU. Gradients on several devices or dtypes, or sparse, go to torch's."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    first = grads[0]
+    if any(g.device != first.device or g.dtype != first.dtype or g.is_sparse for g in grads):
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+    scale = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(scale)
 
 
 def bidirectional_modules(net: nn.Module) -> list[str]:
@@ -267,6 +287,18 @@ class SequenceObjective(NonFiniteLossCheck, pl.LightningModule):
         with torch.no_grad():
             for constrain in self._constraints:
                 constrain()
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` by norm in 32-bit training: :func:`clip_gradient_norm_` over the
+        optimizer's parameters, as Lightning's own clipping would (~0.1 ms a step less on CPU); by value,
+        or under another precision plugin (mixed precision unscales first; sharded strategies clip
+        their own way): Lightning's."""
+        if (gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm"
+                and type(self.trainer.precision_plugin) is Precision):
+            clip_gradient_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def parameter_groups(self) -> list[dict]:
         """Matrices get the optimizer's weight decay; 1-D parameters (u, biases, BN) none, unless asked

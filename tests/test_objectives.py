@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datamodules.splits import collate_sequences
+from lightning_modules.base import clip_gradient_norm_
 from lightning_modules.callbacks import PlateauReloadBest
 from lightning_modules.classification import SequenceClassificationModule
 from lightning_modules.labelling import SequenceLabellingModule
@@ -107,6 +108,48 @@ def test_plateau_schedule_and_value_clipping():
     assert len(spy.applied) == len(spy.before_clipping) == 6 * 2  # 64 samples, batches of 32
     assert max(spy.before_clipping) > 0.01, "the gradients were large enough to need clipping"
     assert max(spy.applied) <= 0.01 + 1e-9, "every gradient the optimizer applied was clipped to [-0.01, 0.01]"
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0])  # below, near and far above the limit
+def test_norm_clipping_is_bitwise_torchs(scale):
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(8, 2), (8,), (8, 8), (1, 8), (1,)]
+    reference = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    ours = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for index, (a, b) in enumerate(zip(reference, ours)):
+        if index != 3:  # one parameter without a gradient (frozen or unused)
+            a.grad = torch.randn(a.shape, generator=generator) * scale
+            b.grad = a.grad.clone()
+    torch.nn.utils.clip_grad_norm_(reference, 0.7)
+    clip_gradient_norm_(ours, 0.7)
+    assert ours[3].grad is None
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(reference, ours) if a.grad is not None)
+    if scale == 50.0:  # the clipping acted: the total norm is now the limit
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours if p.grad is not None]))
+        assert float(total) == pytest.approx(0.7, rel=1e-5)
+
+
+class LightningClipping(SequenceRegressionModule):
+    """The same objective with Lightning's own gradient clipping (torch's clip_grad_norm_)."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        pl.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def test_norm_clipping_trains_exactly_as_lightnings():
+    """trainer.gradient_clip_val by norm: the objective's clipping gives the weights Lightning's gives."""
+    dataset = sign_of_first_step(samples=64)
+    regression = TensorDataset(dataset.tensors[0], dataset.tensors[1].float().unsqueeze(1))
+    weights = []
+    for module_class in (SequenceRegressionModule, LightningClipping):
+        pl.seed_everything(0)
+        network = RecurrentNetwork(torch.nn.RNN, input_size=1, output_size=1, hidden_size=8)
+        module = module_class(network, functools.partial(torch.optim.SGD, lr=0.5), monitor="val/mse")
+        spy = GradientSpy()
+        fit(module, regression, max_epochs=2, gradient_clip_val=0.05, callbacks=[spy])
+        assert max(spy.before_clipping) > 0.05, "the gradients were large enough to need clipping"
+        weights.append([p.detach().clone() for p in module.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
 
 
 def test_torch_reduce_on_plateau_is_refused_in_one_line():
