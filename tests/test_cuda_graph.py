@@ -62,8 +62,9 @@ def random_batches(device, sizes, steps=20):
 @needs_cuda
 @pytest.mark.parametrize("name, make_optimizer, tolerance", [
     ("sgd", functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), 1e-6),
-    # Adam's capturable path (replays) divides by the bias-corrected step where the eager one multiplies.
-    ("adam", None, 1e-5)])
+    # Adam's capturable path (replays) divides by the bias-corrected step where the eager one multiplies:
+    # float32 round-off, about 1e-7 per step; a stale gradient or learning rate would differ by ~1e-3.
+    ("adam", None, 1e-4)])
 def test_graphed_steps_equal_eager_steps_on_gpu(name, make_optimizer, tolerance):
     batches = random_batches("cuda", [16] * 10 + [5])  # the last, short batch cannot replay the forward graph
     eager_net, graphed_net = make_network("cuda"), make_network("cuda")
@@ -89,9 +90,9 @@ def test_through_lightning_the_graphed_optimizer_step_gives_the_eager_fits_weigh
     eager = fit_tiny([], accelerator="gpu", make_optimizer=adam)
     callback = CudaGraphs(forward=False)  # the tiny module's net returns a tensor, not (predictions, state)
     graphed = fit_tiny([callback], accelerator="gpu", make_optimizer=adam)
-    torch.testing.assert_close(torch.stack(graphed.losses), torch.stack(eager.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(graphed.losses), torch.stack(eager.losses), rtol=1e-4, atol=1e-5)
     for p, q in zip(graphed.net.parameters(), eager.net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert callback.steps == [] and "step" not in graphed.trainer.optimizers[0].__dict__  # removed after the fit
 
 
