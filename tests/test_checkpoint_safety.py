@@ -12,8 +12,8 @@ from hydra.utils import get_object, instantiate
 
 from lightning_modules.run import UserError, evaluate, train
 from lightning_modules.run.allowlist import check_checkpoint_config, config_targets, refusal
-from lightning_modules.run.build import compose_config, plain_config
-from tests.conftest import CONF, QUICK, compose_train, run_script
+from lightning_modules.run.build import plain_config
+from tests.conftest import CONF, QUICK, compose_eval, compose_train, run_script
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ NAMED = {"partial-open": "builtins.open", "nested-in-kwargs": "builtins.open", "
 
 
 def eval_config(tmp_path, ckpt, overrides=()):
-    return compose_config([f"ckpt_path={ckpt}", "trainer=cpu", f"paths.log_dir={tmp_path}", *overrides],
-                          tmp_path / "eval", config_name="eval")
+    """conf/eval.yaml composed as eval.py would (tests.conftest.compose_eval), logging under ``tmp_path``."""
+    return compose_eval(tmp_path / "eval", ckpt, [f"paths.log_dir={tmp_path}", *overrides])
 
 
 def test_the_payloads_are_real_without_the_allowlist(tmp_path):

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from lightning_modules.run import UserError, evaluate, train
-from lightning_modules.run.build import build_datamodule, compose_config, plain_config
+from lightning_modules.run.build import build_datamodule, plain_config
 from lightning_modules.run.evaluate import check_eval_overrides, eval_keys, override_key, stored_run_config
-from tests.conftest import QUICK, compose_train, run_script
+from tests.conftest import QUICK, compose_eval, compose_train, run_script
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,8 @@ def trained(tmp_path_factory):
 
 
 def eval_config(tmp_path, ckpt, overrides=()):
-    """conf/eval.yaml composed as eval.py would, Hydra's runtime (and its overrides) set up."""
-    return compose_config([f"ckpt_path={ckpt}", "trainer=cpu", f"paths.log_dir={tmp_path}", *overrides],
-                          tmp_path / "eval", config_name="eval")
+    """conf/eval.yaml composed as eval.py would (tests.conftest.compose_eval), logging under ``tmp_path``."""
+    return compose_eval(tmp_path / "eval", ckpt, [f"paths.log_dir={tmp_path}", *overrides])
 
 
 @pytest.mark.parametrize("override", ["+model=indrnn", "+model.hidden_size=16", "model=lstm", "task.seq_len=50",
