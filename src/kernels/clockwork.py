@@ -312,10 +312,11 @@ def _step_gates(periods: tuple[int, ...], module_size: int, steps: int, time_ori
 
 def clockwork_triton(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tensor | None, weight_hh: torch.Tensor,
                      h0: torch.Tensor, periods: Sequence[int], nonlinearity: str = "tanh", time_origin: int = 0,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, fallback_for: str | None = None) -> torch.Tensor:
     """All hidden states (T, B, H) by the persistent Triton kernel (:mod:`src.kernels.dense_triton`),
     arguments as :func:`clockwork_reference`: the kept units are the kernel's lam = 1, the masked W_h its
-    one recurrent matrix; column blocks whose modules all rest are copied, not computed."""
+    one recurrent matrix; column blocks whose modules all rest are copied, not computed.
+    ``fallback_for``: as :func:`~src.kernels.dense_triton.dense_recurrence_triton`'s."""
     from src.kernels.dense_triton import dense_recurrence_triton  # triton is optional
 
     module_size = check_recurrence_args(x, weight_ih, bias, weight_hh, h0, periods, nonlinearity, time_origin)
@@ -327,4 +328,4 @@ def clockwork_triton(x: torch.Tensor, weight_ih: torch.Tensor, bias: torch.Tenso
     z = F.linear(x, weight_ih, bias)
     gates = clockwork_step_gates(periods, module_size, x.shape[0], time_origin % math.lcm(*periods), weight_hh)
     return dense_recurrence_triton(z, (weight_hh * mask).unsqueeze(0), h0.unsqueeze(0), gates, (1,), nonlinearity,
-                                   module)
+                                   module, fallback_for=fallback_for)

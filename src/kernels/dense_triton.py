@@ -90,7 +90,8 @@ def resolve_dense_backend(backend: str, weight: torch.Tensor, layer: str) -> str
 
     "auto" picks the kernel for CUDA float32/float64 parameters with H <= 512 where triton is
     installed, :data:`AUTO_ON_CUDA` is set and the kernel has not failed for ``layer`` in this process
-    (the kernel call then falls back instead of raising: :mod:`src.kernels.triton_auto`), else the
+    (the layer then passes ``fallback_for``, so that a failing kernel falls back instead of raising:
+    :mod:`src.kernels.triton_auto`), else the
     loop (on CPU the loop is the faster one; the interpreter is for tests only).
     """
     if backend not in DENSE_BACKENDS:
@@ -105,7 +106,6 @@ def resolve_dense_backend(backend: str, weight: torch.Tensor, layer: str) -> str
     hidden = weight.shape[-1]
     if not (auto_on(weight) and hidden <= MAX_HIDDEN and not triton_auto.failed(layer)):
         return "reference"
-    triton_auto.request(layer)
     return "triton"
 
 
@@ -383,15 +383,18 @@ def _kernel_gradients(ctx, grad_out):
 
 
 def dense_recurrence_triton(z: torch.Tensor, weights: torch.Tensor, past: torch.Tensor, lam: torch.Tensor,
-                            delays: Sequence[int], activation: str, module: int | None = None) -> torch.Tensor:
+                            delays: Sequence[int], activation: str, module: int | None = None,
+                            fallback_for: str | None = None) -> torch.Tensor:
     """All hidden states (T, B, H) of the module docstring's recurrence, by the Triton kernels.
 
     ``module``: None for dense U; for a block-upper-triangular U (Clockwork: U[i, j] = 0 unless unit
     j's module >= unit i's, modules of ``module`` units) the units per module, so that the kernels
-    skip the zero blocks."""
+    skip the zero blocks. ``fallback_for``: the layer's name when "auto" chose the kernel (a kernel that
+    fails then gives the reference's result and the layer its loop: :mod:`src.kernels.triton_auto`);
+    None raises."""
     if module is not None and (module < 1 or z.shape[2] % module):
         raise ValueError(f"dense Triton kernel: module {module} must divide the hidden size {z.shape[2]}")
-    delays, layer = tuple(int(d) for d in delays), triton_auto.take()
-    return triton_auto.run(layer, lambda: DenseRecurrenceTriton.apply(z, weights, past, lam, delays, activation,
-                                                                        module, layer),
+    delays = tuple(int(d) for d in delays)
+    return triton_auto.run(fallback_for, lambda: DenseRecurrenceTriton.apply(z, weights, past, lam, delays, activation,
+                                                                               module, fallback_for),
                            lambda: dense_recurrence_reference(z, weights, past, lam, delays, activation))

@@ -161,14 +161,15 @@ def _check(z, weight_fb, weight_out, bias_out, y0, act_h, act_y) -> None:
 
 class JordanTriton:
     """``JordanTriton.apply(z, weight_fb, weight_out, bias_out, y0, act_h, act_y) -> y (T, B, O)``; see the
-    module docstring. A call that "auto" chose (:mod:`src.kernels.triton_auto`) falls back to the
-    PyTorch loop where the kernel fails; a strict one raises."""
+    module docstring. A call that "auto" chose (``fallback_for``: the layer's name; :mod:`src.kernels.triton_auto`)
+    falls back to the PyTorch loop where the kernel fails; a strict one (None) raises."""
 
     @staticmethod
-    def apply(z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str) -> torch.Tensor:
-        layer = triton_auto.take()
+    def apply(z, weight_fb, weight_out, bias_out, y0, act_h: str, act_y: str,
+              fallback_for: str | None = None) -> torch.Tensor:
         return triton_auto.run(
-            layer, lambda: JordanTritonFunction.apply(z, weight_fb, weight_out, bias_out, y0, act_h, act_y, layer),
+            fallback_for,
+            lambda: JordanTritonFunction.apply(z, weight_fb, weight_out, bias_out, y0, act_h, act_y, fallback_for),
             lambda: jordan_reference(z, weight_fb, weight_out, bias_out, y0, act_h, act_y))
 
 

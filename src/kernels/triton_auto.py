@@ -8,35 +8,20 @@ computed by the float64-checked PyTorch reference of the same recurrence instead
 that fails recomputes its gradients through the reference). ``backend="triton"`` stays strict: the
 error is raised.
 
-How a kernel call knows that "auto" chose it: ``resolve_dense_backend("auto", ...)`` returning
-"triton" records the layer's name (:func:`request`, per thread), and the kernel entry point, which
-the layers call right after resolving, takes it (:func:`take`); a strict "triton" records nothing.
+A layer tells its kernel entry point that "auto" chose it by passing its name as ``fallback_for``
+(None: a strict "triton" call, which raises).
 """
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
 # Layer name -> the one-line report of its kernel's failure (the layers that run their loop for good).
 FAILED: dict[str, str] = {}
-_PENDING = threading.local()
 
 Result = TypeVar("Result")
-
-
-def request(layer: str) -> None:
-    """"auto" chose the Triton kernel for ``layer``: the next kernel call of this thread may fall back."""
-    _PENDING.layer = layer
-
-
-def take() -> str | None:
-    """The layer whose "auto" choice the current kernel call carries out (None: a strict "triton" call)."""
-    layer = getattr(_PENDING, "layer", None)
-    _PENDING.layer = None
-    return layer
 
 
 def failed(layer: str) -> bool:

@@ -158,7 +158,8 @@ class ClockworkRNN(nn.Module):
             resolve_dense_backend("triton", self.weight_hh, "ClockworkRNN")  # a one-line error where it cannot run
             # The layer's mask is the default one (clockwork_triton then skips W_h's zero blocks).
             output = clockwork_triton(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
-                                      self.nonlinearity, step)
+                                      self.nonlinearity, step,
+                                      fallback_for="ClockworkRNN" if self.backend == "auto" else None)
         else:
             output = clockwork_recurrence(x, self.weight_ih, self.bias, self.weight_hh, h0[0], self.periods,
                                           self.nonlinearity, step, self.backend, self.mask)

@@ -71,7 +71,8 @@ class JordanRNN(nn.Module):
         batch_first: inputs/outputs are (B, T, *) instead of (T, B, *).
         backend: "reference" (a PyTorch loop over time), "triton" (the persistent GPU kernel of
             :mod:`src.kernels.jordan_triton`, hand-written backward) or "auto" (as
-            :func:`src.kernels.dense_triton.resolve_dense_backend`: the loop until gpu-check confirms the kernel).
+            :func:`src.kernels.dense_triton.resolve_dense_backend`: the kernel on CUDA, the loop elsewhere or
+            for good once the kernel failed to compile or launch, with a one-line warning).
         device, dtype: where and in which dtype to create the parameters.
 
     Parameters: ``weight_ih`` W (H, I), ``weight_fb`` V (H, O), ``bias_h`` b (H,), ``weight_out`` U
@@ -119,7 +120,7 @@ class JordanRNN(nn.Module):
 
             bias_out = self.bias_out if self.bias_out is not None else self.weight_out.new_zeros(self.output_size)
             output = JordanTriton.apply(z, self.weight_fb, self.weight_out, bias_out, y, self.nonlinearity,
-                                        self.output_nonlinearity)
+                                        self.output_nonlinearity, "JordanRNN" if self.backend == "auto" else None)
             return sequence_and_final_state(output, self.batch_first, unbatched)
         output = output_feedback_loop(z, [y], self.weight_fb, self.weight_out, self.bias_out, self.nonlinearity,
                                       self.output_nonlinearity)

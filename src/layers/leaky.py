@@ -146,7 +146,8 @@ class LeakyRNN(LeakRates, nn.Module):
         if resolve_dense_backend(self.backend, self.weight_hh, "LeakyRNN") == "triton":
             # lam = alpha: the kernel's h = lam * h + (1 - lam) * f(...), the same update.
             output = dense_recurrence_triton(z, self.weight_hh.unsqueeze(0), h.unsqueeze(0),
-                                             alpha.expand(x.shape[0], self.hidden_size), (1,), self.nonlinearity)
+                                             alpha.expand(x.shape[0], self.hidden_size), (1,), self.nonlinearity,
+                                             fallback_for="LeakyRNN" if self.backend == "auto" else None)
             return sequence_and_final_state(output, self.batch_first, unbatched)
         keep, weight_hh_t = 1.0 - alpha, self.weight_hh.t()
         outputs = []

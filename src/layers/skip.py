@@ -103,7 +103,8 @@ class SkipRNN(nn.Module):
         z = F.linear(x, self.weight_ih, self.bias)  # W x_t + b for all steps at once
         if resolve_dense_backend(self.backend, self.weight_hh, "SkipRNN") == "triton":
             no_leak = self.weight_hh.new_zeros(1, self.hidden_size).expand(x.shape[0], self.hidden_size)
-            output = dense_recurrence_triton(z, self.weight_hh, past, no_leak, self.delays, self.nonlinearity)
+            output = dense_recurrence_triton(z, self.weight_hh, past, no_leak, self.delays, self.nonlinearity,
+                                             fallback_for="SkipRNN" if self.backend == "auto" else None)
             final = torch.cat([past, output])[-memory:]
             return from_time_major(output, self.batch_first, unbatched), unbatched_state(final, unbatched)
         weights = [w.t() for w in self.weight_hh]
