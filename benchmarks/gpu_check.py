@@ -93,9 +93,6 @@ def run_train_step(device: torch.device, quick: bool, budget: Budget) -> dict:
     warnings.filterwarnings("ignore")
     experiments = EXPERIMENTS[2:3] if quick else EXPERIMENTS
     extra = ["model.hidden_size=8", "task.seq_len=10", "task.datamodule.batch_size=4"] if quick else []
-    # trainer=gpu includes the CudaGraphs callback: the eager columns go without it (the graph columns add
-    # their own, forward, backward and optimizer step); ++ sets the key whether or not it was composed.
-    extra += ["++callbacks.cuda_graphs=null"]
     steps, warmup = (2, 1) if quick else (30, 5)
     results: dict = {}
     estimate = 5.0 if quick else 45.0

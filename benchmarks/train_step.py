@@ -29,9 +29,11 @@ downloaded), one after the other in this process:
   memory copies' times, divided by the steps): what a step costs without any launch or Python
   overhead.
 
-With ``--graphs`` each of the three is measured a second time with CUDA-graph training steps
-(:mod:`lightning_modules.cuda_graph`: the pipeline gets the ``CudaGraphs`` callback, as under
-``trainer=gpu_graphs``; the bare loop the same ``GraphedForward`` on its network), reported as
+On CUDA the run's config takes ``trainer=gpu_eager`` (``trainer=gpu`` without CUDA graphs). With
+``--graphs`` pipeline, bare and GPU-busy time are measured a second time with CUDA-graph training steps
+(:mod:`lightning_modules.cuda_graph`: the pipeline gets the ``CudaGraphs`` callback, as ``trainer=gpu``
+has it; the bare loop the same ``GraphedForward`` on its network and ``OptimizerStepGraph`` on its
+optimizer), reported as
 ``pipeline_graphs_ms``, ``bare_graphs_ms`` and ``gpu_busy_graphs_ms`` (on CPU the graph columns
 equal eager runs: nothing is captured off CUDA). Graph capture happens during the warm-up steps.
 
@@ -70,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from lightning_modules.run.build import (compose_config, build_loggers, build_network, build_objective,  # noqa: E402
                                          build_trainer, instantiate_node)
 from lightning_modules.run.driver import run_callbacks  # noqa: E402
-from lightning_modules.cuda_graph import CudaGraphs, GraphedForward  # noqa: E402
+from lightning_modules.cuda_graph import CudaGraphs, GraphedForward, OptimizerStepGraph  # noqa: E402
 from src.batch import SequenceBatch  # noqa: E402
 
 # The issue's experiments: name -> overrides of train.yaml.
@@ -179,7 +181,7 @@ def fit(trainer: pl.Trainer, objective: pl.LightningModule, batches: "SyntheticB
 
 
 def graph_callbacks(graphs: bool) -> list:
-    """[CudaGraphs()] for the CUDA-graph columns (as ``trainer=gpu_graphs`` adds it), else []."""
+    """[CudaGraphs()] for the CUDA-graph columns (as ``trainer=gpu`` has it), else []."""
     return [CudaGraphs()] if graphs else []
 
 
@@ -216,7 +218,8 @@ def gpu_busy_ms(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: 
 def time_bare(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: int, block: int,
               device: torch.device, graphs: bool = False) -> float:
     """Milliseconds per step of forward, loss, backward, optimizer step and zero_grad, nothing else
-    (``graphs``: the network's forward and backward replayed from a CUDA graph where possible)."""
+    (``graphs``: the network's forward and backward, and the optimizer's update, replayed from CUDA graphs
+    where possible)."""
     pl.seed_everything(cfg.seed, workers=True)
     network = build_network(cfg).to(device)
     if graphs:
@@ -224,6 +227,8 @@ def time_bare(cfg: DictConfig, batches: SyntheticBatches, steps: int, warmup: in
     loss_of = build_objective(cfg, network, {}).loss  # the objective's loss function, nothing else of it
     network.train()
     optimizer = instantiate_node(cfg.optimizer, "optimizer")(params=network.parameters())
+    if graphs:
+        OptimizerStepGraph(optimizer).install()
     data = [SequenceBatch(b.inputs.to(device), b.targets.to(device)) for b in batches.batches]
 
     def step(batch: SequenceBatch) -> None:
@@ -279,7 +284,7 @@ def measure(name: str, overrides: list[str], device: torch.device, steps: int, w
     """{"pipeline_ms", "bare_ms", "lightning_ms", "gpu_busy_ms"} of one experiment (the first three:
     the fastest of ``repeat`` interleaved measurements); with ``graphs`` also {"pipeline_graphs_ms",
     "bare_graphs_ms", "gpu_busy_graphs_ms"}."""
-    trainer = "trainer=gpu" if device.type == "cuda" else "trainer=cpu"
+    trainer = "trainer=gpu_eager" if device.type == "cuda" else "trainer=cpu"
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
         cfg = compose_run([*overrides, trainer, *extra], Path(folder) / "run")
