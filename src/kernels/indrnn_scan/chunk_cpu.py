@@ -100,7 +100,14 @@ if numba is not None:
     def backward_compose(grad_out, batch_major, out, u, activation, clip, start, stop, mapping):  # pragma: no cover
         """The map delta_stop -> delta_start (4, B, H) of steps stop-1 down to start: the slope the product
         of m_t u, the offset the unclipped delta reached from 0, the bounds the images of -inf/+inf
-        (clipped trajectories; without clipping -inf/+inf)."""
+        (clipped trajectories; without clipping -inf/+inf).
+
+        The slope is u^(stop-start) where every m_t = 1, else 0: kept as that 0/1 flag per step and raised
+        to the power once at the end, not multiplied step by step, since the running product of |u| < 1
+        sinks through the subnormal floats, whose arithmetic is many times slower (measured 453 against
+        286 ms for this function at T=10^6, B=1, H=128, u uniform in (0, 1) against u = 0.5). The relu
+        step's values are computed before the select on m_t: a conditional load compiles to a branch,
+        mispredicted on random activity patterns and never vectorised."""
         batch, hidden = out.shape[1], out.shape[2]
         zero, one, inf = out.dtype.type(0), out.dtype.type(1), out.dtype.type(np.inf)
         clip = out.dtype.type(clip)
@@ -118,14 +125,14 @@ if numba is not None:
                 for b in range(batch):
                     g_t = grad_out[b, t] if batch_major else grad_out[t, b]
                     h_t, s_b, o_b, l_b, hi_b = out[t, b], slope[b], offset[b], low[b], high[b]
-                    if activation == 0:
+                    if activation == 0:  # both values computed first: selects, not branches (see the docstring)
                         for j in range(hidden):
                             active = h_t[j] > zero
-                            s_b[j] = s_b[j] * u[j] if active else zero
-                            o_b[j] = (g_t[j] + o_b[j] * u[j]) if active else zero
+                            kept, reached = s_b[j], g_t[j] + o_b[j] * u[j]
+                            s_b[j] = kept if active else zero
+                            o_b[j] = reached if active else zero
                     else:
                         for j in range(hidden):
-                            s_b[j] = s_b[j] * u[j]
                             o_b[j] = g_t[j] + o_b[j] * u[j]
                     if clip > zero:
                         for j in range(hidden):
@@ -133,6 +140,9 @@ if numba is not None:
                             hi_b[j] = delta_of(g_t[j], _times(u[j], hi_b[j], zero), h_t[j], activation, zero, one,
                                                clip)
             top = bottom
+        for b in range(batch):
+            for j in range(hidden):
+                slope[b, j] = u[j] ** (stop - start) if slope[b, j] != zero else zero  # a select: 0 * inf is NaN
         return sink
 
     @numba.njit(cache=True, nogil=True)
