@@ -39,6 +39,7 @@ def test_parse_shape():
             parse_shape(bad)
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_main_writes_exact_json_and_prints_table(tmp_path, capfd):
     path = tmp_path / "out" / "bench.json"
     results = main([*QUICK, "--json", str(path)])

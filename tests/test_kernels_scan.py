@@ -301,6 +301,7 @@ def run_interpreter(cases: str) -> None:
     assert "interpreter scan checks passed" in result.stdout
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_scan_under_the_cpu_interpreter():
     run_interpreter("quick")

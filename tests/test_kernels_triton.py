@@ -180,6 +180,7 @@ def run_under_interpreter(script: str, timeout: int = 600) -> None:
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[dev]')")
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 @needs_triton
 def test_kernels_under_the_triton_cpu_interpreter():
     # Every Triton kernel (IndRNN, RTRL, dense) against its reference, on CPU tensors; one process, one import.

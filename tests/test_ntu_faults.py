@@ -270,6 +270,7 @@ def test_the_converter_records_checksums_and_ranges_and_skips_impossible_coordin
     assert manifest["skipped"][0]["detail"] == "a coordinate of 1e+06 m (beyond 10 m)"
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_a_second_converter_on_the_same_output_is_refused_and_leaves_the_first_alone(ntu, tmp_path):
     raw, _ = ntu
     out = tmp_path / "ntu.h5"

@@ -78,6 +78,7 @@ def test_last_checkpoint_is_the_final_state_of_a_finished_run(tmp_path):
 
 # --------------------------------------- 2 + 3. SIGINT, kill -9, and resume into the same run directory
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_sigint_and_sigterm_save_last_checkpoint_and_results_then_exit_130_and_143(tmp_path):
     # Two runs at once (their interpreter starts overlap), each signalled after its first validation.
     processes = {signum: start_train([*RESUMABLE, "task.max_epochs=40", f"paths.log_dir={tmp_path / signum.name}"])
@@ -168,6 +169,7 @@ def test_plateau_reload_after_a_resume_goes_back_to_the_same_best_weights(tmp_pa
     assert read_results(tmp_path / "resumed")["test/mse"] == read_results(tmp_path / "reference")["test/mse"]
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
     # At the command line: Hydra's RunDirectory callback refuses it before Hydra writes anything.
     completed = run_script("train.py", [*QUICK, "ckpt_path=last", f"paths.log_dir={tmp_path}"])
@@ -178,6 +180,7 @@ def test_resume_with_nothing_to_resume_is_one_line(tmp_path):
 
 # ---------------------------------------------------- 4. eval.py never writes into the training run
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_eval_writes_its_own_directory_and_names_task_model_and_checkpoint(finished_run, tmp_path):
     # eval.py as a user runs it: its run directory comes from Hydra (conf/eval.yaml), next to the training run's.
     events_before = {p.name: p.stat().st_size for p in (finished_run / "tensorboard").iterdir()}
@@ -193,6 +196,7 @@ def test_eval_writes_its_own_directory_and_names_task_model_and_checkpoint(finis
 
 # ------------------------------------------------------------- 5. sweeps that survive a bad job
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path):
     # Jobs in order (16, 0.002) (16, -1) (0, 0.002) (0, -1) (the last override varies fastest): one fails in
     # the optimizer, inside training; two at config time, before it; the jobs after a failure still run.
@@ -231,6 +235,7 @@ def test_run_directories_are_claimed_once_even_at_the_same_instant(tmp_path):
     assert sorted(path.name for path in claimed)[0] == "12-00-00_adding_indrnn"
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_two_runs_started_together_get_two_directories(tmp_path):
     # Also what each train.py run leaves as a user sees it: its directory, Hydra's log and config, the summary.
     args = [*QUICK, "trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}"]
@@ -250,6 +255,7 @@ def test_two_runs_started_together_get_two_directories(tmp_path):
 
 # ------------------------------------------------------------- 7. one line, never a traceback
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_eval_without_a_checkpoint_gives_one_line(tmp_path):
     # eval.py's one line at the command line (train.py's: tests/test_train.py); the other bad values below
     # raise the same UserError that run_entry prints as that line.

@@ -143,6 +143,7 @@ def test_bad_arguments(kwargs, message):
         GenerationDataModule(seq_len=1)
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_gru_learns_running_parity():
     pl.seed_everything(0)
     datamodule = ParityDataModule(seq_len=10, train_size=2048, val_size=256, test_size=256, batch_size=64, seed=0)

@@ -232,6 +232,7 @@ def test_unknown_model_lists_the_valid_names(tmp_path):
     assert "model/transformer" in str(error.value) and all(m in str(error.value) for m in MODELS)
 
 
+@pytest.mark.slow  # 5-25 s (loaded): make test-slow, which CI runs too
 def test_impossible_value_is_one_line_without_traceback(tmp_path):
     # train.py's one line at the command line (run_entry); every UserError below is printed the same way.
     completed = run_script("train.py", ["model.hidden_size=0", f"paths.log_dir={tmp_path}"])
