@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -26,6 +27,9 @@ STAGES = ("train", "val", "test")
 PLAIN_VALUE_TYPES = (str, int, float, bool, type(None))
 # Devices to which a tensor is copied synchronously (Lightning's own rule for batches).
 BLOCKING_DEVICE_TYPES = ("cpu", "mps")
+# Lightning warns whenever a LightningModule overrides a batch-transfer hook while a DataModule is passed,
+# even when the DataModule does not override it (then the module's hook is the one used, as wanted here).
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
 
 
 @torch.no_grad()
