@@ -192,8 +192,13 @@ def recorded(case: Case) -> dict:
     return json.loads((FIXTURES / f"official_parity_{case.benchmark}.json").read_text())
 
 
-# The NTU networks (6 x 512, dense k = 48) take ~5-10 s of CPU for their 20 steps: slow.
-@pytest.mark.parametrize("experiment", [pytest.param(name, marks=pytest.mark.slow) if CASES[name].benchmark == "ntu"
+# The NTU networks (6 x 512, dense k = 48) and the dense pixel-MNIST one take ~5-10 s of CPU for their 20
+# steps: slow.
+SLOW_PARITY = {"dense_indrnn_pmnist"}
+
+
+@pytest.mark.parametrize("experiment", [pytest.param(name, marks=pytest.mark.slow)
+                                        if CASES[name].benchmark == "ntu" or name in SLOW_PARITY
                                         else name for name in sorted(CASES)])
 def test_training_matches_the_official_code_step_by_step(experiment, tmp_path):
     case = CASES[experiment]
