@@ -45,6 +45,7 @@ def gru(output_size=2, readout="last", **kwargs):
                             **kwargs)
 
 
+@pytest.mark.slow  # 3-7 s (loaded): make test-slow, which CI runs too
 def test_classification_learns_and_tracks_the_best_accuracy():
     pl.seed_everything(0)
     network = RecurrentNetwork(torch.nn.GRU, input_size=1, output_size=2, hidden_size=16)

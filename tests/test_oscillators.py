@@ -97,6 +97,7 @@ def kernel_inputs(steps, batch, hidden, dtype=torch.float64, seed=0):
     return [t.to(dtype).requires_grad_() for t in tensors]
 
 
+@pytest.mark.slow  # 3-7 s (loaded): make test-slow, which CI runs too
 @needs_numba
 def test_unicornn_cpu_kernel_gradcheck_float64():
     inputs = kernel_inputs(7, 2, 3)
@@ -185,6 +186,7 @@ print("interpreter checks passed")
 """
 
 
+@pytest.mark.slow  # 3-7 s (loaded): make test-slow, which CI runs too
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_unicornn_triton_kernel_under_the_cpu_interpreter():
     # TRITON_INTERPRET must be set before triton is imported, hence a fresh interpreter process.

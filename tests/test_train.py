@@ -186,6 +186,7 @@ def test_eval_reproduces_the_test_metrics(trained_run, tmp_path, capsys):
     assert evaluated["test/mse"] == pytest.approx(read_results(run_dir)["test/mse"], rel=1e-5)
 
 
+@pytest.mark.slow  # 3-7 s (loaded): make test-slow, which CI runs too
 def test_resume_from_last_checkpoint(trained_run, train_cfg, tmp_path):
     run_dir, _ = trained_run
     previous = read_results(run_dir)
