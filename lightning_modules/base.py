@@ -284,8 +284,12 @@ class SequenceObjective(NonFiniteLossCheck, pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # Constraints (e.g. IndRNN's |u| <= u_bound) are re-imposed after every update, as in the paper;
-        # the modules that have one are found once (walking the whole network every step costs more).
+        self.apply_constraints()  # e.g. IndRNN's |u| <= u_bound, re-imposed after every update as in the paper
+
+    def apply_constraints(self) -> None:
+        """Re-impose every parameter constraint of the network (what every learning rule and evaluation
+        mode calls after an update). The modules that have one are found once: walking the whole network
+        at every step costs more than the clamps."""
         if not hasattr(self, "_constraints"):
             self._constraints = [m.constrain_parameters_ for m in self.net.modules() if hasattr(m, "constrain_parameters_")]
         with torch.no_grad():

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from src.checks import check_fraction
-from src.layers.common import apply_constraints
 from src.state import detach_state
 
 
@@ -67,7 +66,7 @@ class DynamicEvaluation:
 
         Args:
             model: the language model (``summed_loss(tokens, targets, state) -> (loss, state)`` and
-                ``net``, whose parameter constraints are re-imposed after each step).
+                ``apply_constraints()``, called after each step).
             tokens, targets: (B, T) int64, the window and its next tokens.
         """
         # Lightning tests under inference mode; tensors made there cannot be saved for backward.
@@ -93,7 +92,7 @@ class DynamicEvaluation:
                             grad = grad / (square.sqrt() + self.epsilon)
                         param.add_(grad, alpha=-self.lr)
                         param.add_(start - param, alpha=self.decay)
-                apply_constraints(model.net)  # e.g. IndRNN's |u| bound, as after every training step
+                model.apply_constraints()  # e.g. IndRNN's |u| bound, as after every training step
         return summed.detach()
 
 

@@ -18,7 +18,6 @@ from lightning_modules.carried_state import host_resets
 from lightning_modules.learning.base import LearningRule
 from src.batch import SequenceBatch, as_batch
 from src.checks import check_positive_int
-from src.layers.common import apply_constraints
 from src.learning import RTRL
 
 
@@ -96,7 +95,7 @@ class RealTimeRecurrentLearning(LearningRule):
         optimizer = objective.optimizers()
         optimizer.step()
         optimizer.zero_grad()
-        apply_constraints(objective.net)
+        objective.apply_constraints()
         scheduler = objective.lr_schedulers()
         if scheduler is not None and objective.hparams.scheduler_interval == "step":
             scheduler.step()
