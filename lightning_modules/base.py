@@ -28,8 +28,10 @@ PLAIN_VALUE_TYPES = (str, int, float, bool, type(None))
 # Devices to which a tensor is copied synchronously (Lightning's own rule for batches).
 BLOCKING_DEVICE_TYPES = ("cpu", "mps")
 # Lightning warns whenever a LightningModule overrides a batch-transfer hook while a DataModule is passed,
-# even when the DataModule does not override it (then the module's hook is the one used, as wanted here).
-warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
+# even when the DataModule does not override it (then the module's hook is the one used, as wanted here):
+# this module's transfer_batch_to_device, CarriedState's on_before_batch_transfer.
+warnings.filterwarnings("ignore", message="You have overridden `(transfer_batch_to_device|on_before_batch_transfer)` "
+                                          "in `LightningModule`")
 
 
 @torch.no_grad()

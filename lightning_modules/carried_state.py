@@ -12,16 +12,10 @@ average test-time samplings: :func:`refuse_samplings`.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from src.batch import SequenceBatch, as_batch
 from src.state import State, reset_streams
-
-# Lightning warns whenever a LightningModule overrides a batch-transfer hook while a DataModule is passed,
-# even when the DataModule does not override it (then the module's hook is the one used, as wanted here).
-warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 def host_resets(reset: torch.Tensor | None) -> tuple[bool, bool]:
