@@ -32,7 +32,7 @@ from src.kernels.indrnn_scan.naive import check_activation, scan_applies
 if numba is not None:
     import numpy as np
 
-    from src.kernels.indrnn_cpu import backward_steps, block_bottom, delta_of, forward_steps, warm_block
+    from src.kernels.indrnn_cpu import WARM_BELOW_BYTES, backward_steps, block_bottom, forward_steps, warm_block
 
 # Cost of composing one step's map relative to running the step (measured on a 2-core VM, float32,
 # B=1, H=128: 0.52; composing reads z and stores nothing). The first piece, run from h0 while the other
@@ -44,15 +44,10 @@ MIN_STEPS_PER_THREAD = 64
 if numba is not None:
 
     @numba.njit(inline="always")
-    def _times(u, h, zero):  # pragma: no cover - compiled
-        """u * h with 0 * inf = 0 (a step with u = 0 forgets its input, even an infinite bound)."""
-        return zero if u == zero else u * h
-
-    @numba.njit(inline="always")
     def open_map(mapping, u, activation, length):  # pragma: no cover - compiled
         """Start the forward map of a piece of ``length`` steps in ``mapping`` (4, B, H): slope u^length,
         offset 0, bounds the domain's ends ([0, +inf) for relu: every state after the first step is a relu
-        output; all reals for identity). Returns the units with u < 0 (relu; none for identity): only
+        output; all reals for identity). Returns whether any unit has u < 0 (relu; never for identity): only
         their upper bound moves, +inf stays +inf where u >= 0 (and u = 0 has slope 0, no bound needed)."""
         zero, inf = mapping.dtype.type(0), mapping.dtype.type(np.inf)
         relu = activation == 0
@@ -62,30 +57,53 @@ if numba is not None:
                 mapping[1, b, j] = zero
                 mapping[2, b, j] = zero if relu else -inf
                 mapping[3, b, j] = inf
-        return np.nonzero(u < zero)[0] if relu else np.empty(0, dtype=np.int64)
+        return relu and bool(np.any(u < zero))
 
+    # The compose loops follow the sequential kernels' layout for LLVM's vectoriser (see
+    # indrnn_cpu._backward_rows): per (step, row) short branch-free loops indexing arrays in full, one
+    # copy of the loop nest per activation (a literal argument), operands computed before a select.
     @numba.njit(inline="always")
-    def compose_row(z_row, u, offset, low, high, activation, negative):  # pragma: no cover - compiled
-        """Compose one step with input row ``z_row`` (H,) after a map's row (offset, low, high: (H,) each):
-        the offset (one FMA, vectorised over all units), the image of the low bound (relu: one FMA and a
-        max) and, for the units with u < 0 only, of +inf (u * inf = -inf, never 0 * inf)."""
-        zero = offset.dtype.type(0)
-        for j in range(u.shape[0]):
-            offset[j] = z_row[j] + u[j] * offset[j]
-        if activation == 0:
-            for j in range(u.shape[0]):
-                low[j] = max(z_row[j] + u[j] * low[j], zero)
-            for j in negative:
-                high[j] = max(z_row[j] + u[j] * high[j], zero)
+    def _compose_forward_rows(source, weight_t, bias, u, activation, has_negative, projected, start, stop,
+                              mapping):  # pragma: no cover - compiled
+        """Compose steps start..stop-1 into ``mapping`` (4, B, H) after open_map. Each step's input row
+        z_t is source[t, b] (z (T, B, H)) or, ``projected`` (a literal), W x_t + b from source = x (T, B, I),
+        weight_t (I, H) and bias (H,), computed into a row buffer either way. Per unit: the offset (one
+        FMA), the image of the low bound (relu: one FMA and a max) and, for u < 0 only, of +inf
+        (u * inf = -inf, never 0 * inf: the other units' value is computed and dropped by a select)."""
+        zero = mapping.dtype.type(0)
+        hidden = u.shape[0]
+        row = np.empty(hidden, dtype=mapping.dtype)
+        for t in range(start, stop):
+            for b in range(source.shape[1]):
+                if projected:
+                    for j in range(hidden):
+                        row[j] = bias[j]
+                    for i in range(source.shape[2]):
+                        x_i = source[t, b, i]
+                        for j in range(hidden):
+                            row[j] += weight_t[i, j] * x_i
+                else:
+                    for j in range(hidden):
+                        row[j] = source[t, b, j]
+                for j in range(hidden):
+                    mapping[1, b, j] = row[j] + u[j] * mapping[1, b, j]
+                if activation == 0:
+                    for j in range(hidden):
+                        mapping[2, b, j] = max(row[j] + u[j] * mapping[2, b, j], zero)
+                    if has_negative:
+                        for j in range(hidden):
+                            moved = max(row[j] + u[j] * mapping[3, b, j], zero)
+                            mapping[3, b, j] = moved if u[j] < zero else mapping[3, b, j]
 
     @numba.njit(cache=True, nogil=True)
     def forward_compose(z, u, activation, start, stop, mapping):  # pragma: no cover - compiled
-        """The map (4, B, H) of steps start..stop-1 (see open_map, compose_row); reads z once, stores nothing per step."""
-        negative = open_map(mapping, u, activation, stop - start)
-        offset, low, high = mapping[1], mapping[2], mapping[3]
-        for t in range(start, stop):
-            for b in range(z.shape[1]):
-                compose_row(z[t, b], u, offset[b], low[b], high[b], activation, negative)
+        """The map (4, B, H) of steps start..stop-1 (see open_map, _compose_forward_rows); reads z once, stores
+        nothing per step."""
+        has_negative = open_map(mapping, u, activation, stop - start)
+        if activation == 0:
+            _compose_forward_rows(z, z[0], u, u, 0, has_negative, False, start, stop, mapping)  # z[0], u: unused
+        else:
+            _compose_forward_rows(z, z[0], u, u, 2, has_negative, False, start, stop, mapping)
 
     @numba.njit(inline="always")
     def _apply(slope, offset, low, high, x, zero):  # pragma: no cover - compiled
@@ -95,6 +113,42 @@ if numba is not None:
         value = offset if slope == zero else slope * x + offset
         lo, hi = (low, high) if low < high else (high, low)
         return lo if value < lo else (hi if value > hi else value)
+
+    @numba.njit(inline="always")
+    def _compose_backward_rows(grad_out, batch_major, out, u, activation, clip, start, stop, mapping):  # pragma: no cover
+        """backward_compose's loop nest for one activation code (a literal at each call)."""
+        batch, hidden = out.shape[1], out.shape[2]
+        zero = out.dtype.type(0)
+        sink = zero
+        top = stop
+        while top > start:  # blocks from the last step down, some warmed upwards first, as indrnn_cpu.backward_steps
+            bottom = block_bottom(top, start, batch * hidden)
+            if batch_major or batch * hidden * out.itemsize < WARM_BELOW_BYTES:
+                sink += warm_block(grad_out, batch_major, out, out, bottom, top)
+            for t in range(top - 1, bottom - 1, -1):
+                for b in range(batch):
+                    if activation == 0:  # both values computed first: selects, not branches (see the docstring)
+                        for j in range(hidden):
+                            kept = mapping[0, b, j]
+                            reached = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + mapping[1, b, j] * u[j]
+                            active = out[t, b, j] > zero
+                            mapping[0, b, j] = kept if active else zero
+                            mapping[1, b, j] = reached if active else zero
+                    else:
+                        for j in range(hidden):
+                            mapping[1, b, j] = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + mapping[1, b, j] * u[j]
+                    if clip > zero:  # the bounds: delta_of(g_t, u * bound (0 where u = 0, even for an infinite bound), h_t)
+                        for k in range(2, 4):
+                            for j in range(hidden):
+                                product = u[j] * mapping[k, b, j]
+                                value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + (
+                                    zero if u[j] == zero else product)
+                                if activation == 0:
+                                    value = value if out[t, b, j] > zero else zero
+                                value = clip if value > clip else value
+                                mapping[k, b, j] = -clip if value < -clip else value
+            top = bottom
+        return sink
 
     @numba.njit(cache=True, nogil=True)
     def backward_compose(grad_out, batch_major, out, u, activation, clip, start, stop, mapping):  # pragma: no cover
@@ -109,40 +163,19 @@ if numba is not None:
         step's values are computed before the select on m_t: a conditional load compiles to a branch,
         mispredicted on random activity patterns and never vectorised."""
         batch, hidden = out.shape[1], out.shape[2]
-        zero, one, inf = out.dtype.type(0), out.dtype.type(1), out.dtype.type(np.inf)
+        zero, inf = out.dtype.type(0), out.dtype.type(np.inf)
         clip = out.dtype.type(clip)
-        slope, offset, low, high = mapping[0], mapping[1], mapping[2], mapping[3]
-        slope[:] = one
-        offset[:] = zero
-        low[:] = -inf
-        high[:] = inf
-        sink = zero
-        top = stop
-        while top > start:  # blocks warmed upwards first, as indrnn_cpu.backward_steps
-            bottom = block_bottom(top, start, batch * hidden)
-            sink += warm_block(grad_out, batch_major, out, out, bottom, top)
-            for t in range(top - 1, bottom - 1, -1):
-                for b in range(batch):
-                    g_t = grad_out[b, t] if batch_major else grad_out[t, b]
-                    h_t, s_b, o_b, l_b, hi_b = out[t, b], slope[b], offset[b], low[b], high[b]
-                    if activation == 0:  # both values computed first: selects, not branches (see the docstring)
-                        for j in range(hidden):
-                            active = h_t[j] > zero
-                            kept, reached = s_b[j], g_t[j] + o_b[j] * u[j]
-                            s_b[j] = kept if active else zero
-                            o_b[j] = reached if active else zero
-                    else:
-                        for j in range(hidden):
-                            o_b[j] = g_t[j] + o_b[j] * u[j]
-                    if clip > zero:
-                        for j in range(hidden):
-                            l_b[j] = delta_of(g_t[j], _times(u[j], l_b[j], zero), h_t[j], activation, zero, one, clip)
-                            hi_b[j] = delta_of(g_t[j], _times(u[j], hi_b[j], zero), h_t[j], activation, zero, one,
-                                               clip)
-            top = bottom
+        mapping[0] = out.dtype.type(1)
+        mapping[1] = zero
+        mapping[2] = -inf
+        mapping[3] = inf
+        if activation == 0:
+            sink = _compose_backward_rows(grad_out, batch_major, out, u, 0, clip, start, stop, mapping)
+        else:
+            sink = _compose_backward_rows(grad_out, batch_major, out, u, 2, clip, start, stop, mapping)
         for b in range(batch):
-            for j in range(hidden):
-                slope[b, j] = u[j] ** (stop - start) if slope[b, j] != zero else zero  # a select: 0 * inf is NaN
+            for j in range(hidden):  # a select: 0 * inf is NaN
+                mapping[0, b, j] = u[j] ** (stop - start) if mapping[0, b, j] != zero else zero
         return sink
 
     @numba.njit(cache=True, nogil=True)

@@ -19,24 +19,16 @@ if numba is not None:
     import numpy as np
 
     from src.kernels.indrnn_linear_cpu import linear_backward_steps, linear_forward_steps
-    from src.kernels.indrnn_scan.chunk_cpu import backward_compose, compose_row, open_map
+    from src.kernels.indrnn_scan.chunk_cpu import _compose_forward_rows, backward_compose, open_map
 
     @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def linear_compose(x, weight_t, bias, u, activation, start, stop, mapping):  # pragma: no cover - compiled
         """chunk_cpu.forward_compose with z_t = W x_t + b computed row by row (x (T, B, I), weight_t (I, H))."""
-        negative = open_map(mapping, u, activation, stop - start)
-        offset, low, high = mapping[1], mapping[2], mapping[3]
-        hidden = u.shape[0]
-        row = np.empty(hidden, dtype=mapping.dtype)
-        for t in range(start, stop):
-            for b in range(x.shape[1]):
-                for j in range(hidden):
-                    row[j] = bias[j]
-                for i in range(x.shape[2]):
-                    x_i, w_i = x[t, b, i], weight_t[i]
-                    for j in range(hidden):
-                        row[j] += w_i[j] * x_i
-                compose_row(row, u, offset[b], low[b], high[b], activation, negative)
+        has_negative = open_map(mapping, u, activation, stop - start)
+        if activation == 0:
+            _compose_forward_rows(x, weight_t, bias, u, 0, has_negative, True, start, stop, mapping)
+        else:
+            _compose_forward_rows(x, weight_t, bias, u, 2, has_negative, True, start, stop, mapping)
 
 
 class IndRNNLinearScanCPU(torch.autograd.Function):
