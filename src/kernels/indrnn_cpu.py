@@ -70,27 +70,6 @@ if numba is not None:
                     for j in range(hidden):
                         h_t[j] = max(h_t[j], zero)
 
-    @numba.njit(inline="always")
-    def delta_of(grad, carry, state, activation, zero, one, clip):  # pragma: no cover - compiled
-        """delta_t = (g_t + u * delta_{t+1}) * act'(a_t), with act' read from h_t = act(a_t), clamped
-        to [-clip, clip] when clip > 0 (clip = 0: no clipping).
-
-        relu's derivative is a select, not a multiply by [h > 0], so that an infinite or NaN
-        gradient of an inactive unit gives 0, as torch's relu backward does. The clamp is two
-        comparisons, not min/max, so that a NaN stays NaN (as torch.clamp)."""
-        if activation == 0:
-            delta = (grad + carry) if state > zero else zero
-        elif activation == 1:
-            delta = (grad + carry) * (one - state * state)
-        else:
-            delta = grad + carry
-        if clip > zero:
-            if delta > clip:
-                delta = clip
-            elif delta < -clip:
-                delta = -clip
-        return delta
-
     # Elements (steps x B x H) per block of the backward loops: three float32 arrays of this many
     # values stay in the L2 cache.
     WARM_ELEMENTS = 16384
@@ -141,15 +120,23 @@ if numba is not None:
     # Per (step, row) a few short loops over units, each branch-free with one or two stores and indexing
     # the arrays in full (out[t, b, j]) rather than through row views: LLVM vectorises those. Measured on
     # the projection kernel's backward pass at T784_B64_I1_H128 (same structure): one loop doing
-    # everything, with a branch and four stores, stayed scalar: 10.6 ms; split loops behind a runtime
-    # activation test: 6.5 ms (hence one copy of the loop nest per activation, see backward_steps);
-    # with row views: 6.2 ms; as written: 4.7 ms. Moving the loops into a helper called per row cost 30-60 %.
-    @numba.njit(inline="always")
-    def _backward_rows(grad_out, batch_major, out, u, h0, activation, clip, start, stop, carry, grad_z,
-                       partial_u):  # pragma: no cover - compiled
-        """backward_steps' loop nest for one activation code (a literal at each call)."""
+    # everything, with a branch and four stores, stayed scalar: 10.6 ms; split loops: 6.2 ms with row
+    # views, 4.7-5.0 ms as written. The activation is a select on loop-invariant flags: branching on it
+    # around the loops cost 40 %; a copy of the loop nest per activation was 2-4 % faster for relu and
+    # 10-40 % for identity, but doubled the compile time. Moving the loops into a helper called per row
+    # cost 30-60 %. Operands are computed before a select: Python's conditional expression is lazy, so
+    # an operand computed inside it stays a branch.
+    @numba.njit(cache=True, nogil=True)
+    def backward_steps(grad_out, batch_major, out, u, h0, activation, clip, start, stop, delta_next, grad_z,
+                       partial_u, delta_first):  # pragma: no cover - compiled
+        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H):
+        writes grad_z[t] = delta_t, adds delta_t h_{t-1} into ``partial_u`` (B, H) and leaves delta_start
+        in ``delta_first`` (B, H). The whole sequence is start = 0, stop = T, delta_next = 0; the scan runs
+        its pieces with it."""
         batch, hidden = out.shape[1], out.shape[2]
-        zero, one = out.dtype.type(0), out.dtype.type(1)
+        zero, one, clip = out.dtype.type(0), out.dtype.type(1), out.dtype.type(clip)
+        tanh, not_relu = activation == 1, activation != 0
+        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
         sink = zero
         top = stop
         while top > start:  # blocks of steps from the last down, some warmed upwards first (see WARM_BELOW_BYTES)
@@ -158,18 +145,15 @@ if numba is not None:
                 sink += warm_block(grad_out, batch_major, out, grad_z, bottom, top)
             for t in range(top - 1, bottom - 1, -1):
                 for b in range(batch):
-                    # delta_t = clip((g_t + u delta_{t+1}) act'(a_t)), as delta_of, written to grad_z[t]
-                    if activation == 0:
-                        for j in range(hidden):  # loads before the select: a lazy operand stays a branch
-                            value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
-                            grad_z[t, b, j] = value if out[t, b, j] > zero else zero
-                    elif activation == 1:
-                        for j in range(hidden):
-                            value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
-                            grad_z[t, b, j] = value * (one - out[t, b, j] * out[t, b, j])
-                    else:
-                        for j in range(hidden):
-                            grad_z[t, b, j] = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
+                    # delta_t = clip((g_t + u delta_{t+1}) act'(a_t)), written to grad_z[t]. relu's derivative is a
+                    # select, not a multiply by [h > 0], so that an infinite or NaN gradient of an inactive unit
+                    # gives 0, as torch's relu backward does; act' is read from h_t = act(a_t).
+                    for j in range(hidden):
+                        state = out[t, b, j]
+                        value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
+                        scaled = value * (one - state * state)
+                        value = scaled if tanh else value
+                        grad_z[t, b, j] = value if (state > zero) | not_relu else zero
                     if clip > zero:  # two selects: a NaN stays NaN
                         for j in range(hidden):
                             value = grad_z[t, b, j]
@@ -184,23 +168,6 @@ if numba is not None:
                     for j in range(hidden):
                         carry[b, j] = grad_z[t, b, j] * u[j]
             top = bottom
-        return sink
-
-    @numba.njit(cache=True, nogil=True)
-    def backward_steps(grad_out, batch_major, out, u, h0, activation, clip, start, stop, delta_next, grad_z,
-                       partial_u, delta_first):  # pragma: no cover - compiled
-        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H):
-        writes grad_z[t] = delta_t, adds delta_t h_{t-1} into ``partial_u`` (B, H) and leaves delta_start
-        in ``delta_first`` (B, H). The whole sequence is start = 0, stop = T, delta_next = 0; the scan runs
-        its pieces with it."""
-        clip = out.dtype.type(clip)
-        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
-        if activation == 0:
-            sink = _backward_rows(grad_out, batch_major, out, u, h0, 0, clip, start, stop, carry, grad_z, partial_u)
-        elif activation == 1:
-            sink = _backward_rows(grad_out, batch_major, out, u, h0, 1, clip, start, stop, carry, grad_z, partial_u)
-        else:
-            sink = _backward_rows(grad_out, batch_major, out, u, h0, 2, clip, start, stop, carry, grad_z, partial_u)
         if stop > start:
             delta_first[:] = grad_z[start]
         return sink

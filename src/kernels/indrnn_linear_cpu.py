@@ -55,14 +55,18 @@ if numba is not None:
                     for j in range(hidden):
                         h_t[j] = max(h_t[j], zero)
 
-    @numba.njit(inline="always", fastmath=_FAST)
-    def _linear_backward_rows(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, start, stop, carry,
-                              grad_x, partial_w, partial_b, partial_u, delta_first):  # pragma: no cover - compiled
-        """linear_backward_steps' loop nest for one activation code (a literal at each call). Its loops are
-        written out per row, short and branch-free, for the reasons given at indrnn_cpu._backward_rows."""
+    @numba.njit(cache=True, nogil=True, fastmath=_FAST)
+    def linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, start, stop,
+                              delta_next, grad_x, partial_w, partial_b, partial_u, delta_first):  # pragma: no cover
+        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H): writes
+        grad_x[t] = W^T delta_t; adds delta_t x_t^T into partial_w (B, I, H), delta_t into partial_b and
+        delta_t h_{t-1} into partial_u (B, H); leaves delta_start in ``delta_first`` (B, H). relu (activation
+        0) or identity. Its loops are written as indrnn_cpu.backward_steps' (see the comment there)."""
         batch, hidden = out.shape[1], out.shape[2]
         inputs = x.shape[2]
-        zero, one = out.dtype.type(0), out.dtype.type(1)
+        zero, clip = out.dtype.type(0), out.dtype.type(clip)
+        identity = activation != 0
+        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
         delta = np.empty(hidden, dtype=out.dtype)
         sink = zero
         top = stop
@@ -72,20 +76,10 @@ if numba is not None:
                 sink += warm_block(grad_out, batch_major, out, out, bottom, top)
             for t in range(top - 1, bottom - 1, -1):
                 for b in range(batch):
-                    # Elements are indexed in full (grad_out[t, b, j]), not through row views: a view per row
-                    # cost ~15 % here.
-                    # delta_t = clip((g_t + u delta_{t+1}) act'(a_t)), as indrnn_cpu.delta_of
-                    if activation == 0:
-                        for j in range(hidden):  # loads before the select: a lazy operand stays a branch
-                            value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
-                            delta[j] = value if out[t, b, j] > zero else zero
-                    elif activation == 1:
-                        for j in range(hidden):
-                            value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
-                            delta[j] = value * (one - out[t, b, j] * out[t, b, j])
-                    else:
-                        for j in range(hidden):
-                            delta[j] = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
+                    # delta_t = clip((g_t + u delta_{t+1}) act'(a_t)), as indrnn_cpu.backward_steps (relu or identity)
+                    for j in range(hidden):
+                        value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + carry[b, j]
+                        delta[j] = value if (out[t, b, j] > zero) | identity else zero
                     if clip > zero:  # two selects: a NaN stays NaN
                         for j in range(hidden):
                             value = delta[j]
@@ -112,23 +106,6 @@ if numba is not None:
                         delta_first[b] = delta
             top = bottom
         return sink
-
-    @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-    def linear_backward_steps(grad_out, batch_major, out, x, weight_t, u, h0, activation, clip, start, stop,
-                              delta_next, grad_x, partial_w, partial_b, partial_u, delta_first):  # pragma: no cover
-        """The backward loop over steps stop-1 down to start, from delta_stop = ``delta_next`` (B, H): writes
-        grad_x[t] = W^T delta_t; adds delta_t x_t^T into partial_w (B, I, H), delta_t into partial_b and
-        delta_t h_{t-1} into partial_u (B, H); leaves delta_start in ``delta_first`` (B, H)."""
-        clip = out.dtype.type(clip)
-        carry = carry_into(delta_next, u, delta_first)  # u * delta_{t+1}
-        if activation == 0:  # one copy of the loop nest per activation (see indrnn_cpu._backward_rows)
-            return _linear_backward_rows(grad_out, batch_major, out, x, weight_t, u, h0, 0, clip, start, stop, carry,
-                                         grad_x, partial_w, partial_b, partial_u, delta_first)
-        if activation == 1:
-            return _linear_backward_rows(grad_out, batch_major, out, x, weight_t, u, h0, 1, clip, start, stop, carry,
-                                         grad_x, partial_w, partial_b, partial_u, delta_first)
-        return _linear_backward_rows(grad_out, batch_major, out, x, weight_t, u, h0, 2, clip, start, stop, carry,
-                                     grad_x, partial_w, partial_b, partial_u, delta_first)
 
 
 def fused_projection_applies(x: torch.Tensor, activation: str) -> bool:

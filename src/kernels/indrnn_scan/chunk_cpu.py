@@ -59,9 +59,8 @@ if numba is not None:
                 mapping[3, b, j] = inf
         return relu and bool(np.any(u < zero))
 
-    # The compose loops follow the sequential kernels' layout for LLVM's vectoriser (see
-    # indrnn_cpu._backward_rows): per (step, row) short branch-free loops indexing arrays in full, one
-    # copy of the loop nest per activation (a literal argument), operands computed before a select.
+    # The compose loops follow the sequential kernels' layout for LLVM's vectoriser (see the comment at
+    # indrnn_cpu.backward_steps): per (step, row) short branch-free loops indexing arrays in full.
     @numba.njit(inline="always")
     def _compose_forward_rows(source, weight_t, bias, u, activation, has_negative, projected, start, stop,
                               mapping):  # pragma: no cover - compiled
@@ -72,6 +71,7 @@ if numba is not None:
         (u * inf = -inf, never 0 * inf: the other units' value is computed and dropped by a select)."""
         zero = mapping.dtype.type(0)
         hidden = u.shape[0]
+        relu = activation == 0
         row = np.empty(hidden, dtype=mapping.dtype)
         for t in range(start, stop):
             for b in range(source.shape[1]):
@@ -87,23 +87,20 @@ if numba is not None:
                         row[j] = source[t, b, j]
                 for j in range(hidden):
                     mapping[1, b, j] = row[j] + u[j] * mapping[1, b, j]
-                if activation == 0:
+                if relu:  # identity's bounds stay -inf, +inf
                     for j in range(hidden):
                         mapping[2, b, j] = max(row[j] + u[j] * mapping[2, b, j], zero)
-                    if has_negative:
-                        for j in range(hidden):
-                            moved = max(row[j] + u[j] * mapping[3, b, j], zero)
-                            mapping[3, b, j] = moved if u[j] < zero else mapping[3, b, j]
+                if has_negative:  # relu only (see open_map)
+                    for j in range(hidden):
+                        moved = max(row[j] + u[j] * mapping[3, b, j], zero)
+                        mapping[3, b, j] = moved if u[j] < zero else mapping[3, b, j]
 
     @numba.njit(cache=True, nogil=True)
     def forward_compose(z, u, activation, start, stop, mapping):  # pragma: no cover - compiled
         """The map (4, B, H) of steps start..stop-1 (see open_map, _compose_forward_rows); reads z once, stores
         nothing per step."""
         has_negative = open_map(mapping, u, activation, stop - start)
-        if activation == 0:
-            _compose_forward_rows(z, z[0], u, u, 0, has_negative, False, start, stop, mapping)  # z[0], u: unused
-        else:
-            _compose_forward_rows(z, z[0], u, u, 2, has_negative, False, start, stop, mapping)
+        _compose_forward_rows(z, z[0], u, u, activation, has_negative, False, start, stop, mapping)  # z[0], u: unused
 
     @numba.njit(inline="always")
     def _apply(slope, offset, low, high, x, zero):  # pragma: no cover - compiled
@@ -113,42 +110,6 @@ if numba is not None:
         value = offset if slope == zero else slope * x + offset
         lo, hi = (low, high) if low < high else (high, low)
         return lo if value < lo else (hi if value > hi else value)
-
-    @numba.njit(inline="always")
-    def _compose_backward_rows(grad_out, batch_major, out, u, activation, clip, start, stop, mapping):  # pragma: no cover
-        """backward_compose's loop nest for one activation code (a literal at each call)."""
-        batch, hidden = out.shape[1], out.shape[2]
-        zero = out.dtype.type(0)
-        sink = zero
-        top = stop
-        while top > start:  # blocks from the last step down, some warmed upwards first, as indrnn_cpu.backward_steps
-            bottom = block_bottom(top, start, batch * hidden)
-            if batch_major or batch * hidden * out.itemsize < WARM_BELOW_BYTES:
-                sink += warm_block(grad_out, batch_major, out, out, bottom, top)
-            for t in range(top - 1, bottom - 1, -1):
-                for b in range(batch):
-                    if activation == 0:  # both values computed first: selects, not branches (see the docstring)
-                        for j in range(hidden):
-                            kept = mapping[0, b, j]
-                            reached = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + mapping[1, b, j] * u[j]
-                            active = out[t, b, j] > zero
-                            mapping[0, b, j] = kept if active else zero
-                            mapping[1, b, j] = reached if active else zero
-                    else:
-                        for j in range(hidden):
-                            mapping[1, b, j] = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + mapping[1, b, j] * u[j]
-                    if clip > zero:  # the bounds: delta_of(g_t, u * bound (0 where u = 0, even for an infinite bound), h_t)
-                        for k in range(2, 4):
-                            for j in range(hidden):
-                                product = u[j] * mapping[k, b, j]
-                                value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + (
-                                    zero if u[j] == zero else product)
-                                if activation == 0:
-                                    value = value if out[t, b, j] > zero else zero
-                                value = clip if value > clip else value
-                                mapping[k, b, j] = -clip if value < -clip else value
-            top = bottom
-        return sink
 
     @numba.njit(cache=True, nogil=True)
     def backward_compose(grad_out, batch_major, out, u, activation, clip, start, stop, mapping):  # pragma: no cover
@@ -169,10 +130,31 @@ if numba is not None:
         mapping[1] = zero
         mapping[2] = -inf
         mapping[3] = inf
-        if activation == 0:
-            sink = _compose_backward_rows(grad_out, batch_major, out, u, 0, clip, start, stop, mapping)
-        else:
-            sink = _compose_backward_rows(grad_out, batch_major, out, u, 2, clip, start, stop, mapping)
+        identity = activation != 0
+        sink = zero
+        top = stop
+        while top > start:  # blocks from the last step down, some warmed upwards first, as indrnn_cpu.backward_steps
+            bottom = block_bottom(top, start, batch * hidden)
+            if batch_major or batch * hidden * out.itemsize < WARM_BELOW_BYTES:
+                sink += warm_block(grad_out, batch_major, out, out, bottom, top)
+            for t in range(top - 1, bottom - 1, -1):
+                for b in range(batch):  # loops as in indrnn_cpu.backward_steps: both values first, then selects
+                    for j in range(hidden):
+                        kept = mapping[0, b, j]
+                        reached = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + mapping[1, b, j] * u[j]
+                        active = (out[t, b, j] > zero) | identity
+                        mapping[0, b, j] = kept if active else zero
+                        mapping[1, b, j] = reached if active else zero
+                    if clip > zero:  # the bounds: the clipped step of backward_steps run from them (u * bound = 0 where u = 0, even for an infinite bound)
+                        for k in range(2, 4):
+                            for j in range(hidden):
+                                product = u[j] * mapping[k, b, j]
+                                value = (grad_out[b, t, j] if batch_major else grad_out[t, b, j]) + (
+                                    zero if u[j] == zero else product)
+                                value = value if (out[t, b, j] > zero) | identity else zero
+                                value = clip if value > clip else value
+                                mapping[k, b, j] = -clip if value < -clip else value
+            top = bottom
         for b in range(batch):
             for j in range(hidden):  # a select: 0 * inf is NaN
                 mapping[0, b, j] = u[j] ** (stop - start) if mapping[0, b, j] != zero else zero

@@ -25,10 +25,7 @@ if numba is not None:
     def linear_compose(x, weight_t, bias, u, activation, start, stop, mapping):  # pragma: no cover - compiled
         """chunk_cpu.forward_compose with z_t = W x_t + b computed row by row (x (T, B, I), weight_t (I, H))."""
         has_negative = open_map(mapping, u, activation, stop - start)
-        if activation == 0:
-            _compose_forward_rows(x, weight_t, bias, u, 0, has_negative, True, start, stop, mapping)
-        else:
-            _compose_forward_rows(x, weight_t, bias, u, 2, has_negative, True, start, stop, mapping)
+        _compose_forward_rows(x, weight_t, bias, u, activation, has_negative, True, start, stop, mapping)
 
 
 class IndRNNLinearScanCPU(torch.autograd.Function):
