@@ -34,10 +34,14 @@ if numba is not None:
 
     from src.kernels.indrnn_cpu import WARM_BELOW_BYTES, backward_steps, block_bottom, forward_steps, warm_block
 
-# Cost of composing one step's map relative to running the step (measured on a 2-core VM, float32,
-# B=1, H=128: 0.52; composing reads z and stores nothing). The first piece, run from h0 while the other
-# threads compose, gets the share that balances the two (see _piece_bounds).
+# Cost of composing one step's map relative to running the step, forward and backward, as the two
+# threads of phase 1 see it (2-core VM, float32, T=10^6, B=1, H=128, projection inside, relu: with 0.5
+# both ways, the forward's phase-1 threads took 33 and 30 ms, the backward's 50 and 70-89 ms, the
+# composing thread last; with 0.8 backward, 67-106 and 62-88 ms, the running thread last). The first
+# piece, run from h0 while the other threads compose, gets the share that balances the two (see
+# _piece_bounds).
 COMPOSE_COST_RATIO = 0.5
+BACKWARD_COMPOSE_COST_RATIO = 0.75
 # Below this many steps per thread the threads' start-up costs more than they save.
 MIN_STEPS_PER_THREAD = 64
 
@@ -233,7 +237,8 @@ def schedule(steps: int, backward: bool) -> tuple[int, list[tuple[int, int]]]:
     """(threads, pieces): the pieces as (start, stop) step ranges in the order the scan takes them, from
     the first step up (forward) or from the last step down (``backward``: the forward schedule mirrored)."""
     threads = parallel_threads(steps)
-    bounds = _piece_bounds(steps, threads) if threads > 1 else [0, steps]
+    ratio = BACKWARD_COMPOSE_COST_RATIO if backward else COMPOSE_COST_RATIO
+    bounds = _piece_bounds(steps, threads, ratio) if threads > 1 else [0, steps]
     pieces = list(zip(bounds[:-1], bounds[1:]))
     return threads, [(steps - stop, steps - start) for start, stop in pieces] if backward else pieces
 
