@@ -73,6 +73,26 @@ def tasks(monkeypatch):
     return set_tasks
 
 
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_schedule_covers_every_step_once_each_way(count, tasks):
+    """Forward pieces run up from step 0, backward pieces down from the last step; each direction's first
+    piece (run from the initial state while the other threads compose) gets its own balance ratio."""
+    tasks(count)
+    steps = 10_000
+    _, forward = scan_module.schedule(steps, backward=False)
+    _, backward = scan_module.schedule(steps, backward=True)
+    for pieces, descending in ((forward, False), (backward, True)):
+        ordered = sorted(pieces, reverse=descending)
+        assert pieces == ordered and len(pieces) == count * (count - 1) + 1
+        assert [start for start, _ in sorted(pieces)][1:] == [stop for _, stop in sorted(pieces)][:-1]
+        assert min(start for start, _ in pieces) == 0 and max(stop for _, stop in pieces) == steps
+    first_forward, first_backward = forward[0][1] - forward[0][0], backward[0][1] - backward[0][0]
+    rest = steps - first_forward  # the balance: first piece = ratio * rest / (count - 1)
+    assert first_forward == pytest.approx(scan_module.COMPOSE_COST_RATIO * rest / (count - 1), abs=1)
+    rest = steps - first_backward
+    assert first_backward == pytest.approx(scan_module.BACKWARD_COMPOSE_COST_RATIO * rest / (count - 1), abs=1)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 7, 1000])
 @pytest.mark.parametrize("grad_clip", [None, 0.5])
 @pytest.mark.parametrize("activation", ["relu", "identity"])

@@ -235,7 +235,8 @@ def parallel_threads(steps: int) -> int:
 
 def schedule(steps: int, backward: bool) -> tuple[int, list[tuple[int, int]]]:
     """(threads, pieces): the pieces as (start, stop) step ranges in the order the scan takes them, from
-    the first step up (forward) or from the last step down (``backward``: the forward schedule mirrored)."""
+    the first step up (forward) or from the last step down (``backward``: the forward schedule, balanced with
+    BACKWARD_COMPOSE_COST_RATIO, mirrored)."""
     threads = parallel_threads(steps)
     ratio = BACKWARD_COMPOSE_COST_RATIO if backward else COMPOSE_COST_RATIO
     bounds = _piece_bounds(steps, threads, ratio) if threads > 1 else [0, steps]
