@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_modules.run.errors import UserError, one_line, optimizer_error
+from lightning_modules.run.process_group import ProcessGroupShutdown
 
 
 def instantiate_node(node, group: str, **kwargs):
@@ -93,6 +94,8 @@ def build_loggers(cfg: DictConfig, purge_step: int | None = None) -> list:
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The configured Trainer with ``callbacks`` and a :class:`ProcessGroupShutdown` (every Trainer: a
+    distributed run's processes must end their process group before Python shuts down)."""
     trainer_cfg = cfg.trainer
     if "float32_matmul_precision" in trainer_cfg:  # a torch setting, not a Trainer argument
         precision = trainer_cfg.float32_matmul_precision
@@ -101,7 +104,8 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) 
         resolved = OmegaConf.to_container(trainer_cfg, resolve=True)  # resolved here: a copy loses the root
         resolved.pop("float32_matmul_precision")
         trainer_cfg = OmegaConf.create(resolved)
-    return instantiate_node(trainer_cfg, "trainer", logger=loggers or False, callbacks=callbacks)
+    return instantiate_node(trainer_cfg, "trainer", logger=loggers or False,
+                            callbacks=[*callbacks, ProcessGroupShutdown()])
 
 
 def plain_config(cfg: DictConfig) -> dict:
