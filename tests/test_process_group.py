@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_modules.run.build import compose_config, build_trainer
-from lightning_modules.run.process_group import ProcessGroupShutdown, destroy_process_group_at_exit
+from lightning_modules.run.process_group import (ProcessGroupShutdown, destroy_process_group,
+                                                 destroy_process_group_at_exit)
 
 
 def free_port() -> int:
@@ -45,14 +46,26 @@ def test_spawned_gloo_workers_exit_cleanly():
         mp.start_processes(collectives_then_exit, args=(free_port(),), nprocs=2, start_method="spawn")
 
 
+class FakeAtexit:
+    """atexit's two calls over a visible list: ``unregister`` removes every occurrence, as atexit's does."""
+
+    def __init__(self) -> None:
+        self.handlers: list = []
+
+    def register(self, handler) -> None:
+        self.handlers.append(handler)
+
+    def unregister(self, handler) -> None:
+        self.handlers = [h for h in self.handlers if h is not handler]
+
+
 def test_registers_once_and_only_inside_a_group(monkeypatch):
-    registered = []
-    monkeypatch.setattr("lightning_modules.run.process_group.atexit.register", registered.append)
-    assert not destroy_process_group_at_exit()  # not in a process group: nothing to do
+    fake = FakeAtexit()
+    monkeypatch.setattr("lightning_modules.run.process_group.atexit", fake)
+    assert not destroy_process_group_at_exit() and fake.handlers == []  # not in a process group: nothing to do
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr("lightning_modules.run.process_group._registered_in", set())
-    assert destroy_process_group_at_exit() and not destroy_process_group_at_exit()
-    assert len(registered) == 1
+    assert destroy_process_group_at_exit() and destroy_process_group_at_exit()
+    assert fake.handlers == [destroy_process_group]  # two calls (fit, then test), one handler
 
 
 def test_every_trainer_has_it(tmp_path):

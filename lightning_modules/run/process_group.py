@@ -6,8 +6,8 @@ threads may then still hold finished work (tensors with Python references) and r
 interpreter has begun to tear down; the thread that asks for the GIL is ended by CPython and the
 process aborts with ``terminate called without an active exception`` (SIGABRT), after training and
 testing have finished. Under ``ddp_spawn`` every ``fit`` and ``test`` starts new workers, so a sweep
-meets this race several times per job; one abort fails the job (seen in CI: a worker of
-``trainer.test`` in a two-job DDP sweep). Destroying the group from an ``atexit`` handler, as
+meets this race several times per job; one abort fails the job (seen in CI: a worker of the second
+job of a two-job DDP sweep, after its ``fit`` had ended). Destroying the group from an ``atexit`` handler, as
 PyTorch's shutdown notes ask every trainer process to do, joins those threads first.
 
 :class:`ProcessGroupShutdown` registers that handler in each process that trains or tests (its
@@ -19,31 +19,32 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 
 import pytorch_lightning as pl
 import torch
 
 log = logging.getLogger(__name__)
 
-_registered_in: set[int] = set()  # process ids whose atexit handler is registered (once per process)
+
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised default process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def destroy_process_group() -> None:
     """Destroy the default process group if this process is in one (idempotent; no collective)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         torch.distributed.destroy_process_group()
         log.debug("process group destroyed before interpreter shutdown")
 
 
 def destroy_process_group_at_exit() -> bool:
-    """Register :func:`destroy_process_group` with ``atexit`` once in this process when it is in a process
-    group; returns whether this call registered it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Have ``atexit`` call :func:`destroy_process_group` exactly once in this process when it is in a
+    process group (a repeated call, or one in a forked child that inherited the handler, replaces it
+    rather than adding a second); returns whether it is registered."""
+    if not in_process_group():
         return False
-    if os.getpid() in _registered_in:
-        return False
-    _registered_in.add(os.getpid())
+    atexit.unregister(destroy_process_group)
     atexit.register(destroy_process_group)
     return True
 
