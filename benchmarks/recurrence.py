@@ -36,7 +36,9 @@ measurement has at least 3 timed passes (or ``--repeats`` if fewer) and has spen
 ``--budget-s`` (default 10 s per implementation and shape) in timed passes, its median is taken;
 likewise the warm-up stops after the first pass that fills that half budget.
 On CUDA, ``torch.cuda.synchronize()`` brackets every timed pass. Threads are torch's default for
-the machine; nothing else is tuned (no flush-to-zero, no pinning). The speed-up columns of the
+the machine; freed host memory is kept for reuse, as training runs do (``trainer.keep_freed_memory``,
+:mod:`lightning_modules.run.host_memory`; ``--glibc-malloc-defaults``: not, so every pass maps fresh pages
+for its tensors over 32 MiB); nothing else is tuned (no flush-to-zero, no pinning). The speed-up columns of the
 table divide the ``fwd_bwd_ms`` of lstm (resp. indrnn_reference) by that of the row's
 implementation.
 
@@ -81,6 +83,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `src` importable without 
 import torch  # noqa: E402
 
 from benchmarks.layers import IMPLS, Factory, impls_for  # noqa: E402
+from lightning_modules.run.host_memory import freed_memory_kept, glibc_malloc, keep_freed_memory  # noqa: E402
 from src.kernels import numba_available, resolve_backend  # noqa: E402
 
 # The speed-up columns of the table are relative to these (when they are part of the run).
@@ -337,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=10.0,
                         help="seconds of timed passes per implementation and shape, half for fwd+bwd and half "
                              "for fwd; a measurement stops there once it has 3 passes (default 10)")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="leave glibc's malloc at its defaults (fresh pages for every large tensor) instead of "
+                             "keeping freed memory for reuse as training runs do (trainer.keep_freed_memory)")
     return parser
 
 
@@ -361,11 +367,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
                          f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
     impls = list(dict.fromkeys(args.impls or shape_set["impls"] or impls_for(args.device)))  # no repeats, in order
 
+    if not args.glibc_malloc_defaults:
+        keep_freed_memory()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {args.device} ({name}), indrnn backend auto -> "
           f"{resolve_backend('auto', device)} (numba {'yes' if numba_available() else 'no'}), "
-          f"precision {args.precision}, warmup {args.warmup}, median of <= {args.repeats} repeats", flush=True)
+          f"precision {args.precision}, warmup {args.warmup}, median of <= {args.repeats} repeats, "
+          f"host memory {'kept for reuse' if freed_memory_kept() else 'glibc defaults' if glibc_malloc() else 'system malloc'}", flush=True)
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)

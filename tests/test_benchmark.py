@@ -12,6 +12,7 @@ from torch import nn
 from benchmarks import recurrence
 from benchmarks.layers import IMPLS, impls_for
 from benchmarks.recurrence import METRICS, Shape, format_table, main, parse_shape
+from lightning_modules.run.host_memory import glibc_malloc
 from tests.conftest import ROOT
 
 TINY = "T5_B2_I3_H4"
@@ -103,6 +104,12 @@ def test_command_line(tmp_path):
     check_results(json.loads(path.read_text()), [TINY], impls_for("cpu"))
     assert "fwd_bwd_ms" in done.stdout and "x_vs_lstm" in done.stdout
     assert "USDT:" not in done.stderr  # the profiler's banner is filtered out
+    if glibc_malloc():  # a new process: it keeps freed memory as a training run does, unless told not to
+        assert "host memory kept for reuse" in done.stdout
+        defaults = subprocess.run([sys.executable, "benchmarks/recurrence.py", *QUICK, "--impls", "indrnn",
+                                   "--glibc-malloc-defaults"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert defaults.returncode == 0, defaults.stderr
+        assert "host memory glibc defaults" in defaults.stdout
 
 
 @pytest.mark.parametrize("precision, impls", [("tf32", ["indrnn", "lstm"]), ("bf16", ["indrnn", "indrnn_reference"])])

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_modules.run.errors import UserError, one_line, optimizer_error
+from lightning_modules.run.host_memory import keep_freed_memory
 from lightning_modules.run.process_group import ProcessGroupShutdown
 
 
@@ -93,18 +94,30 @@ def build_loggers(cfg: DictConfig, purge_step: int | None = None) -> list:
     return loggers
 
 
+# Keys of the trainer group that are process settings, not Trainer arguments: the run driver applies them.
+PROCESS_SETTINGS = ("float32_matmul_precision", "keep_freed_memory")
+
+
+def apply_process_settings(trainer_cfg: DictConfig) -> DictConfig:
+    """Apply the process settings in ``trainer_cfg`` (torch's float32 matmul precision; glibc keeping
+    freed host memory, :mod:`lightning_modules.run.host_memory`) and return the config without them."""
+    present = [key for key in PROCESS_SETTINGS if key in trainer_cfg]
+    if not present:
+        return trainer_cfg
+    resolved = OmegaConf.to_container(trainer_cfg, resolve=True)  # resolved here: a copy loses the root
+    settings = {key: resolved.pop(key) for key in present}
+    if settings.get("float32_matmul_precision") is not None:
+        torch.set_float32_matmul_precision(str(settings["float32_matmul_precision"]))
+    if settings.get("keep_freed_memory"):
+        keep_freed_memory()
+    return OmegaConf.create(resolved)
+
+
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The configured Trainer with ``callbacks`` and a :class:`ProcessGroupShutdown` (every Trainer: a
-    distributed run's processes must end their process group before Python shuts down)."""
-    trainer_cfg = cfg.trainer
-    if "float32_matmul_precision" in trainer_cfg:  # a torch setting, not a Trainer argument
-        precision = trainer_cfg.float32_matmul_precision
-        if precision is not None:
-            torch.set_float32_matmul_precision(str(precision))
-        resolved = OmegaConf.to_container(trainer_cfg, resolve=True)  # resolved here: a copy loses the root
-        resolved.pop("float32_matmul_precision")
-        trainer_cfg = OmegaConf.create(resolved)
-    return instantiate_node(trainer_cfg, "trainer", logger=loggers or False,
+    distributed run's processes must end their process group before Python shuts down), after applying
+    the trainer group's process settings (:func:`apply_process_settings`)."""
+    return instantiate_node(apply_process_settings(cfg.trainer), "trainer", logger=loggers or False,
                             callbacks=[*callbacks, ProcessGroupShutdown()])
 
 
@@ -143,5 +156,6 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["CONFIG_DIR", "build", "build_callbacks", "build_datamodule", "build_loggers", "build_network", "build_objective",
-           "build_trainer", "choice", "compose_config", "count_parameters", "instantiate_node", "objective_node", "plain_config"]
+__all__ = ["CONFIG_DIR", "PROCESS_SETTINGS", "apply_process_settings", "build", "build_callbacks", "build_datamodule",
+           "build_loggers", "build_network", "build_objective", "build_trainer", "choice", "compose_config",
+           "count_parameters", "instantiate_node", "objective_node", "plain_config"]
