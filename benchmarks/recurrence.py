@@ -36,7 +36,7 @@ measurement has at least 3 timed passes (or ``--repeats`` if fewer) and has spen
 ``--budget-s`` (default 10 s per implementation and shape) in timed passes, its median is taken;
 likewise the warm-up stops after the first pass that fills that half budget.
 On CUDA, ``torch.cuda.synchronize()`` brackets every timed pass. Threads are torch's default for
-the machine; freed host memory is kept for reuse, as training runs do (``trainer.keep_freed_memory``,
+the machine; on CPU freed host memory is kept for reuse, as CPU training runs do (``trainer.keep_freed_memory``,
 :mod:`lightning_modules.run.host_memory`; ``--glibc-malloc-defaults``: not, so every pass maps fresh pages
 for its tensors over 32 MiB); nothing else is tuned (no flush-to-zero, no pinning). The speed-up columns of the
 table divide the ``fwd_bwd_ms`` of lstm (resp. indrnn_reference) by that of the row's
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
                          f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
     impls = list(dict.fromkeys(args.impls or shape_set["impls"] or impls_for(args.device)))  # no repeats, in order
 
-    if not args.glibc_malloc_defaults:
+    if args.device == "cpu" and not args.glibc_malloc_defaults:  # as a CPU training run (build_trainer)
         keep_freed_memory()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

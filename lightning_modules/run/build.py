@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.accelerators import CPUAccelerator
 
 from lightning_modules.run.errors import UserError, one_line, optimizer_error
 from lightning_modules.run.host_memory import keep_freed_memory
@@ -94,31 +95,35 @@ def build_loggers(cfg: DictConfig, purge_step: int | None = None) -> list:
     return loggers
 
 
-# Keys of the trainer group that are process settings, not Trainer arguments: the run driver applies them.
+# Keys of the trainer group that are process settings, not Trainer arguments: build_trainer applies them.
 PROCESS_SETTINGS = ("float32_matmul_precision", "keep_freed_memory")
 
 
-def apply_process_settings(trainer_cfg: DictConfig) -> DictConfig:
-    """Apply the process settings in ``trainer_cfg`` (torch's float32 matmul precision; glibc keeping
-    freed host memory, :mod:`lightning_modules.run.host_memory`) and return the config without them."""
+def split_process_settings(trainer_cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """(the Trainer's arguments, the process settings among PROCESS_SETTINGS) of the trainer group."""
     present = [key for key in PROCESS_SETTINGS if key in trainer_cfg]
     if not present:
-        return trainer_cfg
+        return trainer_cfg, {}
     resolved = OmegaConf.to_container(trainer_cfg, resolve=True)  # resolved here: a copy loses the root
     settings = {key: resolved.pop(key) for key in present}
-    if settings.get("float32_matmul_precision") is not None:
-        torch.set_float32_matmul_precision(str(settings["float32_matmul_precision"]))
-    if settings.get("keep_freed_memory"):
-        keep_freed_memory()
-    return OmegaConf.create(resolved)
+    return OmegaConf.create(resolved), settings
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list[pl.Callback]) -> pl.Trainer:
     """The configured Trainer with ``callbacks`` and a :class:`ProcessGroupShutdown` (every Trainer: a
-    distributed run's processes must end their process group before Python shuts down), after applying
-    the trainer group's process settings (:func:`apply_process_settings`)."""
-    return instantiate_node(apply_process_settings(cfg.trainer), "trainer", logger=loggers or False,
-                            callbacks=[*callbacks, ProcessGroupShutdown()])
+    distributed run's processes must end their process group before Python shuts down).
+
+    It applies the trainer group's process settings: torch's float32 matmul precision, and, for a
+    Trainer on the CPU, glibc keeping freed host memory for reuse (:mod:`lightning_modules.run.host_memory`;
+    a GPU run's large tensors live on the device)."""
+    trainer_cfg, settings = split_process_settings(cfg.trainer)
+    if settings.get("float32_matmul_precision") is not None:
+        torch.set_float32_matmul_precision(str(settings["float32_matmul_precision"]))
+    trainer = instantiate_node(trainer_cfg, "trainer", logger=loggers or False,
+                               callbacks=[*callbacks, ProcessGroupShutdown()])
+    if settings.get("keep_freed_memory") and isinstance(trainer.accelerator, CPUAccelerator):
+        keep_freed_memory()
+    return trainer
 
 
 def plain_config(cfg: DictConfig) -> dict:
@@ -156,6 +161,6 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["CONFIG_DIR", "PROCESS_SETTINGS", "apply_process_settings", "build", "build_callbacks", "build_datamodule",
+__all__ = ["CONFIG_DIR", "PROCESS_SETTINGS", "build", "build_callbacks", "build_datamodule",
            "build_loggers", "build_network", "build_objective", "build_trainer", "choice", "compose_config",
-           "count_parameters", "instantiate_node", "objective_node", "plain_config"]
+           "count_parameters", "instantiate_node", "objective_node", "plain_config", "split_process_settings"]
