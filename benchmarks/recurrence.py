@@ -369,12 +369,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
 
     if args.device == "cpu" and not args.glibc_malloc_defaults:  # as a CPU training run (build_trainer)
         keep_freed_memory()
+    host_memory = "kept for reuse" if freed_memory_kept() else "glibc defaults" if glibc_malloc() else "system malloc"
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {args.device} ({name}), indrnn backend auto -> "
           f"{resolve_backend('auto', device)} (numba {'yes' if numba_available() else 'no'}), "
           f"precision {args.precision}, warmup {args.warmup}, median of <= {args.repeats} repeats, "
-          f"host memory {'kept for reuse' if freed_memory_kept() else 'glibc defaults' if glibc_malloc() else 'system malloc'}", flush=True)
+          f"host memory {host_memory}", flush=True)
 
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
